@@ -1,0 +1,39 @@
+"""flask-claude: the production layer for Claude calls in a Flask app."""
+
+from .errors import (
+    BudgetExceeded,
+    ClaudeGuardError,
+    ConfigError,
+    FeatureDisabled,
+    InputTooLarge,
+    InvalidOutput,
+    LimitExceeded,
+    TruncatedResponse,
+    UnknownModel,
+    UpstreamUnavailable,
+)
+from .decorators import ai_feature, budgeted, fallback_to
+from .extension import Claude
+from .signals import budget_alert, circuit_opened, claude_called, feature_degraded, model_fallback
+
+__all__ = [
+    "BudgetExceeded",
+    "Claude",
+    "ClaudeGuardError",
+    "ConfigError",
+    "FeatureDisabled",
+    "InputTooLarge",
+    "InvalidOutput",
+    "LimitExceeded",
+    "TruncatedResponse",
+    "UnknownModel",
+    "UpstreamUnavailable",
+    "ai_feature",
+    "budgeted",
+    "budget_alert",
+    "circuit_opened",
+    "claude_called",
+    "fallback_to",
+    "feature_degraded",
+    "model_fallback",
+]

@@ -1,0 +1,432 @@
+"""Guarded ``messages.create / stream / count_tokens``: the SDK's own signatures and return types.
+
+One call, top to bottom (``GuardedMessages._begin`` and ``_finish``):
+scope -> input checks -> ``max_tokens`` cap -> reserve the worst case against every budget ->
+model chain with per-model breaker, bounded retries and a total deadline -> cost from real usage ->
+settle the reservation -> one log line -> signals and alerts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anthropic
+import httpx2
+
+from .context import CallScope, current_scope
+from .errors import ClaudeGuardError, InputTooLarge, TruncatedResponse, UpstreamUnavailable
+from .events import hash_text
+from .resilience import Deadline, Failure, classify, current_deadline, model_chain
+from .signals import circuit_opened, claude_called, model_fallback
+from .tokens import estimate_input_tokens, estimate_tokens, prompt_chars
+
+if TYPE_CHECKING:
+    from .extension import ClaudeState
+
+T = TypeVar("T")
+
+# Failures after which the next model in the chain is tried (rate limits only when configured).
+_FALLBACK_KINDS = frozenset({"server", "connection", "timeout", "circuit_open"})
+
+
+@dataclass
+class _Call:
+    """Everything one guarded call learns on its way, for the log line at the end."""
+
+    params: dict[str, Any]
+    scope: CallScope
+    chain: list[str]
+    requested_model: str
+    deadline: Deadline
+    started: float
+    input_estimate: int
+    system_prompt_hash: str | None
+    max_tokens_requested: int | None
+    reservation: Any = None
+    model: str = ""
+    fallback_from: str | None = None
+    retries: int = 0
+    failure: Failure | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _system_hash(system: Any) -> str | None:
+    if not system:
+        return None
+    text = system if isinstance(system, str) else json.dumps(system, sort_keys=True, default=str)
+    return hash_text(text)
+
+
+def _usage_dict(usage: Any) -> dict[str, Any]:
+    if usage is None:
+        return {}
+    if isinstance(usage, Mapping):
+        return dict(usage)
+    dump = getattr(usage, "model_dump", None)
+    return dump() if callable(dump) else dict(vars(usage))
+
+
+class GuardedMessages:
+    """``claude.messages``: what the SDK's ``client.messages`` does, inside the guard rails."""
+
+    def __init__(self, state: ClaudeState) -> None:
+        self._state = state
+
+    # --- public API -------------------------------------------------------------------------
+
+    def create(self, **params: Any) -> Any:
+        """``client.messages.create(...)`` guarded; ``stream=True`` returns a guarded raw stream."""
+        streaming = bool(params.get("stream"))
+        call = self._begin(params)
+        try:
+            result = self._run_chain(call, lambda model, timeout: self._state.client.messages.create(
+                **{**call.params, "model": model, "timeout": timeout}))
+        except BaseException as exc:
+            self._fail(call, exc)
+            raise self._as_guard_error(call, exc) from None
+        if streaming:
+            return GuardedMessageStream(self, call, result, manager=None)
+        self._finish(call, usage=result.usage, stop_reason=result.stop_reason,
+                     request_id=getattr(result, "_request_id", None), message=result)
+        return result
+
+    def stream(self, **params: Any) -> GuardedStreamManager:
+        """``client.messages.stream(...)`` guarded: use it as ``with claude.messages.stream(...) as s``."""
+        return GuardedStreamManager(self, params)
+
+    def count_tokens(self, **params: Any) -> Any:
+        """Free upstream, so no budget or cost: only retries, fallback-free, within the deadline."""
+        settings = self._state.settings
+        model = params.get("model") or settings.models[0]
+        scope = current_scope()
+        call = _Call(params={**params}, scope=scope, chain=[model], requested_model=model,
+                     deadline=Deadline.after(self._state.clock, settings.deadline),
+                     started=time.perf_counter(), input_estimate=0, system_prompt_hash=None,
+                     max_tokens_requested=None)
+        try:
+            return self._run_chain(call, lambda m, timeout: self._state.client.messages.count_tokens(
+                **{**params, "model": m, "timeout": timeout}))
+        except BaseException as exc:
+            raise self._as_guard_error(call, exc) from None
+
+    # --- the steps of a call ------------------------------------------------------------------
+
+    def _begin(self, params: Mapping[str, Any]) -> _Call:
+        state = self._state
+        settings = state.settings
+        scope = current_scope()
+        scope.calls += 1
+
+        # Which models, in which order; every one must have a price before anything is sent.
+        configured = scope.models or settings.models
+        requested = params.get("model") or scope.first_model or configured[0]
+        chain = model_chain(requested, configured)
+        state.prices.check(chain)
+
+        # Input checks, before any money or network is spent.
+        if scope.max_input_chars is not None:
+            chars = prompt_chars(params)
+            if chars > scope.max_input_chars:
+                raise InputTooLarge(
+                    f"The input is {chars} characters; this feature accepts at most {scope.max_input_chars}.")
+        input_estimate = estimate_input_tokens(params)
+
+        # max_tokens: clamp to the app's and the feature's cap (logged), never refuse a request for it.
+        cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
+        requested_max = params.get("max_tokens")
+        max_tokens = cap if requested_max is None else min(int(requested_max), cap)
+        call = _Call(params={**params, "max_tokens": max_tokens}, scope=scope, chain=chain,
+                     requested_model=requested, deadline=Deadline.after(state.clock, settings.deadline),
+                     started=time.perf_counter(), input_estimate=input_estimate,
+                     system_prompt_hash=_system_hash(params.get("system")),
+                     max_tokens_requested=requested_max)
+        if requested_max is not None and requested_max > cap:
+            call.extra["max_tokens_clamped_from"] = requested_max
+        call.params.pop("model", None)
+        call.params.pop("timeout", None)
+
+        # Reserve the worst case against every budget that applies, or refuse having reserved nothing.
+        call.reservation = state.reserve(scope, chain, input_estimate, max_tokens)
+        return call
+
+    def _run_chain(self, call: _Call, send: Callable[[str, httpx2.Timeout], T]) -> T:
+        """Try each model in turn: bounded retries per model, the breaker and the deadline for all."""
+        state = self._state
+        policy = state.retry_policy
+        breaker = state.breaker
+        clock = state.clock
+        last_exc: BaseException | None = None
+        for index, model in enumerate(call.chain):
+            call.model = model
+            failure: Failure | None = None
+            for attempt in range(policy.max_retries + 1):
+                if not breaker.allow(model, clock.time()):
+                    failure = Failure("circuit_open", None, "circuit_open")
+                    break
+                remaining = call.deadline.remaining()
+                if remaining <= 0:
+                    failure = Failure("deadline", None, "deadline_exceeded")
+                    break
+                timeout = httpx2.Timeout(remaining, connect=min(state.settings.connect_timeout, remaining))
+                token = current_deadline.set(call.deadline)
+                try:
+                    result = send(model, timeout)
+                except (anthropic.APIError, httpx2.HTTPError, json.JSONDecodeError) as exc:
+                    last_exc = exc
+                    failure = classify(exc)
+                    if call.deadline.expired and failure.kind == "timeout":
+                        failure = Failure("deadline", None, "deadline_exceeded")
+                    self._record_outcome(model, ok=not failure.counts_against_model)
+                    if not failure.retryable or attempt == policy.max_retries:
+                        break
+                    delay = policy.delay(attempt, failure)
+                    if delay >= call.deadline.remaining():
+                        break  # the retry could not start before the deadline
+                    call.retries += 1
+                    clock.sleep(delay)
+                    continue
+                finally:
+                    current_deadline.reset(token)
+                self._record_outcome(model, ok=True)
+                if index > 0:
+                    call.fallback_from = call.chain[0]
+                return result
+
+            call.failure = failure
+            assert failure is not None
+            falls_back = failure.kind in _FALLBACK_KINDS or (
+                failure.kind == "rate_limited" and state.settings.fallback_on_rate_limit)
+            if not falls_back or index == len(call.chain) - 1 or call.deadline.expired:
+                break
+            next_model = call.chain[index + 1]
+            fields = {"feature": call.scope.feature, "route": call.scope.route, "from_model": model,
+                      "to_model": next_model, "reason": failure.error_type, "status_code": failure.status_code}
+            state.events.emit("model_fallback", fields, level="WARNING")
+            model_fallback.send(state.app, **fields)
+        if last_exc is not None:
+            raise last_exc
+        raise UpstreamUnavailable("no model in the chain could be reached", reason="upstream_unavailable")
+
+    def _record_outcome(self, model: str, *, ok: bool) -> None:
+        state = self._state
+        if state.breaker.record(model, ok, state.clock.time()):
+            fields = {"model": model, "cooldown_s": state.settings.breaker_cooldown}
+            state.events.emit("circuit_opened", fields, level="ERROR")
+            circuit_opened.send(state.app, **fields)
+
+    def _base_fields(self, call: _Call) -> dict[str, Any]:
+        events = self._state.events
+        return {
+            "feature": call.scope.feature,
+            "route": call.scope.route,
+            "user": events.user(call.scope.user),
+            "model": call.model,
+            "requested_model": call.requested_model,
+            "fallback_from": call.fallback_from,
+            "latency_ms": round((time.perf_counter() - call.started) * 1000, 1),
+            "retries": call.retries,
+            "system_prompt_hash": call.system_prompt_hash,
+        }
+
+    def _finish(self, call: _Call, *, usage: Any, stop_reason: str | None, request_id: str | None,
+                message: Any = None, error: Failure | None = None, reply_text: str | None = None,
+                batch: bool = False, enforce_complete: bool = True) -> None:
+        """Cost from real usage, settle, log once, signal; then refuse a truncated reply if asked."""
+        state = self._state
+        cost = state.prices.cost(call.model, usage, batch=batch)
+        state.settle(call.reservation, cost.usd, cost.input_tokens + cost.cache_read_input_tokens
+                     + cost.cache_creation_input_tokens + cost.output_tokens)
+        call.scope.spend_usd += cost.usd
+        fields = {
+            "request_id": request_id,
+            **self._base_fields(call),
+            "input_tokens": cost.input_tokens,
+            "output_tokens": cost.output_tokens,
+            "cache_read_input_tokens": cost.cache_read_input_tokens,
+            "cache_creation_input_tokens": cost.cache_creation_input_tokens,
+            "stop_reason": stop_reason,
+            "cost_usd": round(cost.usd, 8),
+            **call.extra,
+        }
+        if state.events.log_content:
+            fields["prompt"] = state.events.content(json.dumps(call.params.get("messages"), default=str))
+            if reply_text is None and message is not None:
+                reply_text = "".join(getattr(b, "text", "") for b in getattr(message, "content", []) or [])
+            fields["response"] = state.events.content(reply_text)
+        if error is None:
+            state.events.emit("claude_api_call", fields)
+        else:
+            fields.update(error_type=error.error_type, status_code=error.status_code)
+            state.events.emit("claude_api_error", fields, level="ERROR")
+        claude_called.send(state.app, **fields)
+        if enforce_complete and error is None and stop_reason == "max_tokens" and call.scope.require_complete:
+            raise TruncatedResponse("The reply hit max_tokens and this feature requires complete output.")
+
+    def _fail(self, call: _Call, exc: BaseException) -> None:
+        """A call that got no reply: release the reservation, log the error once."""
+        state = self._state
+        state.settle(call.reservation, 0.0, 0)
+        failure = call.failure or (classify(exc) if not isinstance(exc, ClaudeGuardError) else None)
+        fields = {"request_id": getattr(exc, "request_id", None), **self._base_fields(call),
+                  "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
+                  "cache_creation_input_tokens": 0, "stop_reason": None, "cost_usd": 0.0,
+                  "error_type": failure.error_type if failure else type(exc).__name__,
+                  "status_code": failure.status_code if failure else None, **call.extra}
+        if failure is not None and failure.kind == "client":
+            fields["our_bug"] = True  # a 4xx from upstream means we sent a bad request
+        state.events.emit("claude_api_error", fields, level="ERROR")
+
+    @staticmethod
+    def _as_guard_error(call: _Call, exc: BaseException) -> BaseException:
+        if isinstance(exc, ClaudeGuardError):
+            return exc
+        if not isinstance(exc, (anthropic.APIError, httpx2.HTTPError, json.JSONDecodeError)):
+            return exc  # our caller's bug (a wrong argument): let it surface as itself
+        failure = call.failure or classify(exc)
+        reason = "deadline_exceeded" if failure.kind == "deadline" else "upstream_unavailable"
+        return UpstreamUnavailable(f"Claude call failed: {failure.error_type}", reason=reason)
+
+
+class GuardedStreamManager:
+    """``with claude.messages.stream(...) as stream``: the request and retries happen on enter."""
+
+    def __init__(self, owner: GuardedMessages, params: Mapping[str, Any]) -> None:
+        self._owner = owner
+        self._params = params
+        self._stream: GuardedMessageStream | None = None
+
+    def __enter__(self) -> GuardedMessageStream:
+        owner = self._owner
+        call = owner._begin(self._params)
+        client = owner._state.client
+
+        def send(model: str, timeout: httpx2.Timeout) -> tuple[Any, Any]:
+            manager = client.messages.stream(**{**call.params, "model": model, "timeout": timeout})
+            return manager, manager.__enter__()
+
+        try:
+            manager, inner = owner._run_chain(call, send)
+        except BaseException as exc:
+            owner._fail(call, exc)
+            raise owner._as_guard_error(call, exc) from None
+        self._stream = GuardedMessageStream(owner, call, inner, manager=manager)
+        return self._stream
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+
+class GuardedMessageStream:
+    """Wraps the SDK's ``MessageStream`` (or raw ``Stream``) to bill what was streamed, however it ends.
+
+    A mid-stream ``event: error`` (an ``APIStatusError`` with status 200) and a dropped connection (a
+    raw ``httpx2.RemoteProtocolError``) become ``UpstreamUnavailable``; a stream the client walked
+    away from is billed on ``close()``. Output tokens of an unfinished stream are the larger of the
+    last reported count and an estimate of the text received.
+    """
+
+    def __init__(self, owner: GuardedMessages, call: _Call, inner: Any, *, manager: Any) -> None:
+        self._owner = owner
+        self._call = call
+        self._inner = inner
+        self._manager = manager
+        self._usage: dict[str, Any] = {}
+        self._stop_reason: str | None = None
+        self._text: list[str] = []
+        self._completed = False
+        self._finished = False
+        self.text_stream: Iterator[str] = self._text_stream()
+
+    # --- iteration ---------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for event in self._inner:
+                self._observe(event)
+                yield event
+        except (anthropic.APIError, httpx2.HTTPError) as exc:
+            failure = classify(exc)
+            self._owner._record_outcome(self._call.model, ok=not failure.counts_against_model)
+            self._settle(error=failure)
+            raise UpstreamUnavailable(f"stream failed: {failure.error_type}") from None
+        self._completed = True
+        self._settle()
+
+    def _text_stream(self) -> Iterator[str]:
+        for event in self:
+            if getattr(event, "type", None) == "content_block_delta" and event.delta.type == "text_delta":
+                yield event.delta.text
+
+    def _observe(self, event: Any) -> None:
+        kind = getattr(event, "type", None)
+        if kind == "message_start":
+            self._usage = _usage_dict(event.message.usage)
+        elif kind == "message_delta":
+            for key, value in _usage_dict(event.usage).items():
+                if value is not None:
+                    self._usage[key] = value
+            self._stop_reason = event.delta.stop_reason
+        elif kind == "content_block_delta" and getattr(event.delta, "type", None) == "text_delta":
+            self._text.append(event.delta.text)
+
+    # --- the SDK's MessageStream surface -----------------------------------------------------
+
+    def until_done(self) -> None:
+        for _ in self:
+            pass
+
+    def get_final_message(self) -> Any:
+        self.until_done()
+        return self._inner.get_final_message()
+
+    def get_final_text(self) -> str:
+        self.until_done()
+        return str(self._inner.get_final_text())
+
+    @property
+    def current_message_snapshot(self) -> Any:
+        return self._inner.current_message_snapshot
+
+    @property
+    def request_id(self) -> str | None:
+        response = getattr(self._inner, "response", None)
+        return response.headers.get("request-id") if response is not None else None
+
+    def close(self) -> None:
+        """Release the connection; a stream closed before its end is billed for what arrived."""
+        try:
+            if self._manager is not None:
+                self._manager.__exit__(None, None, None)
+            else:
+                self._inner.close()
+        finally:
+            if not self._finished:
+                self._settle(abandoned=True)
+
+    def __enter__(self) -> GuardedMessageStream:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    # --- accounting --------------------------------------------------------------------------
+
+    def _settle(self, *, error: Failure | None = None, abandoned: bool = False) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        usage = dict(self._usage)
+        text = "".join(self._text)
+        if not self._completed:
+            usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), estimate_tokens(text))
+        stop_reason = self._stop_reason if self._completed else ("client_disconnected" if abandoned else None)
+        self._owner._finish(self._call, usage=usage, stop_reason=stop_reason, request_id=self.request_id,
+                            error=error, reply_text=text, enforce_complete=False)

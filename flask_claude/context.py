@@ -1,0 +1,44 @@
+"""The scope of a Claude call: which feature, route and user it is made for.
+
+The pipeline puts one ``CallScope`` in ``flask.g`` for a decorated view; a call made anywhere else
+(a plain route, a CLI command, a background job inside an app context) gets a scope with just the
+route, so every call is still logged and attributed as far as it can be.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import g, has_app_context, has_request_context, request
+
+
+@dataclass
+class CallScope:
+    feature: str | None = None
+    route: str | None = None
+    user: str | None = None
+    user_attributes: dict[str, Any] = field(default_factory=dict)
+    max_tokens: int | None = None
+    models: tuple[str, ...] | None = None
+    first_model: str | None = None
+    max_input_chars: int | None = None
+    max_input_tokens: int | None = None
+    require_complete: bool = False
+    max_calls: int | None = None
+    max_history_turns: int | None = None
+    validate: Any = None
+    budgets: Any = None
+    calls: int = 0
+    spend_usd: float = 0.0
+
+
+def current_scope() -> CallScope:
+    if has_app_context():
+        scope = g.get("claude_scope")
+        if scope is not None:
+            return scope
+    if has_request_context():
+        rule = request.url_rule
+        return CallScope(route=rule.rule if rule is not None else request.path)
+    return CallScope()

@@ -1,0 +1,85 @@
+"""The errors a guarded call can raise.
+
+Every guard error knows the HTTP status and the ``X-Claude-Degraded`` reason it turns into, so the
+pipeline can answer without a table of its own, and a public message that is safe to show a user:
+the upstream message, request id and key never reach it.
+"""
+
+from __future__ import annotations
+
+
+class ClaudeGuardError(Exception):
+    """Base of every error flask-claude raises on purpose."""
+
+    status: int = 503
+    reason: str = "upstream_unavailable"
+    public_message: str = "This AI feature is temporarily unavailable."
+
+    def __init__(self, message: str | None = None, *, reason: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message or self.public_message)
+        if reason is not None:
+            self.reason = reason
+        self.retry_after = retry_after
+
+
+class ConfigError(ClaudeGuardError, ValueError):
+    """A ``CLAUDE_*`` setting is wrong; raised at startup, never per request."""
+
+    status = 500
+    reason = "config_error"
+
+
+class FeatureDisabled(ClaudeGuardError):
+    status = 503
+    reason = "feature_disabled"
+    public_message = "This AI feature is turned off right now."
+
+
+class LimitExceeded(ClaudeGuardError):
+    status = 429
+    reason = "rate_limited"
+    public_message = "Too many requests; try again later."
+
+
+class BudgetExceeded(ClaudeGuardError):
+    """A budget has no room for the call's worst case; nothing was reserved or sent.
+
+    Per-user budgets answer 429 (the user waits for the period to reset); app-wide budgets
+    answer 503 (the feature is paused for everyone), which the reservation step decides.
+    """
+
+    status = 429
+    reason = "budget_exceeded"
+    public_message = "The AI budget for this period is used up; try again later."
+
+
+class UpstreamUnavailable(ClaudeGuardError):
+    status = 503
+    reason = "upstream_unavailable"
+    public_message = "The AI service is temporarily unavailable; try again soon."
+
+
+class InputTooLarge(ClaudeGuardError):
+    status = 413
+    reason = "input_too_large"
+    public_message = "The input is too large."
+
+
+class TruncatedResponse(ClaudeGuardError):
+    status = 503
+    reason = "truncated"
+    public_message = "The AI reply was incomplete; try again soon."
+
+
+class InvalidOutput(ClaudeGuardError):
+    status = 503
+    reason = "invalid_output"
+    public_message = "The AI reply could not be used; try again soon."
+
+
+class UnknownModel(ConfigError):
+    """A model with no price: it would otherwise be billed as $0 and slip past every budget."""
+
+    status = 503
+    reason = "unknown_model"

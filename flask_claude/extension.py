@@ -1,0 +1,171 @@
+"""``Claude``: the extension object, and ``ClaudeState``, everything one app needs at request time.
+
+Per-app state lives in ``app.extensions["claude"]`` and never on the ``Claude`` object, so one
+``Claude()`` serves several apps (factories, tests) without one app's settings leaking into another;
+the object itself only keeps code the app registered on it (``user_loader``) and constructor
+overrides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import anthropic
+import httpx2
+from flask import Flask, current_app, has_app_context
+
+from .client import GuardedMessages
+from .clock import Clock, SystemClock
+from .context import CallScope
+from .decorators import ai_feature, budgeted, fallback_to
+from .degrade import ResponseCache, handle_guard_error
+from .errors import ClaudeGuardError, ConfigError
+from .flags import make_provider
+from .events import EventLog
+from .pricing import PriceTable
+from .resilience import BreakerConfig, DeadlineTransport, MemoryBreakerStore, RetryPolicy
+from .settings import Settings, load_settings
+
+EXTENSION_KEY = "claude"
+SIMULATOR_BASE_URL = "http://simulator.flask-claude.invalid"
+
+# Constructor arguments that are objects rather than settings (tests and advanced wiring).
+_OBJECT_OVERRIDES = ("simulator", "http_transport", "clock")
+
+
+class ClaudeState:
+    """One app's settings and live objects: the SDK client, breaker, price table, event log."""
+
+    def __init__(self, app: Flask, settings: Settings, extension: Claude, *, simulator: Any = None,
+                 http_transport: httpx2.BaseTransport | None = None, clock: Clock | None = None) -> None:
+        self.app = app
+        self.settings = settings
+        self.extension = extension
+        self.clock: Clock = clock or SystemClock()
+        self.prices = PriceTable(settings.prices)
+        self.prices.check(settings.models)  # an unpriced model fails the deploy, not a request
+
+        if settings.simulate or simulator is not None:
+            from .simulator import Simulator
+
+            self.simulator = simulator if simulator is not None else Simulator()
+            inner: httpx2.BaseTransport = self.simulator.transport()
+            api_key, base_url = "sk-simulator-no-real-key", settings.base_url or SIMULATOR_BASE_URL
+            if settings.base_url:  # a loopback simulator server (`flask claude simulate`)
+                inner = http_transport or httpx2.HTTPTransport()
+        else:
+            if not settings.api_key:
+                raise ConfigError(
+                    "No Anthropic API key: set CLAUDE_API_KEY (or the ANTHROPIC_API_KEY environment "
+                    "variable), or set CLAUDE_SIMULATE=True to run on the offline simulator in "
+                    "development and tests.")
+            self.simulator = None
+            inner = http_transport or httpx2.HTTPTransport()
+            api_key, base_url = settings.api_key, settings.base_url
+        # Retries are ours (resilience.py says why), so the SDK's are off.
+        self.client = anthropic.Anthropic(
+            api_key=api_key, base_url=base_url, max_retries=0,
+            http_client=anthropic.DefaultHttpxClient(transport=DeadlineTransport(inner)))
+
+        self.retry_policy = RetryPolicy(max_retries=settings.max_retries,
+                                        retry_after_cap=settings.retry_after_cap)
+        self.breaker = MemoryBreakerStore(BreakerConfig(
+            min_calls=settings.breaker_min_calls, failure_rate=settings.breaker_failure_rate,
+            window=settings.breaker_window, cooldown=settings.breaker_cooldown))
+        salt = hashlib.sha256((settings.api_key or app.import_name).encode()).hexdigest()[:16]
+        self.events = EventLog(path=settings.log_path, secrets=(settings.api_key or "",),
+                               hash_users=settings.hash_users, log_content=settings.log_content, salt=salt)
+        self.messages = GuardedMessages(self)
+        self.flags = make_provider(settings.flags, sdk_key=settings.launchdarkly_sdk_key,
+                                   start_wait=settings.launchdarkly_start_wait, global_flag=settings.global_flag)
+        self.response_cache = ResponseCache()
+        self.budgets: Any = None
+
+    # Budget hooks: the reservation step of the pipeline (budget.py fills them in).
+    def reserve(self, scope: CallScope, chain: list[str], input_tokens: int, max_tokens: int) -> Any:
+        if self.budgets is None:
+            return None
+        return self.budgets.reserve(scope, chain, input_tokens, max_tokens)
+
+    def settle(self, reservation: Any, usd: float, tokens: int) -> None:
+        if reservation is not None:
+            self.budgets.settle(reservation, usd, tokens)
+
+
+class Claude:
+    """The flask-claude extension: ``Claude(app)`` or ``claude = Claude(); claude.init_app(app)``.
+
+    Keyword arguments override the app's ``CLAUDE_*`` config for every app this object serves, by
+    the setting's lower-case name (``Claude(app, models=[...], daily_budget_usd=5)``).
+    """
+
+    def __init__(self, app: Flask | None = None, **overrides: Any) -> None:
+        self._objects = {k: overrides.pop(k) for k in _OBJECT_OVERRIDES if k in overrides}
+        self._overrides = overrides
+        self._user_loader: Callable[[], Any] | None = None
+        self._app: Flask | None = None
+        if app is not None:
+            self._app = app  # lets scripts outside an app context use the only app there is
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        settings = load_settings(app.config, self._overrides)
+        app.extensions[EXTENSION_KEY] = ClaudeState(app, settings, self, **self._objects)
+        app.register_error_handler(ClaudeGuardError, handle_guard_error)
+        if "claude" not in app.cli.commands:
+            from .cli import claude_cli
+
+            app.cli.add_command(claude_cli)
+
+    # --- the per-app state, found the Flask-Login way -------------------------------------------
+
+    def state(self, app: Flask | None = None) -> ClaudeState:
+        if app is None:
+            if has_app_context():
+                app = current_app._get_current_object()  # type: ignore[attr-defined]
+            elif self._app is not None:
+                app = self._app
+            else:
+                raise RuntimeError("flask-claude needs an app context: call it inside a request, "
+                                   "or inside `with app.app_context():`.")
+        try:
+            return app.extensions[EXTENSION_KEY]  # type: ignore[no-any-return]
+        except KeyError:
+            raise RuntimeError(f"flask-claude is not initialised on app {app.name!r}: "
+                               "call Claude(app) or claude.init_app(app).") from None
+
+    @property
+    def messages(self) -> GuardedMessages:
+        return self.state().messages
+
+    @property
+    def settings(self) -> Settings:
+        return self.state().settings
+
+    @property
+    def simulator(self) -> Any:
+        """The app's simulator when it runs on one (``CLAUDE_SIMULATE``), else None."""
+        return self.state().simulator
+
+    # The decorators, also importable from ``flask_claude``; they find the app via current_app.
+    ai_feature = staticmethod(ai_feature)
+    budgeted = staticmethod(budgeted)
+    fallback_to = staticmethod(fallback_to)
+
+    def user_loader(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Register how the current user's key is found: return a string, or ``(key, attributes)``."""
+        self._user_loader = fn
+        return fn
+
+
+def state_for(app: Flask | None = None) -> ClaudeState:
+    """The ``ClaudeState`` of ``app`` (default: the current app), for decorators and the CLI."""
+    app = app or current_app._get_current_object()  # type: ignore[attr-defined]
+    try:
+        return app.extensions[EXTENSION_KEY]  # type: ignore[no-any-return]
+    except KeyError:
+        raise RuntimeError(f"flask-claude is not initialised on app {app.name!r}: "
+                           "call Claude(app) or claude.init_app(app).") from None
+

@@ -1,0 +1,123 @@
+"""The request pipeline of a decorated view, in the order of DESIGN.md, top to bottom.
+
+1. scope: the feature spec and the user's key (``user_loader``, Flask-Login, or the remote address)
+2. flags: the global switch, the feature's flag, the budget's auto-kill state
+3. the per-user request limit
+4. the view, whose Claude calls are guarded by ``client.py`` under this scope
+5. any guard error or upstream failure -> the feature's degradation response
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import anthropic
+import httpx2
+from flask import Response, current_app, g, make_response, request
+from flask.views import View
+
+from .context import CallScope
+from .decorators import ViewSpec
+from .degrade import degrade, remember
+from .errors import ClaudeGuardError, FeatureDisabled, UpstreamUnavailable
+from .extension import ClaudeState, state_for
+from .flags import UserContext
+
+
+def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Response:
+    state = state_for(current_app)
+    feature = spec.feature
+    rule = request.url_rule
+    scope = CallScope(feature=feature.name if feature else None,
+                      route=rule.rule if rule is not None else request.path)
+    try:
+        # 1. who is asking
+        user = resolve_user(state)
+        scope.user, scope.user_attributes = user.key, dict(user.attributes)
+        if feature is not None:
+            scope.max_tokens = feature.max_tokens
+            scope.models = feature.models
+            scope.max_input_chars = feature.max_input_chars
+            scope.max_input_tokens = feature.max_input_tokens
+            scope.require_complete = feature.require_complete
+            scope.max_calls = feature.max_calls
+            scope.max_history_turns = feature.max_history_turns
+            scope.validate = feature.validate
+
+        # 2. flags: global switch, then the feature's own, then the budget's auto-kill
+        settings = state.settings
+        if not state.flags.enabled(settings.global_flag, user, settings.flag_default):
+            raise FeatureDisabled(f"global flag {settings.global_flag!r} is off")
+        if feature is not None:
+            if not state.flags.enabled(feature.flag_name, user, settings.flag_default):
+                raise FeatureDisabled(f"flag {feature.flag_name!r} is off")
+            if feature.model_flag:
+                first = state.flags.value(feature.model_flag, user, None)
+                if isinstance(first, str) and first:
+                    state.prices.price(first)  # a typo in a flag must not cost $0 or reach upstream
+                    scope.first_model = first
+        if state.budgets is not None:
+            state.budgets.check_open(scope)
+
+            # 3. the per-user request limit (a refused request costs nothing)
+            state.budgets.hit_requests(scope, spec.budget)
+        scope.budgets = spec.budget
+
+        # 4. the view, its Claude calls guarded under this scope
+        g.claude_scope = scope
+        response = make_response(view(*args, **kwargs))
+    except ClaudeGuardError as exc:
+        return degrade(state, spec, scope, exc, args, kwargs)
+    except (anthropic.APIError, httpx2.HTTPError) as exc:
+        # The view used a raw SDK client; still no 500 and no upstream text in the body.
+        return degrade(state, spec, scope, UpstreamUnavailable(type(exc).__name__), args, kwargs)
+    if spec.fallback is not None and spec.fallback.cache:
+        remember(state, spec, scope, response, args, kwargs)
+    return response
+
+
+def resolve_user(state: ClaudeState) -> UserContext:
+    """The user's key: ``user_loader``, else Flask-Login's current user, else the remote address.
+
+    Never a client-supplied header: that would let anyone pick whose limits they spend.
+    """
+    loader = state.extension._user_loader
+    if loader is not None:
+        value = loader()
+        if isinstance(value, UserContext):
+            return value
+        if isinstance(value, tuple) and len(value) == 2:
+            return UserContext(None if value[0] is None else str(value[0]), dict(value[1] or {}))
+        if isinstance(value, dict):
+            attrs = dict(value)
+            key = attrs.pop("key", None)
+            return UserContext(None if key is None else str(key), attrs)
+        if value is not None:
+            return UserContext(str(value))
+    login_user = _flask_login_user()
+    if login_user is not None:
+        return UserContext(login_user)
+    return UserContext(request.remote_addr or "anonymous")
+
+
+def _flask_login_user() -> str | None:
+    if "login_manager" not in current_app.__dict__ and not hasattr(current_app, "login_manager"):
+        return None
+    try:
+        from flask_login import current_user
+    except ImportError:
+        return None
+    if getattr(current_user, "is_authenticated", False):
+        ident = current_user.get_id()
+        return None if ident is None else f"user:{ident}"
+    return None
+
+
+def request_fingerprint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """What "the same arguments" means for the response cache: URL arguments, query and body."""
+    body = request.get_data(cache=True) if request.method in ("POST", "PUT", "PATCH") else b""
+    args = tuple(a for a in args if not isinstance(a, View))  # a class-based view's ``self``
+    return json.dumps([list(map(str, args)), {k: str(v) for k, v in sorted(kwargs.items())},
+                       request.query_string.decode("latin-1"), body.decode("utf-8", "replace")])

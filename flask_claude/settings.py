@@ -1,0 +1,214 @@
+"""``CLAUDE_*`` config keys -> one validated, typed ``Settings`` object.
+
+Everything a request needs is checked here, once, at ``init_app``: a wrong type or value raises
+``ConfigError`` naming the key, so a typo fails the deploy instead of the first user's request.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError(f"{key} must be a boolean (True/False), got {value!r}")
+
+
+def _number(key: str, value: Any, *, minimum: float = 0.0, integer: bool = False,
+            allow_zero: bool = True) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        raise ConfigError(f"{key} must be a {'whole ' if integer else ''}number, got {value!r}") from None
+    if integer and isinstance(value, float) and value != int(value):
+        raise ConfigError(f"{key} must be a whole number, got {value!r}")
+    if number < minimum or (not allow_zero and number == 0):
+        bound = f"greater than {minimum}" if not allow_zero else f"at least {minimum}"
+        raise ConfigError(f"{key} must be {bound}, got {value!r}")
+    return number
+
+
+def _optional_str(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
+    return value or None
+
+
+def _models(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(m, str) and m for m in value):
+        raise ConfigError(f"{key} must be a non-empty list of model ids, got {value!r}")
+    return tuple(dict.fromkeys(value))
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def parse(key: str, value: Any) -> str:
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return str(value)
+    return parse
+
+
+def _fractions(key: str, value: Any) -> tuple[float, ...]:
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{key} must be a list of fractions such as [0.5, 0.8, 1.0], got {value!r}")
+    out = sorted({_number(key, v, allow_zero=False) for v in value})
+    if any(v > 1.0 for v in out):
+        raise ConfigError(f"{key} thresholds are fractions of the budget and must be <= 1.0, got {value!r}")
+    return tuple(out)
+
+
+def _mapping(key: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a dict, got {type(value).__name__}")
+    return dict(value)
+
+
+def _usd_map(key: str, value: Any) -> dict[str, float]:
+    return {str(k): _number(f"{key}[{k!r}]", v, allow_zero=True) for k, v in _mapping(key, value).items()}
+
+
+def _optional_usd(key: str, value: Any) -> float | None:
+    return None if value is None else _number(key, value)
+
+
+def _callable_or_none(key: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise ConfigError(f"{key} must be a callable or None, got {value!r}")
+    return value
+
+
+def _any(key: str, value: Any) -> Any:
+    return value
+
+
+def _timezone(key: str, value: Any) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be an IANA time zone name such as 'UTC', got {value!r}")
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"{key} is not a known time zone: {value!r}") from None
+    return value
+
+
+def _storage_uri(key: str, value: Any) -> str:
+    if not isinstance(value, str) or "://" not in value:
+        raise ConfigError(f"{key} must be a limits storage URI such as 'memory://' or 'redis://host:6379', "
+                          f"got {value!r}")
+    return value
+
+
+def _setting(default: Any, parse: Callable[..., Any], env: str | None = None) -> Any:
+    return field(default=default, metadata={"parse": parse, "env": env})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every ``CLAUDE_<NAME>`` key, as the attribute ``<name>`` lower-cased.
+
+    The field list is the settings reference: README.md documents the same keys.
+    """
+
+    api_key: str | None = _setting(None, _optional_str, env="ANTHROPIC_API_KEY")
+    base_url: str | None = _setting(None, _optional_str, env="ANTHROPIC_BASE_URL")
+    simulate: bool = _setting(False, _bool)
+    models: tuple[str, ...] = _setting(("claude-sonnet-4-6",), _models)
+    max_tokens_cap: int = _setting(1024, lambda k, v: _number(k, v, integer=True, minimum=1))
+    max_retries: int = _setting(4, lambda k, v: _number(k, v, integer=True))
+    retry_after_cap: float = _setting(20.0, _number)
+    deadline: float = _setting(60.0, lambda k, v: _number(k, v, allow_zero=False))
+    connect_timeout: float = _setting(5.0, lambda k, v: _number(k, v, allow_zero=False))
+    fallback_on_rate_limit: bool = _setting(False, _bool)
+    prices: dict[str, Any] = _setting(None, _mapping)
+    log_path: str | None = _setting(None, _optional_str)
+    log_content: bool = _setting(False, _bool)
+    hash_users: bool = _setting(True, _bool)
+    storage_uri: str = _setting("memory://", _storage_uri)
+    storage_failure: str = _setting("open", _choice("open", "closed"))
+    storage_socket_timeout: float = _setting(0.5, lambda k, v: _number(k, v, allow_zero=False))
+    breaker_min_calls: int = _setting(5, lambda k, v: _number(k, v, integer=True, minimum=1))
+    breaker_failure_rate: float = _setting(0.5, lambda k, v: _number(k, v, allow_zero=False))
+    breaker_window: float = _setting(30.0, lambda k, v: _number(k, v, allow_zero=False))
+    breaker_cooldown: float = _setting(30.0, lambda k, v: _number(k, v, allow_zero=False))
+    flags: Any = _setting("static", _any)
+    global_flag: str = _setting("ai-enabled", lambda k, v: _optional_str(k, v) or "ai-enabled")
+    flag_default: bool = _setting(True, _bool)
+    launchdarkly_sdk_key: str | None = _setting(None, _optional_str, env="LAUNCHDARKLY_SDK_KEY")
+    launchdarkly_start_wait: float = _setting(2.0, _number)
+    daily_budget_usd: float | None = _setting(None, _optional_usd)
+    feature_budgets_usd: dict[str, float] = _setting(None, _usd_map)
+    budget_alerts: tuple[float, ...] = _setting((0.5, 0.8, 1.0), _fractions)
+    budget_timezone: str = _setting("UTC", _timezone)
+    budget_flag: str | None = _setting("ai-daily-budget-usd", _optional_str)
+    alert_hook: Callable[..., Any] | None = _setting(None, _callable_or_none)
+    degraded_status: int = _setting(503, lambda k, v: _number(k, v, integer=True, minimum=400))
+
+    def __post_init__(self) -> None:
+        if self.breaker_failure_rate > 1:
+            raise ConfigError(f"CLAUDE_BREAKER_FAILURE_RATE must be a fraction <= 1, got {self.breaker_failure_rate}")
+        if not isinstance(self.flags, str) and not all(
+            callable(getattr(self.flags, name, None)) for name in ("enabled", "value")
+        ):
+            raise ConfigError("CLAUDE_FLAGS must be 'launchdarkly', 'env', 'static' or an object with "
+                              f"enabled() and value() methods, got {self.flags!r}")
+        if isinstance(self.flags, str) and self.flags not in ("launchdarkly", "env", "static"):
+            raise ConfigError(f"CLAUDE_FLAGS must be 'launchdarkly', 'env' or 'static', got {self.flags!r}")
+
+
+SETTING_KEYS = tuple(f"CLAUDE_{f.name.upper()}" for f in fields(Settings))
+
+
+def load_settings(config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    """Build ``Settings`` from a Flask config, constructor overrides and the environment.
+
+    Precedence: ``Claude(app, models=[...])`` overrides, then ``app.config["CLAUDE_MODELS"]``, then
+    the environment variable named for a few keys (``ANTHROPIC_API_KEY``...), then the default.
+    An unknown ``CLAUDE_*`` key is refused: a misspelt budget key must not silently mean "no budget".
+    """
+    environ = os.environ if environ is None else environ
+    overrides = dict(overrides or {})
+    by_name = {f.name: f for f in fields(Settings)}
+    unknown_override = sorted(set(overrides) - set(by_name))
+    if unknown_override:
+        raise ConfigError(f"Unknown Claude() argument(s): {', '.join(unknown_override)}")
+    unknown = sorted(k for k in config if k.startswith("CLAUDE_") and k not in SETTING_KEYS)
+    if unknown:
+        raise ConfigError(f"Unknown setting(s): {', '.join(unknown)}. Known settings: {', '.join(SETTING_KEYS)}")
+
+    values: dict[str, Any] = {}
+    for name, f in by_name.items():
+        key = f"CLAUDE_{name.upper()}"
+        if name in overrides:
+            raw = overrides[name]
+        elif key in config:
+            raw = config[key]
+        elif f.metadata["env"] and environ.get(f.metadata["env"]):
+            raw = environ[f.metadata["env"]]
+        else:
+            raw = f.default
+        values[name] = f.metadata["parse"](key, raw)
+    return Settings(**values)

@@ -1,0 +1,62 @@
+"""Local token estimates: input caps and budget reservations must not cost a network round trip.
+
+Claude's tokenizer averages about 3.5-4 characters per token on English text; we count one token
+per 3 characters (rounded up), which over-estimates for prose and stays safe for budget
+reservations. A caller that needs the exact figure uses ``claude.messages.count_tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+CHARS_PER_TOKEN = 3
+
+
+def estimate_tokens(text: str) -> int:
+    return -(-len(text) // CHARS_PER_TOKEN) if text else 0
+
+
+def _texts(content: Any) -> Iterator[str]:
+    if content is None:
+        return
+    if isinstance(content, str):
+        yield content
+        return
+    if isinstance(content, Mapping):
+        for key in ("text", "content", "input", "thinking", "source"):
+            value = content.get(key)
+            if isinstance(value, str):
+                yield value
+            elif isinstance(value, (list, Mapping)):
+                if key == "input" or key == "source":
+                    yield json.dumps(value, default=str)
+                else:
+                    yield from _texts(value)
+        return
+    if isinstance(content, (list, tuple)):
+        for item in content:
+            yield from _texts(item)
+        return
+    yield str(content)
+
+
+def prompt_texts(params: Mapping[str, Any]) -> Iterator[str]:
+    """Every piece of caller-supplied text in a Messages request: system, messages and tools."""
+    yield from _texts(params.get("system"))
+    for message in params.get("messages") or ():
+        if isinstance(message, Mapping):
+            yield from _texts(message.get("content"))
+    for tool in params.get("tools") or ():
+        yield json.dumps(tool, default=str)
+
+
+def prompt_chars(params: Mapping[str, Any]) -> int:
+    return sum(len(t) for t in prompt_texts(params))
+
+
+def estimate_input_tokens(params: Mapping[str, Any]) -> int:
+    """An upper-leaning estimate of input tokens, with a small per-message framing overhead."""
+    framing = 8 + 4 * len(params.get("messages") or ())
+    return framing + sum(estimate_tokens(t) for t in prompt_texts(params))

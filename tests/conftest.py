@@ -1,0 +1,87 @@
+"""Shared fixtures: apps on the real SDK talking to the simulator, a movable clock, log capture."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from flask import Flask
+from loguru import logger
+
+from flask_claude import Claude
+from flask_claude.simulator import Simulator
+
+# A key shaped like a real one: no log line in the whole run may contain it.
+SECRET_KEY = "sk-ant-api03-TESTSECRETdoNotLogMe0123456789abcdef"
+
+
+class FakeClock:
+    """A clock tests move by hand; ``sleep`` advances it and remembers what was asked."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += max(0.0, seconds)
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("ANTHROPIC_", "CLAUDE_", "LAUNCHDARKLY_")) or name == "AI_KILL_SWITCH":
+            monkeypatch.delenv(name, raising=False)
+
+
+_all_lines: list[str] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_key_in_any_log() -> Iterator[None]:
+    """Every loguru record of the session, checked at the end for the API key."""
+    sink = logger.add(lambda m: _all_lines.append(str(m) + repr(m.record["extra"])), level="DEBUG")
+    yield
+    logger.remove(sink)
+    leaked = [line for line in _all_lines if SECRET_KEY in line]
+    assert not leaked, f"API key in {len(leaked)} log line(s)"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def sim() -> Simulator:
+    return Simulator()
+
+
+@pytest.fixture
+def make_app(tmp_path: Any, sim: Simulator, clock: FakeClock) -> Callable[..., Flask]:
+    """A Flask app on the simulator (in-process transport) with the fake clock and a log file."""
+
+    def factory(*, use_clock: bool = True, **config: Any) -> Flask:
+        app = Flask(f"test_app_{len(config)}")
+        app.config.update(CLAUDE_SIMULATE=True, CLAUDE_LOG_PATH=str(tmp_path / "claude.jsonl"),
+                          CLAUDE_MODELS=["claude-opus-4-7", "claude-sonnet-4-6"])
+        app.config.update({k if k.startswith("CLAUDE_") else f"CLAUDE_{k.upper()}": v for k, v in config.items()})
+        Claude(app, simulator=sim, **({"clock": clock} if use_clock else {}))
+        return app
+
+    return factory
+
+
+def user_msg(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": text}]

@@ -1,0 +1,248 @@
+"""The guarded client through the real anthropic SDK and the simulator: retries, fallback, breaker,
+deadline, streams and cost."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import anthropic
+import pytest
+
+from flask_claude import Claude, UnknownModel, UpstreamUnavailable
+from flask_claude.simulator import Simulator
+from flask_claude.testing import CallLog
+
+from .conftest import SECRET_KEY, FakeClock, user_msg
+
+
+def create(app: Any, **kwargs: Any) -> Any:
+    params = {"max_tokens": 100, "messages": user_msg("Summarise the plot of Hamlet.")} | kwargs
+    with app.app_context():
+        return app.extensions["claude"].messages.create(**params)
+
+
+def test_529_three_times_then_success_on_the_same_model(make_app, sim: Simulator, clock: FakeClock,
+                                                        claude_log: CallLog) -> None:
+    app = make_app()
+    sim.fail(529, model="claude-opus-4-7", times=3)
+    message = create(app, model="claude-opus-4-7")
+    assert isinstance(message, anthropic.types.Message)
+    assert message.model == "claude-opus-4-7"
+    assert len(sim.requests_for("claude-opus-4-7")) == 4
+    assert sim.requests_for("claude-sonnet-4-6") == []
+    assert len(clock.sleeps) == 3
+    [line] = claude_log.events("claude_api_call")
+    assert line["retries"] == 3 and line["fallback_from"] is None and line["model"] == "claude-opus-4-7"
+    assert line["output_tokens"] == message.usage.output_tokens > 0
+
+
+def test_529_on_every_try_falls_back_to_the_next_model(make_app, sim: Simulator, claude_log: CallLog) -> None:
+    app = make_app(CLAUDE_MAX_RETRIES=2, CLAUDE_BREAKER_MIN_CALLS=50)
+    sim.fail(529, model="claude-opus-4-7")
+    message = create(app, model="claude-opus-4-7")
+    assert message.model == "claude-sonnet-4-6"
+    assert len(sim.requests_for("claude-opus-4-7")) == 3
+    [line] = claude_log.events("claude_api_call")
+    assert line["fallback_from"] == "claude-opus-4-7"
+    assert line["model"] == "claude-sonnet-4-6" and line["requested_model"] == "claude-opus-4-7"
+    [fallback] = claude_log.events("model_fallback")
+    assert fallback["from_model"] == "claude-opus-4-7" and fallback["to_model"] == "claude-sonnet-4-6"
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 413, 422])
+def test_client_errors_are_neither_retried_nor_fall_back(make_app, sim: Simulator, clock: FakeClock,
+                                                         claude_log: CallLog, status: int) -> None:
+    app = make_app()
+    sim.fail(status)
+    with pytest.raises(UpstreamUnavailable) as info:
+        create(app)
+    assert len(sim.requests) == 1
+    assert clock.sleeps == []
+    [line] = claude_log.events("claude_api_error")
+    assert line["status_code"] == status and line["our_bug"] is True
+    assert "req_" not in str(info.value)  # no upstream request id in what a handler may show
+
+
+def test_429_retry_after_is_capped(make_app, sim: Simulator, clock: FakeClock, claude_log: CallLog) -> None:
+    app = make_app(CLAUDE_RETRY_AFTER_CAP=2.5)
+    sim.fail(429, retry_after=3600, times=2)
+    message = create(app)
+    assert message.content[0].text
+    assert len(clock.sleeps) == 2 and all(1.0 <= s <= 2.5 for s in clock.sleeps), clock.sleeps
+    # 429 is retried on the same model and does not fall back by default
+    assert {r.model for r in sim.requests} == {"claude-opus-4-7"}
+
+
+def test_429_falls_back_only_when_configured(make_app, sim: Simulator) -> None:
+    sim.fail(429, model="claude-opus-4-7")
+    with pytest.raises(UpstreamUnavailable):
+        create(make_app(CLAUDE_MAX_RETRIES=1))
+    assert sim.requests_for("claude-sonnet-4-6") == []
+    sim.clear_requests()
+    message = create(make_app(CLAUDE_MAX_RETRIES=1, CLAUDE_FALLBACK_ON_RATE_LIMIT=True))
+    assert message.model == "claude-sonnet-4-6"
+
+
+def test_retry_after_ms_and_backoff_have_jitter(make_app, sim: Simulator, clock: FakeClock) -> None:
+    app = make_app(CLAUDE_MAX_RETRIES=6, CLAUDE_BREAKER_MIN_CALLS=50)
+    sim.fail(503, model="claude-opus-4-7", times=6)
+    create(app)
+    backoffs = clock.sleeps
+    assert len(backoffs) == 6
+    assert all(0 <= s <= min(8.0, 0.5 * 2**i) for i, s in enumerate(backoffs)), backoffs
+    assert len(set(backoffs)) == 6  # jittered, not a fixed ladder
+
+
+def test_trickling_body_ends_at_the_deadline(make_app, sim: Simulator, claude_log: CallLog) -> None:
+    app = make_app(use_clock=False, CLAUDE_DEADLINE=0.6, CLAUDE_MODELS=["claude-haiku-4-5"])
+    sim.trickle(0.1, chunks=40)  # 4 s of body, each read well inside any per-read timeout
+    started = time.monotonic()
+    with pytest.raises(UpstreamUnavailable) as info:
+        create(app)
+    elapsed = time.monotonic() - started
+    assert 0.5 <= elapsed < 1.0, elapsed
+    assert info.value.reason == "deadline_exceeded"
+    [line] = claude_log.events("claude_api_error")
+    assert line["error_type"] == "deadline_exceeded"
+
+
+def test_breaker_opens_and_skips_the_dead_model_until_cooldown(make_app, sim: Simulator, clock: FakeClock,
+                                                               claude_log: CallLog) -> None:
+    app = make_app(CLAUDE_MAX_RETRIES=1, CLAUDE_BREAKER_MIN_CALLS=4, CLAUDE_BREAKER_COOLDOWN=30)
+    sim.fail(529, model="claude-opus-4-7")
+    for _ in range(2):
+        assert create(app).model == "claude-sonnet-4-6"
+    assert len(sim.requests_for("claude-opus-4-7")) == 4
+    assert [e["model"] for e in claude_log.events("circuit_opened")] == ["claude-opus-4-7"]
+
+    for _ in range(5):  # open: nothing is sent to the dead model
+        assert create(app).model == "claude-sonnet-4-6"
+        clock.advance(5)
+    assert len(sim.requests_for("claude-opus-4-7")) == 4
+
+    clock.advance(10)  # past the cooldown: one probe, which fails and re-opens
+    assert create(app).model == "claude-sonnet-4-6"
+    assert len(sim.requests_for("claude-opus-4-7")) == 5
+    assert create(app).model == "claude-sonnet-4-6"
+    assert len(sim.requests_for("claude-opus-4-7")) == 5
+
+    sim.reset()  # the model recovers; after the next cooldown the probe closes the circuit
+    clock.advance(31)
+    assert create(app).model == "claude-opus-4-7"
+    assert create(app).model == "claude-opus-4-7"
+
+
+def _stream_text(app: Any) -> str:
+    with app.app_context(), app.extensions["claude"].messages.stream(
+            model="claude-sonnet-4-6", max_tokens=300, messages=user_msg("Tell me a long story.")) as stream:
+        return "".join(stream.text_stream)
+
+
+def test_stream_completes_and_is_billed(make_app, claude_log: CallLog) -> None:
+    app = make_app()
+    text = _stream_text(app)
+    assert text
+    [line] = claude_log.events("claude_api_call")
+    assert line["output_tokens"] > 0 and line["cost_usd"] > 0 and line["stop_reason"] in ("end_turn", "max_tokens")
+
+
+@pytest.mark.parametrize("fault", ["stream_error", "drop_stream"])
+def test_mid_stream_failure_is_billed_for_what_was_streamed(make_app, sim: Simulator, claude_log: CallLog,
+                                                            fault: str) -> None:
+    app = make_app()
+    getattr(sim, fault)(after_deltas=3)
+    received: list[str] = []
+    with pytest.raises(UpstreamUnavailable), app.app_context(), app.extensions["claude"].messages.stream(
+            model="claude-sonnet-4-6", max_tokens=300, messages=user_msg("Tell me a long story.")) as stream:
+        for chunk in stream.text_stream:
+            received.append(chunk)
+    assert received, "some text arrived before the failure"
+    [line] = claude_log.events("claude_api_error")
+    assert line["input_tokens"] > 0
+    assert line["output_tokens"] >= 1
+    expected = (line["input_tokens"] * 3 + line["output_tokens"] * 15) / 1e6
+    assert line["cost_usd"] == pytest.approx(expected)
+    assert line["error_type"] in ("overloaded_error", "RemoteProtocolError")
+
+
+def test_abandoned_stream_is_billed_on_close(make_app, claude_log: CallLog) -> None:
+    app = make_app()
+    with app.app_context(), app.extensions["claude"].messages.stream(
+            model="claude-sonnet-4-6", max_tokens=300, messages=user_msg("Tell me a long story.")) as stream:
+        next(iter(stream.text_stream))
+    [line] = claude_log.events("claude_api_call")
+    assert line["stop_reason"] == "client_disconnected" and line["cost_usd"] > 0
+
+
+def test_create_stream_true_is_guarded_too(make_app, claude_log: CallLog) -> None:
+    app = make_app()
+    with app.app_context():
+        stream = app.extensions["claude"].messages.create(
+            model="claude-haiku-4-5", max_tokens=50, stream=True, messages=user_msg("hi"))
+        kinds = [event.type for event in stream]
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert claude_log.events("claude_api_call")[0]["model"] == "claude-haiku-4-5"
+
+
+def test_max_tokens_is_clamped_and_the_clamp_logged(make_app, sim: Simulator, claude_log: CallLog) -> None:
+    app = make_app(CLAUDE_MAX_TOKENS_CAP=64)
+    create(app, max_tokens=5000)
+    assert sim.requests[-1].body["max_tokens"] == 64
+    assert claude_log.events("claude_api_call")[0]["max_tokens_clamped_from"] == 5000
+
+
+def test_count_tokens_goes_through_the_guard(make_app) -> None:
+    app = make_app()
+    with app.app_context():
+        counted = app.extensions["claude"].messages.count_tokens(
+            model="claude-sonnet-4-6", messages=user_msg("How many tokens is this?"))
+    assert counted.input_tokens > 0
+
+
+def test_unknown_model_at_call_time_is_refused_with_the_known_list(make_app, sim: Simulator) -> None:
+    app = make_app()
+    with pytest.raises(UnknownModel) as info:
+        create(app, model="claude-sonnet-latest")
+    assert "claude-haiku-4-5" in str(info.value)
+    assert sim.requests == []
+
+
+def test_cache_write_then_read_is_costed_at_cache_prices(make_app, claude_log: CallLog) -> None:
+    app = make_app()
+    system = [{"type": "text", "text": "You are a careful assistant. " * 200, "cache_control": {"type": "ephemeral"}}]
+    create(app, model="claude-haiku-4-5", system=system)
+    create(app, model="claude-haiku-4-5", system=system)
+    first, second = claude_log.events("claude_api_call")
+    assert first["cache_creation_input_tokens"] > 0 and first["cache_read_input_tokens"] == 0
+    assert second["cache_read_input_tokens"] == first["cache_creation_input_tokens"]
+    for line, write, read in ((first, first["cache_creation_input_tokens"], 0),
+                              (second, 0, second["cache_read_input_tokens"])):
+        expected = (line["input_tokens"] * 1.0 + line["output_tokens"] * 5.0 + write * 1.25 + read * 0.10) / 1e6
+        assert line["cost_usd"] == pytest.approx(expected, abs=1e-8)
+    assert first["system_prompt_hash"] == second["system_prompt_hash"] and len(first["system_prompt_hash"]) == 16
+
+
+def test_real_network_path_never_logs_the_key(tmp_path: Any, sim: Simulator) -> None:
+    """The production wiring (HTTP transport, bearer key) against the loopback simulator."""
+    from flask import Flask
+
+    log_path = tmp_path / "prod.jsonl"
+    with sim.serve() as server:
+        app = Flask("prod_like")
+        app.config.update(CLAUDE_API_KEY=SECRET_KEY, CLAUDE_BASE_URL=server.url, CLAUDE_LOG_PATH=str(log_path),
+                          CLAUDE_MODELS=["claude-haiku-4-5"], CLAUDE_MAX_RETRIES=0, CLAUDE_LOG_CONTENT=True)
+        Claude(app)
+        create(app, model="claude-haiku-4-5",
+               messages=user_msg(f"my key is {SECRET_KEY}, mail me at ann@example.com"))
+        sim.fail(401)
+        with pytest.raises(UpstreamUnavailable):
+            create(app, model="claude-haiku-4-5")
+    text = log_path.read_text()
+    assert SECRET_KEY not in text
+    assert "ann@example.com" not in text and "[email]" in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [line["event"] for line in lines] == ["claude_api_call", "claude_api_error"]
+    assert lines[0]["request_id"].startswith("req_")
+    assert all(SECRET_KEY not in json.dumps(r.headers) for r in sim.requests)

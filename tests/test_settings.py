@@ -1,0 +1,94 @@
+"""Configuration fails at startup, naming the key, and never switches the simulator on by itself."""
+
+from __future__ import annotations
+
+import pytest
+from flask import Flask
+
+from flask_claude import Claude, ConfigError
+
+
+def init(**config: object) -> Flask:
+    app = Flask("settings_test")
+    app.config.update(config)
+    Claude(app)
+    return app
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("CLAUDE_MAX_TOKENS_CAP", "lots"),
+    ("CLAUDE_MAX_TOKENS_CAP", 0),
+    ("CLAUDE_MAX_RETRIES", -1),
+    ("CLAUDE_MAX_RETRIES", 2.5),
+    ("CLAUDE_DEADLINE", 0),
+    ("CLAUDE_RETRY_AFTER_CAP", [1]),
+    ("CLAUDE_MODELS", []),
+    ("CLAUDE_MODELS", [3]),
+    ("CLAUDE_FALLBACK_ON_RATE_LIMIT", "maybe"),
+    ("CLAUDE_STORAGE_URI", "localhost:6379"),
+    ("CLAUDE_STORAGE_FAILURE", "sometimes"),
+    ("CLAUDE_PRICES", {"claude-new-9": {"input": 1}}),
+    ("CLAUDE_PRICES", {"claude-haiku-4-5": {"input": -1}}),
+    ("CLAUDE_BUDGET_ALERTS", [0.5, 2]),
+    ("CLAUDE_BUDGET_TIMEZONE", "Mars/Olympus"),
+    ("CLAUDE_FLAGS", "yaml"),
+    ("CLAUDE_BREAKER_FAILURE_RATE", 1.5),
+])
+def test_wrong_value_fails_at_init_with_the_key_name(key: str, value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        init(CLAUDE_SIMULATE=True, **{key: value})
+    assert key in str(info.value)
+
+
+def test_unknown_claude_key_is_refused() -> None:
+    with pytest.raises(ConfigError, match="CLAUDE_DAILY_BUGDET_USD"):
+        init(CLAUDE_SIMULATE=True, CLAUDE_DAILY_BUGDET_USD=5)
+
+
+def test_missing_key_without_simulate_says_how_to_fix_it() -> None:
+    with pytest.raises(ConfigError) as info:
+        init()
+    message = str(info.value)
+    assert "ANTHROPIC_API_KEY" in message and "CLAUDE_SIMULATE" in message
+
+
+def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-from-env-123456789")
+    app = init()
+    assert app.extensions["claude"].settings.api_key == "sk-ant-from-env-123456789"
+    assert app.extensions["claude"].simulator is None
+
+
+def test_unpriced_model_in_chain_fails_at_startup_with_known_ids() -> None:
+    with pytest.raises(ConfigError) as info:
+        init(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-opus-4-7", "claude-3-opus-latest"])
+    assert "claude-3-opus-latest" in str(info.value) and "claude-sonnet-4-6" in str(info.value)
+
+
+def test_constructor_overrides_and_string_forms() -> None:
+    app = Flask("overrides")
+    app.config.update(CLAUDE_SIMULATE="true", CLAUDE_MODELS="claude-haiku-4-5, claude-sonnet-4-6")
+    Claude(app, max_retries=1)
+    settings = app.extensions["claude"].settings
+    assert settings.simulate is True and settings.max_retries == 1
+    assert settings.models == ("claude-haiku-4-5", "claude-sonnet-4-6")
+
+
+def test_unknown_constructor_argument() -> None:
+    with pytest.raises(ConfigError, match="max_retry"):
+        Claude(Flask("x"), max_retry=3)
+
+
+def test_two_apps_from_one_extension_keep_their_settings() -> None:
+    claude = Claude()
+    apps = []
+    for cap in (100, 200):
+        app = Flask(f"factory_{cap}")
+        app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MAX_TOKENS_CAP=cap)
+        claude.init_app(app)
+        apps.append(app)
+    for app, cap in zip(apps, (100, 200), strict=True):
+        with app.app_context():
+            assert claude.settings.max_tokens_cap == cap
+    with pytest.raises(RuntimeError, match="app context"):
+        _ = claude.messages
