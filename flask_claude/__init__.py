@@ -1,5 +1,6 @@
 """flask-claude: the production layer for Claude calls in a Flask app."""
 
+from .decorators import ai_feature, budgeted, fallback_to
 from .errors import (
     BudgetExceeded,
     ClaudeGuardError,
@@ -12,7 +13,6 @@ from .errors import (
     UnknownModel,
     UpstreamUnavailable,
 )
-from .decorators import ai_feature, budgeted, fallback_to
 from .extension import Claude
 from .signals import budget_alert, circuit_opened, claude_called, feature_degraded, model_fallback
 
@@ -29,8 +29,8 @@ __all__ = [
     "UnknownModel",
     "UpstreamUnavailable",
     "ai_feature",
-    "budgeted",
     "budget_alert",
+    "budgeted",
     "circuit_opened",
     "claude_called",
     "fallback_to",

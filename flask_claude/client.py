@@ -150,7 +150,7 @@ class GuardedMessages:
         call.params.pop("timeout", None)
 
         # Reserve the worst case against every budget that applies, or refuse having reserved nothing.
-        call.reservation = state.reserve(scope, chain, input_estimate, max_tokens)
+        call.reservation = state.budgets.reserve(scope, chain, call.params, max_tokens)
         return call
 
     def _run_chain(self, call: _Call, send: Callable[[str, httpx2.Timeout], T]) -> T:
@@ -238,8 +238,9 @@ class GuardedMessages:
         """Cost from real usage, settle, log once, signal; then refuse a truncated reply if asked."""
         state = self._state
         cost = state.prices.cost(call.model, usage, batch=batch)
-        state.settle(call.reservation, cost.usd, cost.input_tokens + cost.cache_read_input_tokens
-                     + cost.cache_creation_input_tokens + cost.output_tokens)
+        if call.reservation is not None:
+            state.budgets.settle(call.reservation, cost.usd, cost.input_tokens + cost.cache_read_input_tokens
+                                 + cost.cache_creation_input_tokens + cost.output_tokens)
         call.scope.spend_usd += cost.usd
         fields = {
             "request_id": request_id,
@@ -269,7 +270,8 @@ class GuardedMessages:
     def _fail(self, call: _Call, exc: BaseException) -> None:
         """A call that got no reply: release the reservation, log the error once."""
         state = self._state
-        state.settle(call.reservation, 0.0, 0)
+        if call.reservation is not None:
+            state.budgets.settle(call.reservation, 0.0, 0)
         failure = call.failure or (classify(exc) if not isinstance(exc, ClaudeGuardError) else None)
         fields = {"request_id": getattr(exc, "request_id", None), **self._base_fields(call),
                   "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -28,4 +28,4 @@ class SystemClock:
 
 
 def utc_now(clock: Clock) -> datetime:
-    return datetime.fromtimestamp(clock.time(), tz=timezone.utc)
+    return datetime.fromtimestamp(clock.time(), tz=UTC)

@@ -37,6 +37,7 @@ def public_body(exc: ClaudeGuardError) -> dict[str, str]:
 def decorate(response: Response, exc: ClaudeGuardError, status: int | None = None) -> Response:
     response.status_code = status or exc.status
     response.headers[DEGRADED_HEADER] = exc.reason
+    response.headers.update(exc.headers)
     if exc.retry_after is not None and response.status_code in (429, 503):
         response.headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
     return response
@@ -115,7 +116,7 @@ def degrade(state: ClaudeState, spec: ViewSpec, scope: CallScope, exc: ClaudeGua
     Client-caused refusals (413 input too large, 429 over a limit) keep their own status and clear
     message; everything else answers the fallback with ``fallback_to(status=...)``.
     """
-    client_side = exc.status in (413, 429) and not (exc.reason == "budget_exhausted")
+    client_side = exc.status in (413, 429)
     response: Response | None = None
     fallback_error: str | None = None
     if not client_side:

@@ -21,6 +21,12 @@ class ClaudeGuardError(Exception):
         if reason is not None:
             self.reason = reason
         self.retry_after = retry_after
+        self.headers: dict[str, str] = {}
+
+    def with_status(self, status: int) -> ClaudeGuardError:
+        """The same refusal answered with another status (an app-wide budget pauses a feature: 503)."""
+        self.status = status
+        return self
 
 
 class ConfigError(ClaudeGuardError, ValueError):

@@ -16,7 +16,7 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from loguru import logger
@@ -139,7 +139,7 @@ class EventLog:
         return scrub(text, self.secrets)
 
     def emit(self, event: str, fields: Mapping[str, Any], *, level: str = "INFO") -> dict[str, Any]:
-        record: dict[str, Any] = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        record: dict[str, Any] = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
                                   "event": event}
         for key, value in fields.items():
             if key not in record:

@@ -16,17 +16,18 @@ import anthropic
 import httpx2
 from flask import Flask, current_app, has_app_context
 
+from .budget import Budgets
 from .client import GuardedMessages
 from .clock import Clock, SystemClock
-from .context import CallScope
 from .decorators import ai_feature, budgeted, fallback_to
 from .degrade import ResponseCache, handle_guard_error
 from .errors import ClaudeGuardError, ConfigError
-from .flags import make_provider
 from .events import EventLog
+from .flags import make_provider
 from .pricing import PriceTable
-from .resilience import BreakerConfig, DeadlineTransport, MemoryBreakerStore, RetryPolicy
+from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
 from .settings import Settings, load_settings
+from .storage import make_store
 
 EXTENSION_KEY = "claude"
 SIMULATOR_BASE_URL = "http://simulator.flask-claude.invalid"
@@ -71,9 +72,12 @@ class ClaudeState:
 
         self.retry_policy = RetryPolicy(max_retries=settings.max_retries,
                                         retry_after_cap=settings.retry_after_cap)
-        self.breaker = MemoryBreakerStore(BreakerConfig(
-            min_calls=settings.breaker_min_calls, failure_rate=settings.breaker_failure_rate,
-            window=settings.breaker_window, cooldown=settings.breaker_cooldown))
+        # Limits, budgets, alert de-duplication and breaker state share one store.
+        self.store = make_store(settings.storage_uri, prefix=app.import_name,
+                                socket_timeout=settings.storage_socket_timeout)
+        self.breaker = CircuitBreaker(self.store, min_calls=settings.breaker_min_calls,
+                                      failure_rate=settings.breaker_failure_rate,
+                                      window=settings.breaker_window, cooldown=settings.breaker_cooldown)
         salt = hashlib.sha256((settings.api_key or app.import_name).encode()).hexdigest()[:16]
         self.events = EventLog(path=settings.log_path, secrets=(settings.api_key or "",),
                                hash_users=settings.hash_users, log_content=settings.log_content, salt=salt)
@@ -81,17 +85,7 @@ class ClaudeState:
         self.flags = make_provider(settings.flags, sdk_key=settings.launchdarkly_sdk_key,
                                    start_wait=settings.launchdarkly_start_wait, global_flag=settings.global_flag)
         self.response_cache = ResponseCache()
-        self.budgets: Any = None
-
-    # Budget hooks: the reservation step of the pipeline (budget.py fills them in).
-    def reserve(self, scope: CallScope, chain: list[str], input_tokens: int, max_tokens: int) -> Any:
-        if self.budgets is None:
-            return None
-        return self.budgets.reserve(scope, chain, input_tokens, max_tokens)
-
-    def settle(self, reservation: Any, usd: float, tokens: int) -> None:
-        if reservation is not None:
-            self.budgets.settle(reservation, usd, tokens)
+        self.budgets = Budgets(self, self.store)
 
 
 class Claude:

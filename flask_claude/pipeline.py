@@ -58,11 +58,8 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
                 if isinstance(first, str) and first:
                     state.prices.price(first)  # a typo in a flag must not cost $0 or reach upstream
                     scope.first_model = first
-        if state.budgets is not None:
-            state.budgets.check_open(scope)
-
-            # 3. the per-user request limit (a refused request costs nothing)
-            state.budgets.hit_requests(scope, spec.budget)
+        # ... and 3. the per-user request limit, in the same storage round trip
+        rate_headers = state.budgets.admit(scope, spec.budget)
         scope.budgets = spec.budget
 
         # 4. the view, its Claude calls guarded under this scope
@@ -75,6 +72,7 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
         return degrade(state, spec, scope, UpstreamUnavailable(type(exc).__name__), args, kwargs)
     if spec.fallback is not None and spec.fallback.cache:
         remember(state, spec, scope, response, args, kwargs)
+    response.headers.update(rate_headers)
     return response
 
 

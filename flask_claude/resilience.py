@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-from collections import deque
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import anthropic
 import httpx2
@@ -174,88 +172,43 @@ class DeadlineTransport(httpx2.BaseTransport):
 # --- circuit breaker -------------------------------------------------------------------------
 
 
-class BreakerStore(Protocol):
-    """Where breaker state lives: this process (memory) or shared storage (every worker agrees)."""
+class CircuitBreaker:
+    """Per-model breaker whose state lives in the app's store (``storage.py``).
+
+    On ``memory://`` it is this process's; on Redis every worker and host skips a dead model
+    together. A storage outage never blocks a call: the breaker then lets calls through.
+    """
+
+    def __init__(self, store: Any, *, min_calls: int, failure_rate: float, window: float, cooldown: float) -> None:
+        self.store = store
+        self.cooldown = cooldown
+        self._args = (min_calls, failure_rate, window, cooldown)
 
     def allow(self, model: str, now: float) -> bool:
-        """False while open; after the cooldown grants exactly one probe."""
+        """False while open; after the cooldown grants exactly one probe (half-open)."""
+        from .storage import StorageUnavailable
 
-    def record(self, model: str, ok: bool, now: float) -> bool:
-        """Record an attempt's outcome; True when this record opened the circuit."""
-
-    def state(self, model: str, now: float) -> str:
-        """"closed", "open" or "half_open"."""
-
-
-@dataclass
-class BreakerConfig:
-    min_calls: int = 5
-    failure_rate: float = 0.5
-    window: float = 30.0
-    cooldown: float = 30.0
-
-
-@dataclass
-class _ModelCircuit:
-    outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
-    open_until: float | None = None
-    probe_since: float | None = None  # a probe that never reports back expires after a cooldown
-
-
-class MemoryBreakerStore:
-    """Breaker state for one process; ``budget.py`` provides the shared-storage equivalent."""
-
-    def __init__(self, config: BreakerConfig) -> None:
-        self.config = config
-        self._circuits: dict[str, _ModelCircuit] = {}
-        self._lock = threading.Lock()
-
-    def _circuit(self, model: str) -> _ModelCircuit:
-        return self._circuits.setdefault(model, _ModelCircuit())
-
-    def allow(self, model: str, now: float) -> bool:
-        with self._lock:
-            c = self._circuit(model)
-            if c.open_until is None:
-                return True
-            if now < c.open_until:
-                return False
-            if c.probe_since is not None and now < c.probe_since + self.config.cooldown:
-                return False
-            c.probe_since = now  # half-open: this caller is the one probe
+        try:
+            return bool(self.store.breaker_allow(model, now, self.cooldown))
+        except StorageUnavailable:
             return True
 
     def record(self, model: str, ok: bool, now: float) -> bool:
-        cfg = self.config
-        with self._lock:
-            c = self._circuit(model)
-            if c.open_until is not None:
-                if c.probe_since is not None:
-                    c.probe_since = None
-                    if ok:
-                        c.open_until = None
-                        c.outcomes.clear()
-                        return False
-                    c.open_until = now + cfg.cooldown
-                    return True
-                return False
-            c.outcomes.append((now, ok))
-            while c.outcomes and c.outcomes[0][0] < now - cfg.window:
-                c.outcomes.popleft()
-            calls = len(c.outcomes)
-            failures = sum(1 for _, good in c.outcomes if not good)
-            if not ok and calls >= cfg.min_calls and failures / calls >= cfg.failure_rate:
-                c.open_until = now + cfg.cooldown
-                c.outcomes.clear()
-                return True
+        """Record an attempt's outcome; True when this record opened the circuit."""
+        from .storage import StorageUnavailable
+
+        try:
+            return bool(self.store.breaker_record(model, ok, now, *self._args))
+        except StorageUnavailable:
             return False
 
     def state(self, model: str, now: float) -> str:
-        with self._lock:
-            c = self._circuit(model)
-            if c.open_until is None:
-                return "closed"
-            return "open" if now < c.open_until else "half_open"
+        from .storage import StorageUnavailable
+
+        try:
+            return str(self.store.breaker_state(model, now))
+        except StorageUnavailable:
+            return "unknown"
 
 
 def model_chain(requested: str | None, configured: tuple[str, ...]) -> list[str]:

@@ -60,3 +60,16 @@ def estimate_input_tokens(params: Mapping[str, Any]) -> int:
     """An upper-leaning estimate of input tokens, with a small per-message framing overhead."""
     framing = 8 + 4 * len(params.get("messages") or ())
     return framing + sum(estimate_tokens(t) for t in prompt_texts(params))
+
+
+def upper_bound_tokens(params: Mapping[str, Any]) -> int:
+    """A bound no tokenizer should exceed, for budget reservations: spend must never pass a budget.
+
+    ASCII text averages about 4 characters a token; we count 2. Other scripts (CJK, emoji) can
+    take more than one token per character; we count 2 per character.
+    """
+    total = 16 + 8 * len(params.get("messages") or ())
+    for text in prompt_texts(params):
+        non_ascii = sum(1 for ch in text if ord(ch) > 127) if not text.isascii() else 0
+        total += -(-(len(text) - non_ascii) // 2) + 2 * non_ascii
+    return total

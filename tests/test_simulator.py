@@ -119,7 +119,7 @@ def test_create_returns_a_message_with_usage_and_request_id(client: anthropic.An
     assert message._request_id == raw.headers["request-id"] and raw.headers["request-id"].startswith("req_sim_")
 
 
-def test_replies_are_deterministic_per_prompt_and_seed(sim: Simulator, client: anthropic.Anthropic) -> None:
+def test_replies_are_deterministic_per_prompt_and_seed(client: anthropic.Anthropic) -> None:
     first, again, other = ask(client, "a question"), ask(client, "a question"), ask(client, "another one")
     reseeded = ask(sdk(Simulator(seed=1)), "a question")
 
@@ -187,7 +187,7 @@ def test_create_stream_true_sends_the_named_event_sequence(client: anthropic.Ant
 # --------------------------------------------------------------------------- batches
 
 
-def test_batch_create_poll_and_results_end_to_end(client: anthropic.Anthropic) -> None:
+def test_batch_create_poll_and_results_end_to_end() -> None:
     sim = Simulator(batch_polls_until_done=2)
     client = sdk(sim)
     batch = client.messages.batches.create(
@@ -215,7 +215,7 @@ def test_batch_create_poll_and_results_end_to_end(client: anthropic.Anthropic) -
     assert [b.id for b in client.messages.batches.list()] == [batch.id]
 
 
-def test_batch_cancel_ends_with_every_request_canceled(sim: Simulator, client: anthropic.Anthropic) -> None:
+def test_batch_cancel_ends_with_every_request_canceled(client: anthropic.Anthropic) -> None:
     batch = client.messages.batches.create(
         requests=[{"custom_id": "a", "params": {"model": MODEL, "max_tokens": 5, "messages": user("hi")}}]
     )
@@ -424,7 +424,7 @@ def test_cache_creation_then_read(client: anthropic.Anthropic) -> None:
     assert streamed.usage.cache_read_input_tokens == 0
 
 
-def test_cache_1h_ttl_is_reported_apart_and_entries_expire(sim: Simulator) -> None:
+def test_cache_1h_ttl_is_reported_apart_and_entries_expire() -> None:
     clock = FakeClock()
     client = sdk(Simulator(clock=clock))
 

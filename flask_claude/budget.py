@@ -1,0 +1,259 @@
+"""Request limits, token and dollar budgets as reservations, alerts, and the shared breaker.
+
+Which lines a call touches (``storage.Line``): the user's (or feature's, or a custom key's) request
+limits at admission; at each Claude call the worst case of the call against the budgets of
+``@budgeted`` (tokens, USD), the feature's ``CLAUDE_FEATURE_BUDGETS_USD`` and the global
+``CLAUDE_DAILY_BUDGET_USD`` (or the ``ai-daily-budget-usd`` number flag, so it changes without a
+deploy). After the call the reservation is replaced by the real cost. Budget periods are calendar
+periods in ``CLAUDE_BUDGET_TIMEZONE``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+from limits import RateLimitItem
+
+from .errors import BudgetExceeded, ClaudeGuardError, LimitExceeded
+from .signals import budget_alert
+from .storage import Line, StorageUnavailable, Store
+from .tokens import upper_bound_tokens
+
+if TYPE_CHECKING:
+    from .context import CallScope
+    from .decorators import BudgetOptions
+    from .extension import ClaudeState
+
+MICRO = 1_000_000  # USD are counted in integer micro-dollars
+
+
+class StorageDown(ClaudeGuardError):
+    status = 503
+    reason = "storage_unavailable"
+    public_message = "This AI feature is temporarily unavailable."
+
+
+def period_bounds(granularity: str, multiples: int, now: float, tz: ZoneInfo) -> tuple[str, float]:
+    """The calendar period containing ``now``: an id for keys and the moment it ends."""
+    local = datetime.fromtimestamp(now, tz)
+    if granularity in ("day", "month", "year") and multiples == 1:
+        if granularity == "day":
+            start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+            end = start + timedelta(days=1)
+            return start.strftime("%Y-%m-%d"), end.timestamp()
+        if granularity == "month":
+            start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+            end = (start + timedelta(days=32)).replace(day=1)
+            return start.strftime("%Y-%m"), end.timestamp()
+        start = local.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
+        return start.strftime("%Y"), start.replace(year=start.year + 1).timestamp()
+    # Sub-day periods (and "2 days") are aligned to the clock in the configured zone.
+    seconds = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": 86400 * 31,
+               "year": 86400 * 366}[granularity] * multiples
+    offset = local.utcoffset().total_seconds() if local.utcoffset() else 0.0
+    index = math.floor((now + offset) / seconds)
+    return f"{granularity[0]}{multiples}:{index}", (index + 1) * seconds - offset
+
+
+@dataclass
+class Reservation:
+    rid: str
+    lines: list[Line]
+    usd_lines: list[int]  # indexes of lines counted in micro-dollars (others are tokens)
+
+
+def _granularity(item: RateLimitItem) -> str:
+    return str(item.GRANULARITY.name)
+
+
+class Budgets:
+    """One app's limits and budgets on its store (memory or Redis)."""
+
+    def __init__(self, state: ClaudeState, store: Store) -> None:
+        self.state = state
+        self.store = store
+        self.settings = state.settings
+        self.tz = ZoneInfo(self.settings.budget_timezone)
+        self._last_storage_warning = 0.0
+
+    # --- keys -----------------------------------------------------------------------------
+
+    def _subject(self, scope: CallScope, options: BudgetOptions | None) -> str:
+        per = options.per if options is not None else "user"
+        if callable(per):
+            return f"key:{per()}"
+        if per == "feature":
+            return f"feature:{scope.feature}"
+        if per == "global":
+            return "global"
+        return f"user:{scope.user}"
+
+    def _global_limit_usd(self, scope: CallScope) -> float | None:
+        limit = self.settings.daily_budget_usd
+        if self.settings.budget_flag:
+            from .flags import UserContext
+
+            value = self.state.flags.value(self.settings.budget_flag, UserContext(scope.user), None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+                limit = float(value)
+        return limit
+
+    def budget_lines(self, scope: CallScope, options: BudgetOptions | None, *, usd: int, tokens: int,
+                     now: float) -> tuple[list[Line], list[int], set[int]]:
+        """Every budget a call of this scope counts against; which are in USD; which are app-wide."""
+        lines: list[Line] = []
+        usd_idx: list[int] = []
+        app_wide: set[int] = set()
+        feature = scope.feature or "-"
+        if options is not None:
+            subject = self._subject(scope, options)
+            for item in options.tokens:
+                pid, end = period_bounds(_granularity(item), item.multiples, now, self.tz)
+                lines.append(Line(f"tok:{feature}:{subject}:{item}:{pid}", item.amount, tokens, end,
+                                  name=f"{subject} tokens {item}"))
+            for amount, period in options.usd:
+                pid, end = period_bounds(period, 1, now, self.tz)
+                usd_idx.append(len(lines))
+                lines.append(Line(f"usd:{feature}:{subject}:{period}:{pid}", round(amount * MICRO), usd, end,
+                                  name=f"{subject} usd {amount}/{period}"))
+        pid, end = period_bounds("day", 1, now, self.tz)
+        feature_limit = self.settings.feature_budgets_usd.get(scope.feature or "")
+        if feature_limit is not None:
+            usd_idx.append(len(lines))
+            app_wide.add(len(lines))
+            lines.append(Line(f"usd:feature:{feature}:day:{pid}", round(feature_limit * MICRO), usd, end,
+                              name=f"feature {feature} daily budget"))
+        global_limit = self._global_limit_usd(scope)
+        if global_limit is not None:
+            usd_idx.append(len(lines))
+            app_wide.add(len(lines))
+            lines.append(Line(f"usd:global:day:{pid}", round(global_limit * MICRO), usd, end,
+                              name="global daily budget"))
+        return lines, usd_idx, app_wide
+
+    # --- pipeline step 2-3: admission -----------------------------------------------------
+
+    def admit(self, scope: CallScope, options: BudgetOptions | None) -> dict[str, str]:
+        """Refuse when an app-wide budget is spent (auto-kill) or a request limit is full.
+
+        Returns the ``RateLimit-*`` headers of the tightest request limit, for the response.
+        """
+        now = self.state.clock.time()
+        lines, _, app_wide = self.budget_lines(scope, options, usd=0, tokens=0, now=now)
+        budgets = [lines[i] for i in sorted(app_wide)]
+        requests: list[Line] = []
+        if options is not None:
+            subject = self._subject(scope, options)
+            for item in options.requests:
+                requests.append(Line(f"req:{scope.feature or '-'}:{subject}:{item}", item.amount, 1,
+                                     float(item.get_expiry()), name=str(item)))
+        if not budgets and not requests:
+            return {}
+        result = self._guarded(lambda: self.store.admit(requests, budgets, uuid.uuid4().hex, now))
+        if result is None:
+            return {}
+        if not result.ok:
+            if result.exhausted:
+                raise BudgetExceeded(f"{budgets[result.failed].name} is used up", reason="budget_exhausted",
+                                     retry_after=result.retry_after).with_status(503)
+            item = requests[result.failed]
+            exc = LimitExceeded(f"request limit {item.name} reached", retry_after=result.retry_after)
+            exc.headers = {"RateLimit-Limit": str(item.limit), "RateLimit-Remaining": "0",
+                           "RateLimit-Reset": str(max(1, math.ceil(result.retry_after)))}
+            raise exc
+        if not requests:
+            return {}
+        tightest = min(range(len(requests)), key=lambda i: result.remaining[i])
+        return {"RateLimit-Limit": str(requests[tightest].limit),
+                "RateLimit-Remaining": str(result.remaining[tightest]),
+                "RateLimit-Reset": str(math.ceil(requests[tightest].expires_at))}
+
+    # --- each Claude call: reserve, settle ------------------------------------------------
+
+    def reserve(self, scope: CallScope, chain: list[str], params: Any, max_tokens: int,
+                *, batch: bool = False) -> Reservation | None:
+        now = self.state.clock.time()
+        input_bound = upper_bound_tokens(params)
+        worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens, batch=batch)
+        usd_micro = math.ceil(worst_usd * MICRO)
+        lines, usd_idx, app_wide = self.budget_lines(scope, scope.budgets, usd=usd_micro,
+                                                     tokens=input_bound + max_tokens, now=now)
+        if not lines:
+            return None
+        rid = uuid.uuid4().hex
+        hold_until = now + self.settings.deadline + 30.0
+        result = self._guarded(lambda: self.store.reserve(lines, rid, hold_until, now))
+        if result is None:
+            return None
+        if not result.ok:
+            line = lines[result.failed]
+            if result.failed in app_wide:
+                raise BudgetExceeded(f"{line.name} has no room for this call", reason="budget_exhausted",
+                                     retry_after=result.retry_after).with_status(503)
+            raise BudgetExceeded(f"{line.name} has no room for this call", retry_after=result.retry_after)
+        return Reservation(rid, lines, usd_idx)
+
+    def settle(self, reservation: Reservation, usd: float, tokens: int) -> None:
+        now = self.state.clock.time()
+        actual = [Line(line.key, line.limit, math.ceil(usd * MICRO) if i in reservation.usd_lines else tokens,
+                       line.expires_at, line.name) for i, line in enumerate(reservation.lines)]
+        crossed = self._guarded(lambda: self.store.settle(actual, reservation.rid, self.settings.budget_alerts, now))
+        for alert in crossed or []:
+            line = next(li for li in actual if li.key == alert.key)
+            unit_usd = actual.index(line) in reservation.usd_lines
+            fields = {"budget": line.name, "threshold": alert.threshold,
+                      "spent": alert.spent / MICRO if unit_usd else alert.spent,
+                      "limit": alert.limit / MICRO if unit_usd else alert.limit,
+                      "unit": "usd" if unit_usd else "tokens"}
+            self.state.events.emit("budget_alert", fields, level="ERROR" if alert.threshold >= 1.0 else "WARNING")
+            budget_alert.send(self.state.app, **fields)
+            hook = self.settings.alert_hook
+            if hook is not None:
+                try:
+                    hook(fields)
+                except Exception as exc:  # an alert hook failing must not fail the user's request
+                    self.state.events.emit("alert_hook_failed", {"error_type": type(exc).__name__},
+                                           level="ERROR")
+
+    # --- a storage outage -----------------------------------------------------------------
+
+    def _guarded(self, step: Any) -> Any:
+        try:
+            return step()
+        except StorageUnavailable as exc:
+            if self.settings.storage_failure == "closed":
+                raise StorageDown(f"storage unavailable: {exc}") from None
+            now = time.monotonic()
+            if now - self._last_storage_warning > 10:
+                self._last_storage_warning = now
+                self.state.events.emit("storage_unavailable", {"error_type": str(exc), "policy": "open"},
+                                       level="ERROR")
+            return None
+
+    def usage_report(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Today's app-wide budgets: for ``flask claude status``."""
+        from .context import CallScope
+
+        now = self.state.clock.time() if now is None else now
+        out = []
+        features = list(self.settings.feature_budgets_usd)
+        for feature in [None, *features]:
+            lines, _, app_wide = self.budget_lines(CallScope(feature=feature), None, usd=0, tokens=0, now=now)
+            for i in sorted(app_wide):
+                line = lines[i]
+                if feature is not None and line.key.startswith("usd:global"):
+                    continue
+                [(spent, reserved)] = self.store.usage([line.key], now)
+                out.append({"budget": line.name, "limit_usd": line.limit / MICRO, "spent_usd": spent / MICRO,
+                            "reserved_usd": reserved / MICRO,
+                            "remaining_usd": max(0, line.limit - spent - reserved) / MICRO,
+                            "alerts_passed": [t for t in self.settings.budget_alerts
+                                              if spent >= t * line.limit]})
+        return out
+
