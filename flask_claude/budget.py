@@ -188,11 +188,14 @@ class Budgets:
             return None
         rid = uuid.uuid4().hex
         hold_until = now + self.settings.deadline + 30.0
-        result = self._guarded(lambda: self.store.reserve(lines, rid, hold_until, now))
+        exhausted_alert = repr(1.0) if 1.0 in self.settings.budget_alerts else ""
+        result = self._guarded(lambda: self.store.reserve(lines, rid, hold_until, now, exhausted_alert))
         if result is None:
             return None
         if not result.ok:
             line = lines[result.failed]
+            if result.newly_exhausted:
+                self._alert(line, 1.0, result.spent, result.failed in usd_idx)
             if result.failed in app_wide:
                 raise BudgetExceeded(f"{line.name} has no room for this call", reason="budget_exhausted",
                                      retry_after=result.retry_after).with_status(503)
@@ -205,21 +208,27 @@ class Budgets:
                        line.expires_at, line.name) for i, line in enumerate(reservation.lines)]
         crossed = self._guarded(lambda: self.store.settle(actual, reservation.rid, self.settings.budget_alerts, now))
         for alert in crossed or []:
-            line = next(li for li in actual if li.key == alert.key)
-            unit_usd = actual.index(line) in reservation.usd_lines
-            fields = {"budget": line.name, "threshold": alert.threshold,
-                      "spent": alert.spent / MICRO if unit_usd else alert.spent,
-                      "limit": alert.limit / MICRO if unit_usd else alert.limit,
-                      "unit": "usd" if unit_usd else "tokens"}
-            self.state.events.emit("budget_alert", fields, level="ERROR" if alert.threshold >= 1.0 else "WARNING")
-            budget_alert.send(self.state.app, **fields)
-            hook = self.settings.alert_hook
-            if hook is not None:
-                try:
-                    hook(fields)
-                except Exception as exc:  # an alert hook failing must not fail the user's request
-                    self.state.events.emit("alert_hook_failed", {"error_type": type(exc).__name__},
-                                           level="ERROR")
+            index = next(i for i, li in enumerate(actual) if li.key == alert.key)
+            self._alert(actual[index], alert.threshold, alert.spent, index in reservation.usd_lines)
+
+    def _alert(self, line: Line, threshold: float, spent: int, unit_usd: bool) -> None:
+        """Log, signal and call the hook: once per threshold, budget and period across all workers.
+
+        The 1.0 alert fires when the budget is exhausted: when spend reaches the limit or, since a
+        reservation never lets it pass, when spent alone leaves no room for the next call.
+        """
+        fields = {"budget": line.name, "threshold": threshold,
+                  "spent": spent / MICRO if unit_usd else spent,
+                  "limit": line.limit / MICRO if unit_usd else line.limit,
+                  "unit": "usd" if unit_usd else "tokens"}
+        self.state.events.emit("budget_alert", fields, level="ERROR" if threshold >= 1.0 else "WARNING")
+        budget_alert.send(self.state.app, **fields)
+        hook = self.settings.alert_hook
+        if hook is not None:
+            try:
+                hook(fields)
+            except Exception as exc:  # an alert hook failing must not fail the user's request
+                self.state.events.emit("alert_hook_failed", {"error_type": type(exc).__name__}, level="ERROR")
 
     # --- a storage outage -----------------------------------------------------------------
 

@@ -42,6 +42,8 @@ class Admission:
     exhausted: bool = False  # a budget line (not a request line) refused
     retry_after: float = 0.0
     remaining: tuple[int, ...] = ()
+    newly_exhausted: bool = False  # this refusal was the first to find the budget spent for good
+    spent: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,14 @@ class Store(Protocol):
     def admit(self, requests: Sequence[Line], budgets: Sequence[Line], member: str, now: float) -> Admission:
         """Refuse when a budget is spent or a request limit is full; else count the request in all."""
 
-    def reserve(self, lines: Sequence[Line], rid: str, hold_until: float, now: float) -> Admission:
-        """Reserve ``amount`` on every line, or nothing when any line lacks the room."""
+    def reserve(self, lines: Sequence[Line], rid: str, hold_until: float, now: float,
+                exhausted_alert: str = "") -> Admission:
+        """Reserve ``amount`` on every line, or nothing when any line lacks the room.
+
+        A refusal that settled spend alone explains (not others' holds) marks the budget exhausted
+        at its current limit, so admission refuses at once until the period ends or the limit is
+        raised; the first such mark also claims the ``exhausted_alert`` threshold's alert.
+        """
 
     def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float) -> list[Crossed]:
         """Replace the reservation by the real amount; report alert thresholds crossed first here."""
@@ -84,6 +92,7 @@ class Store(Protocol):
 class _Budget:
     spent: int = 0
     expires_at: float = 0.0
+    exhausted_at_limit: int | None = None
     holds: dict[str, tuple[int, float]] | None = None  # rid -> (amount, hold_until)
 
     def live_reserved(self, now: float) -> int:
@@ -114,7 +123,7 @@ class MemoryStore:
         with self._lock:
             for i, line in enumerate(budgets):
                 budget = self._budget(line.key, line.expires_at, now)
-                if budget.spent >= line.limit:
+                if budget.spent >= line.limit or budget.exhausted_at_limit == line.limit:
                     return Admission(False, i, exhausted=True, retry_after=max(0.0, line.expires_at - now))
             remaining = []
             for i, line in enumerate(requests):
@@ -128,12 +137,21 @@ class MemoryStore:
                 self._windows[line.key].append(now)
             return Admission(True, remaining=tuple(remaining))
 
-    def reserve(self, lines: Sequence[Line], rid: str, hold_until: float, now: float) -> Admission:
+    def reserve(self, lines: Sequence[Line], rid: str, hold_until: float, now: float,
+                exhausted_alert: str = "") -> Admission:
         with self._lock:
             budgets = [self._budget(line.key, line.expires_at, now) for line in lines]
             for i, (line, budget) in enumerate(zip(lines, budgets, strict=True)):
                 if budget.spent + budget.live_reserved(now) + line.amount > line.limit:
-                    return Admission(False, i, exhausted=True, retry_after=max(0.0, line.expires_at - now))
+                    first = False
+                    if budget.spent + line.amount > line.limit and budget.exhausted_at_limit != line.limit:
+                        budget.exhausted_at_limit = line.limit
+                        alert_key = f"{line.key}|{exhausted_alert}"
+                        if exhausted_alert and self._alerts.get(alert_key, 0) <= now:
+                            self._alerts[alert_key] = line.expires_at
+                            first = True
+                    return Admission(False, i, exhausted=True, retry_after=max(0.0, line.expires_at - now),
+                                     newly_exhausted=first, spent=budget.spent)
             for line, budget in zip(lines, budgets, strict=True):
                 assert budget.holds is not None
                 budget.holds[rid] = (line.amount, hold_until)
@@ -150,7 +168,7 @@ class MemoryStore:
                 budget.spent += line.amount
                 for threshold in thresholds:
                     mark = threshold * line.limit
-                    alert_key = f"{line.key}|{threshold}"
+                    alert_key = f"{line.key}|{threshold!r}"
                     if before < mark <= budget.spent and self._alerts.get(alert_key, 0) <= now:
                         self._alerts[alert_key] = line.expires_at
                         crossed.append(Crossed(line.key, threshold, budget.spent, line.limit))
@@ -242,8 +260,11 @@ local now = tonumber(ARGV[1]); local nb = tonumber(ARGV[2]); local nr = tonumber
 local a = 5
 for i = 1, nb do
   local limit = tonumber(ARGV[a]); local expires = tonumber(ARGV[a + 1]); a = a + 2
-  local spent = tonumber(redis.call('HGET', KEYS[i], 'spent') or '0')
-  if spent >= limit then return {0, i - 1, 1, tostring(math.max(0, expires - now))} end
+  local state = redis.call('HMGET', KEYS[i], 'spent', 'exhausted')
+  local spent = tonumber(state[1] or '0')
+  if spent >= limit or tonumber(state[2] or '-1') == limit then
+    return {0, i - 1, 1, tostring(math.max(0, expires - now))}
+  end
 end
 local remaining = {}
 for j = 1, nr do
@@ -267,19 +288,29 @@ end
 return {1, -1, 0, '0', unpack(remaining)}
 """
 
-# KEYS: budget keys; ARGV: now, rid, hold_until, then per key (limit, amount, expires_at)
+# KEYS: budget keys; ARGV: now, rid, hold_until, exhausted_alert, then per key (limit, amount, expires_at)
 _LUA_RESERVE = _LUA_COMMON + """
-local now = tonumber(ARGV[1]); local rid = ARGV[2]; local hold = ARGV[3]
+local now = tonumber(ARGV[1]); local rid = ARGV[2]; local hold = ARGV[3]; local alert = ARGV[4]
 for i = 1, #KEYS do
-  local limit = tonumber(ARGV[1 + 3 * i]); local amount = tonumber(ARGV[2 + 3 * i])
-  local expires = tonumber(ARGV[3 + 3 * i])
+  local limit = tonumber(ARGV[2 + 3 * i]); local amount = tonumber(ARGV[3 + 3 * i])
+  local expires = tonumber(ARGV[4 + 3 * i])
   local spent = tonumber(redis.call('HGET', KEYS[i], 'spent') or '0')
   if spent + live_reserved(KEYS[i], now) + amount > limit then
-    return {0, i - 1, tostring(math.max(0, expires - now))}
+    local first = 0
+    if spent + amount > limit and tonumber(redis.call('HGET', KEYS[i], 'exhausted') or '-1') ~= limit then
+      redis.call('HSET', KEYS[i], 'exhausted', limit)
+      redis.call('EXPIREAT', KEYS[i], math.ceil(expires) + 86400)
+      local claimed = alert ~= '' and
+        redis.call('SET', KEYS[i] .. '|alert|' .. alert, '1', 'NX', 'EXAT', math.ceil(expires) + 1)
+      if claimed then
+        first = 1
+      end
+    end
+    return {0, i - 1, tostring(math.max(0, expires - now)), first, spent}
   end
 end
 for i = 1, #KEYS do
-  local amount = ARGV[2 + 3 * i]; local expires = tonumber(ARGV[3 + 3 * i])
+  local amount = ARGV[3 + 3 * i]; local expires = tonumber(ARGV[4 + 3 * i])
   redis.call('HSET', KEYS[i], 'r:' .. rid, amount .. ' ' .. hold)
   redis.call('EXPIREAT', KEYS[i], math.ceil(expires) + 86400)
 end
@@ -392,12 +423,15 @@ class RedisStore:
         return Admission(bool(ok), failed, exhausted=bool(exhausted), retry_after=retry,
                          remaining=tuple(int(x) for x in res[4:]))
 
-    def reserve(self, lines: Sequence[Line], rid: str, hold_until: float, now: float) -> Admission:
-        args: list[Any] = [repr(now), rid, repr(hold_until)]
+    def reserve(self, lines: Sequence[Line], rid: str, hold_until: float, now: float,
+                exhausted_alert: str = "") -> Admission:
+        args: list[Any] = [repr(now), rid, repr(hold_until), exhausted_alert]
         for line in lines:
             args += [line.limit, line.amount, repr(line.expires_at)]
         res = self._run(self._reserve, [self._k(line.key) for line in lines], args)
-        return Admission(bool(int(res[0])), int(res[1]), exhausted=True, retry_after=float(res[2]))
+        return Admission(bool(int(res[0])), int(res[1]), exhausted=True, retry_after=float(res[2]),
+                         newly_exhausted=len(res) > 3 and bool(int(res[3])),
+                         spent=int(res[4]) if len(res) > 4 else 0)
 
     def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float) -> list[Crossed]:
         args: list[Any] = [repr(now), rid, len(thresholds), *(repr(t) for t in thresholds)]

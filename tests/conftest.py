@@ -85,3 +85,76 @@ def make_app(tmp_path: Any, sim: Simulator, clock: FakeClock) -> Callable[..., F
 
 def user_msg(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
+
+
+# --- a real redis-server per test session (CI installs one; a missing one fails, never skips) -------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process of our own on a free loopback port, stopped at the end."""
+
+    def __init__(self) -> None:
+        import shutil
+        import subprocess
+        import time as _time
+
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: the storage tests need a real Redis "
+                        "(apt-get install redis-server; .ci/run installs it)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=0.2)
+        deadline = _time.monotonic() + 10
+        while True:  # wait for the condition (accepting connections), bounded
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.ConnectionError:
+                if _time.monotonic() > deadline or self.process.poll() is not None:
+                    raise RuntimeError("redis-server did not start") from None
+                _time.sleep(0.02)
+        self.client = client
+
+    def flush(self) -> None:
+        self.client.flushall()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    redis_server.flush()
+    return redis_server.url
+
+
+@pytest.fixture(params=["memory", "redis"])
+def storage_uri(request: pytest.FixtureRequest) -> str:
+    """Run a test on both stores: the semantics must be the same."""
+    if request.param == "memory":
+        return "memory://"
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.flush()
+    return server.url

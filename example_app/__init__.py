@@ -1,0 +1,93 @@
+"""A small Flask app that calls Claude through flask-claude: summarize, classify, and a streamed chat.
+
+Run it with ``flask --app example_app run``. Without ``ANTHROPIC_API_KEY`` it answers from the
+offline simulator (canned text, no network, no cost); with a key it calls the real API.
+
+Everything is read from the environment at ``create_app()`` time, never at import time:
+
+==========================  ====================================================================
+``ANTHROPIC_API_KEY``       the real API; unset means the offline simulator (``CLAUDE_SIMULATE``)
+``REDIS_URL``               shared limits and budgets for several workers (default ``memory://``)
+``CLAUDE_DAILY_BUDGET_USD`` the app-wide daily budget (default 5.0)
+``CLAUDE_LOG_PATH``         the JSON call log (default ``claude-calls.jsonl`` in the working dir)
+``EXAMPLE_FLAGS_FILE``      the local LaunchDarkly flag file (default ``example_app/flags.json``)
+``LAUNCHDARKLY_SDK_KEY``    real LaunchDarkly instead of the flag file
+``CLAUDE_*``                any other flask-claude setting, e.g. ``CLAUDE_BASE_URL``
+==========================  ====================================================================
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from flask_claude.flags import LaunchDarklyFlags
+from flask_claude.settings import SETTING_KEYS
+
+from .views import bp, claude
+
+DEFAULT_FLAGS_FILE = Path(__file__).with_name("flags.json")
+
+
+def page_oncall(alert: dict[str, Any]) -> None:
+    """``CLAUDE_ALERT_HOOK``: called once per budget and threshold crossed (50%, 80%, 100% by default).
+
+    Wire this to your pager or chat; an exception here is logged and never fails the request.
+    """
+    print(f"BUDGET ALERT: {alert['budget']} passed {alert['threshold']:.0%} "
+          f"({alert['spent']} of {alert['limit']} {alert['unit']})", file=sys.stderr, flush=True)
+
+
+def config_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The app's settings: our defaults, then the environment."""
+    config: dict[str, Any] = {
+        # The app-wide fallback chain; /summarize and /classify pick their own models.
+        "CLAUDE_MODELS": ["claude-sonnet-4-6", "claude-haiku-4-5"],
+        "CLAUDE_DAILY_BUDGET_USD": environ.get("CLAUDE_DAILY_BUDGET_USD", "5.0"),
+        # No single feature may burn the whole day's budget.
+        "CLAUDE_FEATURE_BUDGETS_USD": {"chat": 2.0},
+        "CLAUDE_STORAGE_URI": environ.get("REDIS_URL") or "memory://",
+        "CLAUDE_LOG_PATH": environ.get("CLAUDE_LOG_PATH", "claude-calls.jsonl"),
+        "CLAUDE_ALERT_HOOK": page_oncall,
+        "EXAMPLE_FLAGS_FILE": environ.get("EXAMPLE_FLAGS_FILE", str(DEFAULT_FLAGS_FILE)),
+    }
+    # Any CLAUDE_* setting in the environment wins (CLAUDE_BASE_URL, CLAUDE_MAX_RETRIES, ...).
+    config.update({key: value for key, value in environ.items() if key in SETTING_KEYS})
+    return config
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """The app factory; ``config`` overrides the environment (tests pass a temporary flag file here)."""
+    app = Flask(__name__)
+    app.config.update(config_from_env(os.environ))
+    app.config.update(config or {})
+
+    # No key anywhere: run on the offline simulator instead of failing at startup.
+    if not (app.config.get("CLAUDE_API_KEY") or os.environ.get("ANTHROPIC_API_KEY")):
+        app.config.setdefault("CLAUDE_SIMULATE", True)
+
+    # Flags: real LaunchDarkly when there is an SDK key, else a local LaunchDarkly flag file read by
+    # the real SDK. Edit the file (replace it atomically) and the next request sees the change.
+    if "CLAUDE_FLAGS" not in app.config:
+        if app.config.get("CLAUDE_LAUNCHDARKLY_SDK_KEY") or os.environ.get("LAUNCHDARKLY_SDK_KEY"):
+            app.config["CLAUDE_FLAGS"] = "launchdarkly"
+        else:
+            flags_file = Path(app.config["EXAMPLE_FLAGS_FILE"])
+            if not flags_file.is_file():
+                raise FileNotFoundError(f"EXAMPLE_FLAGS_FILE {str(flags_file)!r} does not exist")
+            app.config["CLAUDE_FLAGS"] = LaunchDarklyFlags.from_file(flags_file)
+
+    claude.init_app(app)
+    app.register_blueprint(bp)
+
+    settings = claude.state(app).settings
+    if settings.simulate:
+        where = settings.base_url or "in-process"
+        print(f"example_app: no ANTHROPIC_API_KEY, so Claude calls go to the offline simulator ({where}); "
+              "replies are canned text and cost nothing.", file=sys.stderr, flush=True)
+    return app

@@ -1,0 +1,267 @@
+"""Request limits and budgets on memory and on a real Redis: reservations, alerts, rollover, outages."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from flask import Flask, request
+
+from flask_claude import Claude, ai_feature, budgeted, fallback_to
+from flask_claude.budget import MICRO, period_bounds
+from flask_claude.context import CallScope
+from flask_claude.flags import StaticFlags
+from flask_claude.simulator import Simulator
+from flask_claude.testing import CallLog
+
+from .conftest import FakeClock, RedisServer
+
+MIDNIGHT = datetime(2026, 11, 23, tzinfo=UTC).timestamp()
+
+
+def budget_app(sim: Simulator, clock: FakeClock | None, storage_uri: str, *, budget: Any = None,
+               flags: StaticFlags | None = None, **config: Any) -> Flask:
+    app = Flask("budgets")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-haiku-4-5"], CLAUDE_STORAGE_URI=storage_uri,
+                      CLAUDE_MAX_RETRIES=0, CLAUDE_FLAGS=flags or StaticFlags(), CLAUDE_LOG_PATH=os.devnull,
+                      **config)
+    claude = Claude(app, simulator=sim, **({"clock": clock} if clock else {}))
+
+    @claude.user_loader
+    def user() -> str:
+        return request.headers.get("X-Test-User", "alice")
+
+    view: Callable[..., Any]
+
+    def ask() -> Any:
+        msg = claude.messages.create(max_tokens=120, messages=[{"role": "user", "content": "Write a haiku on rain."}])
+        return {"text": msg.content[0].text}
+
+    view = fallback_to({"text": None, "notice": "paused"})(ai_feature("ask")(ask))
+    if budget is not None:
+        view = budget(view)
+    app.add_url_rule("/ask", view_func=view, methods=["POST"])
+    return app
+
+
+def test_request_limit_refuses_with_headers_and_refusals_cost_nothing(storage_uri: str, sim: Simulator,
+                                                                     clock: FakeClock) -> None:
+    app = budget_app(sim, clock, storage_uri, budget=budgeted(requests="3/minute"))
+    c = app.test_client()
+    statuses = [c.post("/ask").status_code for _ in range(3)]
+    refused = [c.post("/ask") for _ in range(5)]
+    assert statuses == [200, 200, 200]
+    assert {r.status_code for r in refused} == {429}
+    first = refused[0]
+    assert first.headers["X-Claude-Degraded"] == "rate_limited"
+    assert 1 <= int(first.headers["Retry-After"]) <= 60
+    assert first.headers["RateLimit-Limit"] == "3" and first.headers["RateLimit-Remaining"] == "0"
+    assert len(sim.requests) == 3
+    # another user has their own window
+    assert c.post("/ask", headers={"X-Test-User": "bob"}).status_code == 200
+    # a minute later the window is free again: the 5 refused requests were never counted
+    clock.advance(61)
+    assert [c.post("/ask").status_code for _ in range(4)] == [200, 200, 200, 429]
+
+
+def test_user_usd_budget_refuses_before_sending(storage_uri: str, sim: Simulator, clock: FakeClock) -> None:
+    app = budget_app(sim, clock, storage_uri, budget=budgeted(usd="0.003/day"))
+    c = app.test_client()
+    results = [c.post("/ask") for _ in range(30)]
+    ok = [r for r in results if r.status_code == 200]
+    refused = [r for r in results if r.status_code != 200]
+    assert ok and refused
+    assert {r.status_code for r in refused} == {429}
+    assert refused[0].headers["X-Claude-Degraded"] == "budget_exceeded"
+    assert len(sim.requests) == len(ok)  # a refused call sent nothing
+    state = app.extensions["claude"]
+    lines, _, _ = state.budgets.budget_lines(
+        _scope(state, "alice", "ask"), app.view_functions["ask"].__claude_spec__.budget, usd=0, tokens=0,
+        now=clock.time())
+    [(spent, reserved)] = state.store.usage([lines[0].key], clock.time())
+    assert reserved == 0 and 0 < spent <= 0.003 * MICRO
+
+
+def _scope(state: Any, user: str, feature: str) -> CallScope:
+    return CallScope(feature=feature, user=user)
+
+
+def _concurrent_posts(app: Flask, total: int, workers: int) -> list[int]:
+    def one(_: int) -> int:
+        return app.test_client().post("/ask", headers={"X-Test-User": f"u{_ % 7}"}).status_code
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, range(total)))
+
+
+def test_global_budget_never_overspent_under_concurrency(storage_uri: str, sim: Simulator,
+                                                         claude_log: CallLog) -> None:
+    sim.latency(0.005)
+    budget = 0.02
+    app = budget_app(sim, None, storage_uri, CLAUDE_DAILY_BUDGET_USD=budget)
+    statuses = _concurrent_posts(app, total=160, workers=32)
+    # Refusals under contention are transient (others' holds); once the holds settle, the last
+    # bit of budget goes to whoever asks next, until no call's worst case fits any more.
+    while app.test_client().post("/ask").status_code == 200:
+        pass
+    state = app.extensions["claude"]
+    spent_logged = claude_log.spend_usd()
+    [row] = state.budgets.usage_report()
+    worst = state.prices.worst_case_usd(["claude-haiku-4-5"], 200, 120)
+    print(f"\n[{storage_uri.split(':')[0]}] budget ${budget:.4f} settled ${row['spent_usd']:.6f} "
+          f"logged ${spent_logged:.6f} ok={statuses.count(200)} refused={statuses.count(503)}")
+    assert row["spent_usd"] <= budget
+    assert spent_logged == pytest.approx(row["spent_usd"], abs=1e-5)
+    assert row["reserved_usd"] == 0  # no leaked reservations
+    assert budget - row["spent_usd"] < worst  # used to within one call's worst case
+    assert statuses.count(503) > 0 and set(statuses) <= {200, 503}
+
+
+def test_alerts_fire_once_each_then_auto_kill_then_resume(storage_uri: str, sim: Simulator, clock: FakeClock,
+                                                          claude_log: CallLog) -> None:
+    hooked: list[dict[str, Any]] = []
+    flags = StaticFlags()
+    app = budget_app(sim, clock, storage_uri, flags=flags, CLAUDE_DAILY_BUDGET_USD=0.004,
+                     CLAUDE_ALERT_HOOK=hooked.append)
+    statuses = _concurrent_posts(app, total=60, workers=8)
+    while app.test_client().post("/ask").status_code == 200:
+        pass
+    alerts = claude_log.events("budget_alert")
+    assert sorted(a["threshold"] for a in alerts) == [0.5, 0.8, 1.0]
+    assert sorted(a["threshold"] for a in hooked) == [0.5, 0.8, 1.0]
+    assert alerts[-1]["limit"] == 0.004 and alerts[-1]["spent"] <= 0.004
+    assert 503 in statuses
+    blocked = app.test_client().post("/ask")
+    assert blocked.status_code == 503 and blocked.headers["X-Claude-Degraded"] == "budget_exhausted"
+    assert blocked.get_json() == {"text": None, "notice": "paused"}
+    # an operator raises the budget through the number flag: the next request runs
+    flags.set("ai-daily-budget-usd", 1.0)
+    assert app.test_client().post("/ask").status_code == 200
+    again = _concurrent_posts(app, total=20, workers=4)
+    assert again.count(200) == 20
+    assert len([a for a in claude_log.events("budget_alert") if a["limit"] == 0.004]) == len(alerts)
+
+
+def test_calendar_day_rollover_resets_budgets(storage_uri: str, sim: Simulator, clock: FakeClock) -> None:
+    clock.now = MIDNIGHT - 30
+    app = budget_app(sim, clock, storage_uri, budget=budgeted(usd="0.002/day", tokens="100000/day"))
+    c = app.test_client()
+    before = [c.post("/ask").status_code for _ in range(20)]
+    assert 429 in before
+    clock.advance(31)  # 00:00:01 the next day
+    assert c.post("/ask").status_code == 200
+
+
+def test_timezone_days_and_periods() -> None:
+    ny = ZoneInfo("America/New_York")
+    now = datetime(2026, 11, 23, 3, 0, tzinfo=UTC).timestamp()  # 22:00 on the 22nd in New York
+    pid, end = period_bounds("day", 1, now, ny)
+    assert pid == "2026-11-22"
+    assert end == datetime(2026, 11, 23, 5, 0, tzinfo=UTC).timestamp()
+    assert period_bounds("month", 1, now, ZoneInfo("UTC"))[0] == "2026-11"
+    _, hour_end = period_bounds("hour", 1, now, ZoneInfo("UTC"))
+    assert hour_end - now == 3600
+
+
+def test_leaked_reservation_of_a_dead_worker_is_released(storage_uri: str, sim: Simulator,
+                                                         clock: FakeClock) -> None:
+    app = budget_app(sim, clock, storage_uri, CLAUDE_DAILY_BUDGET_USD=0.002, CLAUDE_DEADLINE=10)
+    state = app.extensions["claude"]
+    scope = CallScope(feature="ask", user="ghost")
+    params = {"messages": [{"role": "user", "content": "x" * 300}]}
+    held = state.budgets.reserve(scope, ["claude-haiku-4-5"], params, 300)  # the worker "dies" here
+    assert held is not None
+    assert app.test_client().post("/ask").headers.get("X-Claude-Degraded") == "budget_exhausted"
+    clock.advance(10 + 31)  # past the deadline and the grace period
+    assert app.test_client().post("/ask").status_code == 200
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+def test_redis_outage_follows_the_policy_without_500_or_hang(policy: str, sim: Simulator,
+                                                            claude_log: CallLog) -> None:
+    server = RedisServer()
+    try:
+        app = budget_app(sim, None, server.url, budget=budgeted(requests="100/minute", usd="1/day"),
+                         CLAUDE_DAILY_BUDGET_USD=5, CLAUDE_STORAGE_FAILURE=policy,
+                         CLAUDE_STORAGE_SOCKET_TIMEOUT=0.25)
+        c = app.test_client()
+        assert c.post("/ask").status_code == 200
+        os.kill(server.process.pid, signal.SIGSTOP)  # hung, not refused: sockets wait for the timeout
+        try:
+            started = time.monotonic()
+            hung = c.post("/ask")
+            hung_elapsed = time.monotonic() - started
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        server.stop()  # now refused outright
+        started = time.monotonic()
+        down = c.post("/ask")
+        down_elapsed = time.monotonic() - started
+    finally:
+        server.stop()
+    for response in (hung, down):
+        if policy == "open":
+            assert response.status_code == 200 and "X-Claude-Degraded" not in response.headers
+        else:
+            assert response.status_code == 503
+            assert response.headers["X-Claude-Degraded"] == "storage_unavailable"
+            assert response.get_json() == {"text": None, "notice": "paused"}
+    # each storage step waits at most the socket timeout (a few steps per request)
+    assert hung_elapsed < 2.0, hung_elapsed
+    assert down_elapsed < 2.0, down_elapsed
+    if policy == "open":
+        assert claude_log.events("storage_unavailable")
+
+
+def test_breaker_state_is_shared_between_apps_on_one_redis(redis_url: str, clock: FakeClock) -> None:
+    """Two apps on one Redis stand for two workers: one opens the breaker, the other skips the model."""
+    sims = [Simulator(), Simulator()]
+    apps = []
+    for i, s in enumerate(sims):
+        app = Flask(f"worker{i}")
+        app.import_name = "shared_app"  # the key prefix: both "workers" run the same app
+        app.config.update(CLAUDE_SIMULATE=True, CLAUDE_STORAGE_URI=redis_url, CLAUDE_MAX_RETRIES=0,
+                          CLAUDE_MODELS=["claude-opus-4-7", "claude-sonnet-4-6"], CLAUDE_BREAKER_MIN_CALLS=3)
+        Claude(app, simulator=s, clock=clock)
+        apps.append(app)
+    sims[0].fail(529, model="claude-opus-4-7")
+
+    def call(app: Flask) -> str:
+        with app.app_context():
+            return str(app.extensions["claude"].messages.create(
+                max_tokens=10, messages=[{"role": "user", "content": "hi"}]).model)
+
+    assert [call(apps[0]) for _ in range(3)] == ["claude-sonnet-4-6"] * 3
+    assert call(apps[1]) == "claude-sonnet-4-6"
+    assert sims[1].requests_for("claude-opus-4-7") == []
+    assert apps[1].extensions["claude"].breaker.state("claude-opus-4-7", clock.time()) == "open"
+
+
+def test_threads_share_one_request_window(storage_uri: str, sim: Simulator) -> None:
+    app = budget_app(sim, None, storage_uri, budget=budgeted(requests="10/minute"))
+    barrier = threading.Barrier(8)
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        client = app.test_client()
+        barrier.wait()
+        for _ in range(5):
+            code = client.post("/ask").status_code
+            with lock:
+                results.append(code)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count(200) == 10 and results.count(429) == 30
