@@ -3,6 +3,7 @@
 from .decorators import ai_feature, budgeted, fallback_to
 from .errors import (
     BudgetExceeded,
+    CallLimitExceeded,
     ClaudeGuardError,
     ConfigError,
     FeatureDisabled,
@@ -14,10 +15,12 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .extension import Claude
+from .hygiene import prune_history, user_content
 from .signals import budget_alert, circuit_opened, claude_called, feature_degraded, model_fallback
 
 __all__ = [
     "BudgetExceeded",
+    "CallLimitExceeded",
     "Claude",
     "ClaudeGuardError",
     "ConfigError",
@@ -36,4 +39,6 @@ __all__ = [
     "fallback_to",
     "feature_degraded",
     "model_fallback",
+    "prune_history",
+    "user_content",
 ]

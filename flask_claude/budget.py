@@ -176,18 +176,25 @@ class Budgets:
 
     # --- each Claude call: reserve, settle ------------------------------------------------
 
-    def reserve(self, scope: CallScope, chain: list[str], params: Any, max_tokens: int,
-                *, batch: bool = False) -> Reservation | None:
-        now = self.state.clock.time()
+    def reserve(self, scope: CallScope, chain: list[str], params: Any, max_tokens: int) -> Reservation | None:
+        """Hold one call's worst case (input bound + ``max_tokens`` at the dearest model's prices)."""
         input_bound = upper_bound_tokens(params)
-        worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens, batch=batch)
-        usd_micro = math.ceil(worst_usd * MICRO)
-        lines, usd_idx, app_wide = self.budget_lines(scope, scope.budgets, usd=usd_micro,
-                                                     tokens=input_bound + max_tokens, now=now)
+        worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens)
+        return self.reserve_worst(scope, math.ceil(worst_usd * MICRO), input_bound + max_tokens,
+                                  hold_seconds=self.settings.deadline + 30.0)
+
+    def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *,
+                      hold_seconds: float) -> Reservation | None:
+        """Hold ``usd_micro`` and ``tokens`` on every budget of ``scope`` in one step, or refuse.
+
+        A hold lapses after ``hold_seconds``: a worker that died mid-call gives its room back.
+        """
+        now = self.state.clock.time()
+        lines, usd_idx, app_wide = self.budget_lines(scope, scope.budgets, usd=usd_micro, tokens=tokens, now=now)
         if not lines:
             return None
         rid = uuid.uuid4().hex
-        hold_until = now + self.settings.deadline + 30.0
+        hold_until = now + hold_seconds
         exhausted_alert = repr(1.0) if 1.0 in self.settings.budget_alerts else ""
         result = self._guarded(lambda: self.store.reserve(lines, rid, hold_until, now, exhausted_alert))
         if result is None:

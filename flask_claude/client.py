@@ -1,9 +1,10 @@
 """Guarded ``messages.create / stream / count_tokens``: the SDK's own signatures and return types.
 
 One call, top to bottom (``GuardedMessages._begin`` and ``_finish``):
-scope -> input checks -> ``max_tokens`` cap -> reserve the worst case against every budget ->
-model chain with per-model breaker, bounded retries and a total deadline -> cost from real usage ->
-settle the reservation -> one log line -> signals and alerts.
+scope and call count -> history pruning, input checks -> ``max_tokens`` cap, prompt caching ->
+reserve the worst case against every budget -> model chain with per-model breaker, bounded retries
+and a total deadline -> cost from real usage -> settle the reservation -> one log line -> signals
+and alerts -> output checks (truncation, refusal, ``validate=``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,18 @@ import anthropic
 import httpx2
 
 from .context import CallScope, current_scope
-from .errors import ClaudeGuardError, InputTooLarge, TruncatedResponse, UpstreamUnavailable
+from .errors import (
+    CallLimitExceeded,
+    ClaudeGuardError,
+    ConfigError,
+    InputTooLarge,
+    InvalidOutput,
+    TruncatedResponse,
+    UpstreamUnavailable,
+)
 from .events import hash_text
+from .hygiene import check_output, prune_history, with_auto_cache
+from .pricing import TASK_BUDGET_BETA, TASK_BUDGET_MODELS
 from .resilience import Deadline, Failure, classify, current_deadline, model_chain
 from .signals import circuit_opened, claude_called, model_fallback
 from .tokens import estimate_input_tokens, estimate_tokens, prompt_chars
@@ -47,6 +58,7 @@ class _Call:
     system_prompt_hash: str | None
     max_tokens_requested: int | None
     reservation: Any = None
+    task_budget: int | None = None
     model: str = ""
     fallback_from: str | None = None
     retries: int = 0
@@ -74,7 +86,10 @@ class GuardedMessages:
     """``claude.messages``: what the SDK's ``client.messages`` does, inside the guard rails."""
 
     def __init__(self, state: ClaudeState) -> None:
+        from .batches import GuardedBatches
+
         self._state = state
+        self.batches = GuardedBatches(self)
 
     # --- public API -------------------------------------------------------------------------
 
@@ -83,8 +98,7 @@ class GuardedMessages:
         streaming = bool(params.get("stream"))
         call = self._begin(params)
         try:
-            result = self._run_chain(call, lambda model, timeout: self._state.client.messages.create(
-                **{**call.params, "model": model, "timeout": timeout}))
+            result = self._run_chain(call, lambda model, timeout: self._send_create(call, model, timeout))
         except BaseException as exc:
             self._fail(call, exc)
             raise self._as_guard_error(call, exc) from None
@@ -113,6 +127,16 @@ class GuardedMessages:
         except BaseException as exc:
             raise self._as_guard_error(call, exc) from None
 
+    def _send_create(self, call: _Call, model: str, timeout: httpx2.Timeout) -> Any:
+        """One attempt; a task budget goes through the beta endpoint on the models that take it."""
+        params = {**call.params, "model": model, "timeout": timeout}
+        if call.task_budget is not None and model in TASK_BUDGET_MODELS:
+            config = dict(params.pop("output_config", None) or {})
+            config["task_budget"] = {"type": "tokens", "total": call.task_budget}
+            return self._state.client.beta.messages.create(**params, output_config=config,
+                                                           betas=[TASK_BUDGET_BETA])
+        return self._state.client.messages.create(**params)
+
     # --- the steps of a call ------------------------------------------------------------------
 
     def _begin(self, params: Mapping[str, Any]) -> _Call:
@@ -120,20 +144,41 @@ class GuardedMessages:
         settings = state.settings
         scope = current_scope()
         scope.calls += 1
+        if scope.max_calls is not None and scope.calls > scope.max_calls:
+            # A runaway agent loop is the most common cost incident: stop it at the cap.
+            fields = {"feature": scope.feature, "route": scope.route, "max_calls": scope.max_calls,
+                      "user": state.events.user(scope.user)}
+            state.events.emit("max_calls_exceeded", fields, level="ERROR")
+            raise CallLimitExceeded(f"more than {scope.max_calls} Claude calls in one request")
 
         # Which models, in which order; every one must have a price before anything is sent.
         configured = scope.models or settings.models
         requested = params.get("model") or scope.first_model or configured[0]
         chain = model_chain(requested, configured)
         state.prices.check(chain)
+        params = dict(params)
+        task_budget = params.pop("task_budget", None)
+        if task_budget is not None:
+            if requested not in TASK_BUDGET_MODELS:
+                raise ConfigError(f"task_budget is not supported by {requested!r}; models that take it: "
+                                  f"{', '.join(sorted(TASK_BUDGET_MODELS))}")
+            if isinstance(task_budget, bool) or not isinstance(task_budget, int) or task_budget < 1:
+                raise ConfigError(f"task_budget must be a positive number of tokens, got {task_budget!r}")
 
-        # Input checks, before any money or network is spent.
+        # Bound the conversation, then check the input, before any money or network is spent.
+        if scope.max_history_turns is not None and isinstance(params.get("messages"), list):
+            params["messages"] = prune_history(params["messages"], max_turns=scope.max_history_turns)
         if scope.max_input_chars is not None:
             chars = prompt_chars(params)
             if chars > scope.max_input_chars:
                 raise InputTooLarge(
                     f"The input is {chars} characters; this feature accepts at most {scope.max_input_chars}.")
         input_estimate = estimate_input_tokens(params)
+        if scope.max_input_tokens is not None and input_estimate > scope.max_input_tokens:
+            raise InputTooLarge(f"The input is about {input_estimate} tokens; this feature accepts at most "
+                                f"{scope.max_input_tokens}.")
+        if settings.auto_cache:
+            params = with_auto_cache(params)
 
         # max_tokens: clamp to the app's and the feature's cap (logged), never refuse a request for it.
         cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
@@ -144,6 +189,7 @@ class GuardedMessages:
                      started=time.perf_counter(), input_estimate=input_estimate,
                      system_prompt_hash=_system_hash(params.get("system")),
                      max_tokens_requested=requested_max)
+        call.task_budget = task_budget
         if requested_max is not None and requested_max > cap:
             call.extra["max_tokens_clamped_from"] = requested_max
         call.params.pop("model", None)
@@ -264,8 +310,28 @@ class GuardedMessages:
             fields.update(error_type=error.error_type, status_code=error.status_code)
             state.events.emit("claude_api_error", fields, level="ERROR")
         claude_called.send(state.app, **fields)
-        if enforce_complete and error is None and stop_reason == "max_tokens" and call.scope.require_complete:
+        if enforce_complete and error is None:
+            self._check_output(call, stop_reason, message)
+
+    def _check_output(self, call: _Call, stop_reason: str | None, message: Any) -> None:
+        """Output validation before anything reaches a user: truncation, refusals, ``validate=``."""
+        scope = call.scope
+        if stop_reason == "max_tokens" and scope.require_complete:
             raise TruncatedResponse("The reply hit max_tokens and this feature requires complete output.")
+        reason = None
+        if stop_reason in ("refusal", "model_context_window_exceeded"):
+            reason = "refusal" if stop_reason == "refusal" else "context_window_exceeded"
+            detail = f"stop_reason {stop_reason}"
+        elif scope.validate is not None and message is not None:
+            detail = check_output(scope.validate, message)
+            reason = "invalid_output" if detail else None
+        if reason is None:
+            return
+        state = self._state
+        state.events.emit("invalid_output", {"feature": scope.feature, "route": scope.route, "model": call.model,
+                                             "reason": reason, "detail": detail}, level="WARNING")
+        if reason == "invalid_output" or scope.require_complete:
+            raise InvalidOutput(f"the reply failed validation: {reason}", reason=reason)
 
     def _fail(self, call: _Call, exc: BaseException) -> None:
         """A call that got no reply: release the reservation, log the error once."""
@@ -303,6 +369,8 @@ class GuardedStreamManager:
 
     def __enter__(self) -> GuardedMessageStream:
         owner = self._owner
+        if "task_budget" in self._params:
+            raise ConfigError("task_budget works with claude.messages.create(); streams do not take it yet")
         call = owner._begin(self._params)
         client = owner._state.client
 

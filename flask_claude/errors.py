@@ -48,6 +48,14 @@ class LimitExceeded(ClaudeGuardError):
     public_message = "Too many requests; try again later."
 
 
+class CallLimitExceeded(LimitExceeded):
+    """More Claude calls in one request than ``ai_feature(max_calls=N)`` allows: a runaway agent loop."""
+
+    status = 503
+    reason = "max_calls_exceeded"
+    public_message = "This AI feature is temporarily unavailable."
+
+
 class BudgetExceeded(ClaudeGuardError):
     """A budget has no room for the call's worst case; nothing was reserved or sent.
 

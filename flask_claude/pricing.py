@@ -45,6 +45,10 @@ DEFAULT_PRICES: Mapping[str, Price] = {
     "claude-haiku-4-5": _HAIKU,
 }
 
+# Models that accept a task budget (beta ``task-budgets-2026-03-13``): data, like the prices.
+TASK_BUDGET_MODELS = frozenset({"claude-opus-4-7", "claude-opus-4-8"})
+TASK_BUDGET_BETA = "task-budgets-2026-03-13"
+
 _DATED = re.compile(r"^(?P<base>.+)-\d{8}$")
 
 

@@ -143,6 +143,7 @@ class Settings:
     connect_timeout: float = _setting(5.0, lambda k, v: _number(k, v, allow_zero=False))
     fallback_on_rate_limit: bool = _setting(False, _bool)
     prices: dict[str, Any] = _setting(None, _mapping)
+    auto_cache: bool = _setting(True, _bool)
     log_path: str | None = _setting(None, _optional_str)
     log_content: bool = _setting(False, _bool)
     hash_users: bool = _setting(True, _bool)

@@ -17,6 +17,7 @@ cluster slot.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -77,6 +78,11 @@ class Store(Protocol):
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         """(spent, reserved) for each budget key."""
 
+    def put_record(self, key: str, value: str, ttl: float) -> None:
+        """A small JSON record that must outlive a process (a batch's reservation)."""
+
+    def get_record(self, key: str) -> str | None: ...
+
     def breaker_allow(self, key: str, now: float, cooldown: float) -> bool: ...
 
     def breaker_record(self, key: str, ok: bool, now: float, min_calls: int, rate: float, window: float,
@@ -112,6 +118,7 @@ class MemoryStore:
         self._windows: dict[str, deque[float]] = {}
         self._alerts: dict[str, float] = {}
         self._breakers: dict[str, dict[str, Any]] = {}
+        self._records: dict[str, str] = {}
 
     def _budget(self, key: str, expires_at: float, now: float) -> _Budget:
         budget = self._budgets.get(key)
@@ -184,6 +191,14 @@ class MemoryStore:
                 else:
                     out.append((budget.spent, budget.live_reserved(now)))
             return out
+
+    def put_record(self, key: str, value: str, ttl: float) -> None:
+        with self._lock:
+            self._records[key] = value
+
+    def get_record(self, key: str) -> str | None:
+        with self._lock:
+            return self._records.get(key)
 
     def breaker_allow(self, key: str, now: float, cooldown: float) -> bool:
         with self._lock:
@@ -458,6 +473,23 @@ class RedisStore:
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             raise StorageUnavailable(type(exc).__name__) from exc
         return out
+
+    def put_record(self, key: str, value: str, ttl: float) -> None:
+        import redis
+
+        try:
+            self.client.set(self._k(f"record:{key}"), value, ex=max(1, math.ceil(ttl)))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise StorageUnavailable(type(exc).__name__) from exc
+
+    def get_record(self, key: str) -> str | None:
+        import redis
+
+        try:
+            value = self.client.get(self._k(f"record:{key}"))
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            raise StorageUnavailable(type(exc).__name__) from exc
+        return None if value is None else value.decode()
 
     def breaker_allow(self, key: str, now: float, cooldown: float) -> bool:
         return bool(self._run(self._allow, [self._k(f"breaker:{key}")], [repr(now), repr(cooldown)]))

@@ -1,0 +1,175 @@
+"""``claude.messages.batches``: the Batch API at half price, inside the same budgets and logs.
+
+A batch can run for a day, in another process than the one that reads its results, so its
+reservation is kept as a record in the shared store (keyed by batch id) rather than in memory:
+``create`` holds the whole batch's worst case at the batch rate, ``results`` costs every request at
+the batch rate, logs one ``claude_api_call`` line per request (with ``custom_id`` and ``batch_id``)
+and settles the hold once, however often the results are read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from .budget import MICRO, Reservation
+from .context import current_scope
+from .errors import ConfigError
+from .resilience import Deadline
+from .storage import Line, StorageUnavailable
+from .tokens import upper_bound_tokens
+
+if TYPE_CHECKING:
+    from .client import GuardedMessages
+
+BATCH_HOLD_SECONDS = 29 * 3600  # batches end within 24 h; the hold outlives them by a margin
+RECORD_TTL_SECONDS = 30 * 86400
+
+
+class GuardedBatches:
+    def __init__(self, messages: GuardedMessages) -> None:
+        self._messages = messages
+        self._state = messages._state
+
+    def create(self, *, requests: list[dict[str, Any]], **kwargs: Any) -> Any:
+        """``client.messages.batches.create(requests=[{"custom_id", "params"}, ...])``, budgeted."""
+        from .client import _Call
+
+        state = self._state
+        settings = state.settings
+        scope = current_scope()
+        if not requests:
+            raise ConfigError("a batch needs at least one request")
+        prepared = []
+        worst_usd = 0.0
+        worst_tokens = 0
+        for index, item in enumerate(requests):
+            if not isinstance(item, dict) or "custom_id" not in item or not isinstance(item.get("params"), dict):
+                raise ConfigError(f"batch request {index} must be {{'custom_id': ..., 'params': {{...}}}}")
+            params = dict(item["params"])
+            model = params.get("model") or (scope.models or settings.models)[0]
+            state.prices.check([model])
+            cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
+            params["model"] = model
+            params["max_tokens"] = min(int(params.get("max_tokens") or cap), cap)
+            bound = upper_bound_tokens(params)
+            worst_usd += state.prices.worst_case_usd([model], bound, params["max_tokens"], batch=True)
+            worst_tokens += bound + params["max_tokens"]
+            prepared.append({"custom_id": item["custom_id"], "params": params})
+
+        reservation = state.budgets.reserve_worst(scope, math.ceil(worst_usd * MICRO), worst_tokens,
+                                                  hold_seconds=BATCH_HOLD_SECONDS)
+        call = _Call(params={}, scope=scope, chain=["batch"], requested_model="batch",
+                     deadline=Deadline.after(state.clock, settings.deadline), started=time.perf_counter(),
+                     input_estimate=0, system_prompt_hash=None, max_tokens_requested=None)
+        try:
+            batch = self._messages._run_chain(call, lambda _model, timeout: state.client.messages.batches.create(
+                requests=prepared, timeout=timeout, **kwargs))
+        except BaseException as exc:
+            if reservation is not None:
+                state.budgets.settle(reservation, 0.0, 0)
+            raise self._messages._as_guard_error(call, exc) from None
+        record = {"state": "pending", "feature": scope.feature, "route": scope.route, "user": scope.user,
+                  "reservation": asdict(reservation) if reservation is not None else None}
+        self._put(batch.id, record)
+        state.events.emit("batch_submitted", {"batch_id": batch.id, "feature": scope.feature, "route": scope.route,
+                                              "requests": len(prepared), "reserved_usd": round(worst_usd, 8)})
+        return batch
+
+    def retrieve(self, batch_id: str, **kwargs: Any) -> Any:
+        return self._passthrough(lambda timeout: self._state.client.messages.batches.retrieve(
+            batch_id, timeout=timeout, **kwargs))
+
+    def cancel(self, batch_id: str, **kwargs: Any) -> Any:
+        return self._passthrough(lambda timeout: self._state.client.messages.batches.cancel(
+            batch_id, timeout=timeout, **kwargs))
+
+    def list(self, **kwargs: Any) -> Any:
+        return self._passthrough(lambda timeout: self._state.client.messages.batches.list(timeout=timeout, **kwargs))
+
+    def results(self, batch_id: str, **kwargs: Any) -> Iterator[Any]:
+        """Each result as the SDK gives it; the first complete read is costed, logged and settled."""
+        state = self._state
+        record = self._get(batch_id)
+        counted = record is None or record.get("state") != "settled"
+        feature = record.get("feature") if record else current_scope().feature
+        route = record.get("route") if record else current_scope().route
+        user = record.get("user") if record else current_scope().user
+        total_usd = 0.0
+        total_tokens = 0
+        decoder = self._passthrough(lambda timeout: state.client.messages.batches.results(
+            batch_id, timeout=timeout, **kwargs))
+        for item in decoder:
+            result = item.result
+            if counted and result.type == "succeeded":
+                message = result.message
+                cost = state.prices.cost(message.model, message.usage, batch=True)
+                total_usd += cost.usd
+                total_tokens += (cost.input_tokens + cost.output_tokens + cost.cache_read_input_tokens
+                                 + cost.cache_creation_input_tokens)
+                state.events.emit("claude_api_call", {
+                    "request_id": None, "feature": feature, "route": route, "user": state.events.user(user),
+                    "model": message.model, "requested_model": message.model, "fallback_from": None,
+                    "input_tokens": cost.input_tokens, "output_tokens": cost.output_tokens,
+                    "cache_read_input_tokens": cost.cache_read_input_tokens,
+                    "cache_creation_input_tokens": cost.cache_creation_input_tokens,
+                    "latency_ms": None, "retries": 0, "stop_reason": message.stop_reason,
+                    "cost_usd": round(cost.usd, 8), "system_prompt_hash": None,
+                    "batch_id": batch_id, "custom_id": item.custom_id})
+            elif counted:
+                state.events.emit("claude_api_error", {
+                    "feature": feature, "route": route, "batch_id": batch_id, "custom_id": item.custom_id,
+                    "error_type": f"batch_{result.type}", "status_code": None, "cost_usd": 0.0})
+            yield item
+        if counted:
+            self._settle(batch_id, record, total_usd, total_tokens)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _settle(self, batch_id: str, record: dict[str, Any] | None, usd: float, tokens: int) -> None:
+        state = self._state
+        held = (record or {}).get("reservation")
+        if held is not None:
+            reservation = Reservation(held["rid"], [Line(**line) for line in held["lines"]], held["usd_lines"])
+        else:
+            # No hold on record (another store, or none was needed): count the spend all the same.
+            scope = current_scope()
+            if record is not None:
+                scope.feature, scope.user = record.get("feature"), record.get("user")
+            lines, usd_idx, _ = state.budgets.budget_lines(scope, scope.budgets, usd=0, tokens=0,
+                                                           now=state.clock.time())
+            reservation = Reservation("unheld", lines, usd_idx) if lines else None
+        if reservation is not None:
+            state.budgets.settle(reservation, usd, tokens)
+        self._put(batch_id, {**(record or {}), "state": "settled", "cost_usd": usd})
+        state.events.emit("batch_settled", {"batch_id": batch_id, "cost_usd": round(usd, 8)})
+
+    def _put(self, batch_id: str, record: dict[str, Any]) -> None:
+        try:
+            self._state.store.put_record(f"batch:{batch_id}", json.dumps(record), RECORD_TTL_SECONDS)
+        except StorageUnavailable:
+            self._state.events.emit("storage_unavailable", {"error_type": "batch record", "policy": "open"},
+                                    level="ERROR")
+
+    def _get(self, batch_id: str) -> dict[str, Any] | None:
+        try:
+            raw = self._state.store.get_record(f"batch:{batch_id}")
+        except StorageUnavailable:
+            return None
+        return None if raw is None else dict(json.loads(raw))
+
+    def _passthrough(self, send: Any) -> Any:
+        from .client import _Call
+
+        state = self._state
+        call = _Call(params={}, scope=current_scope(), chain=["batch"], requested_model="batch",
+                     deadline=Deadline.after(state.clock, state.settings.deadline), started=time.perf_counter(),
+                     input_estimate=0, system_prompt_hash=None, max_tokens_requested=None)
+        try:
+            return self._messages._run_chain(call, lambda _model, timeout: send(timeout))
+        except BaseException as exc:
+            raise self._messages._as_guard_error(call, exc) from None
