@@ -213,8 +213,15 @@ class Budgets:
         now = self.state.clock.time()
         actual = [Line(line.key, line.limit, math.ceil(usd * MICRO) if i in reservation.usd_lines else tokens,
                        line.expires_at, line.name) for i, line in enumerate(reservation.lines)]
-        crossed = self._guarded(lambda: self.store.settle(actual, reservation.rid, self.settings.budget_alerts, now))
-        for alert in crossed or []:
+        try:
+            crossed = self.store.settle(actual, reservation.rid, self.settings.budget_alerts, now)
+        except StorageUnavailable as exc:
+            # The call happened and was paid for: never fail the response now. The spend is in the
+            # log line; the hold lapses after its deadline.
+            self.state.events.emit("settle_failed", {"error_type": str(exc), "cost_usd": round(usd, 8)},
+                                   level="ERROR")
+            return
+        for alert in crossed:
             index = next(i for i, li in enumerate(actual) if li.key == alert.key)
             self._alert(actual[index], alert.threshold, alert.spent, index in reservation.usd_lines)
 
