@@ -12,6 +12,7 @@ Everything is read from the environment at ``create_app()`` time, never at impor
 ``CLAUDE_LOG_PATH``         the JSON call log (default ``claude-calls.jsonl`` in the working dir)
 ``EXAMPLE_FLAGS_FILE``      the local LaunchDarkly flag file (default ``example_app/flags.json``)
 ``LAUNCHDARKLY_SDK_KEY``    real LaunchDarkly instead of the flag file
+``TRUSTED_PROXIES``         how many reverse proxies sit in front (default 0), see below
 ``CLAUDE_*``                any other flask-claude setting, e.g. ``CLAUDE_BASE_URL``
 ==========================  ====================================================================
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from flask_claude.flags import LaunchDarklyFlags
 from flask_claude.settings import SETTING_KEYS
@@ -85,9 +87,17 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     claude.init_app(app)
     app.register_blueprint(bp)
 
+    # Limits and budgets are per user, and without a login the user is the client's address. Behind
+    # a reverse proxy every request comes from the proxy, so trust exactly as many X-Forwarded-For
+    # hops as there are proxies (more would let clients pick their own address, and so their limits).
+    proxies = int(os.environ.get("TRUSTED_PROXIES", "0"))
+    if proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies, x_proto=proxies)  # type: ignore[method-assign]
+
     settings = claude.state(app).settings
     if settings.simulate:
-        where = settings.base_url or "in-process"
-        print(f"example_app: no ANTHROPIC_API_KEY, so Claude calls go to the offline simulator ({where}); "
-              "replies are canned text and cost nothing.", file=sys.stderr, flush=True)
+        why = "CLAUDE_SIMULATE is on" if settings.api_key else "no ANTHROPIC_API_KEY"
+        print(f"example_app: {why}, so Claude calls go to the offline simulator "
+              f"({settings.base_url or 'in-process'}); replies are canned text and cost nothing.",
+              file=sys.stderr, flush=True)
     return app

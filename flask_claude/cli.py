@@ -1,9 +1,30 @@
-"""``flask claude ...``: operator commands, registered on every app that runs ``init_app``."""
+"""``flask claude ...``: operator commands, registered on every app that runs ``init_app``.
+
+``report`` reads the JSON log (history: what it cost, how fast, who burns tokens); ``status`` reads
+the app's live storage (now: which switches are on, which breakers are open, what is left of today's
+budgets). On Redis ``status`` therefore shows what every worker shares; on ``memory://`` it can only
+show this CLI process's own, empty, state, and says so.
+"""
 
 from __future__ import annotations
 
+import json
+import re
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
 import click
+from flask import Flask, current_app
 from flask.cli import AppGroup
+
+from .report import GROUPINGS, build_report, parse_since, render_text
+
+if TYPE_CHECKING:
+    from .decorators import ViewSpec
+    from .extension import ClaudeState
 
 claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report and status.")
 
@@ -17,3 +38,329 @@ def simulate(host: str, port: int) -> None:
 
     click.echo(f"flask-claude simulator on http://{host}:{port} (CLAUDE_BASE_URL=http://{host}:{port})")
     run_server(host, port)
+
+
+def _state() -> ClaudeState | None:
+    return current_app.extensions.get("claude")
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+@claude_cli.command("report")
+@click.option("--log", "log_path", default=None, metavar="PATH",
+              help="The JSON log to read ('-' for stdin). Default: the app's CLAUDE_LOG_PATH.")
+@click.option("--since", default="24h", show_default=True,
+              help="Window start: 30m, 24h, 7d, 'today' (budget time zone), an ISO date/datetime, or 'all'.")
+@click.option("--by", type=click.Choice(GROUPINGS), default="feature",
+              show_default=True, help="Group spend, calls, latency and tokens by this field.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def report_command(log_path: str | None, since: str, by: str, as_json: bool) -> None:
+    """Spend, latency, errors and token use from the JSON log, in one streaming pass."""
+    state = _state()
+    path = log_path or (state.settings.log_path if state is not None else None)
+    if not path:
+        raise click.UsageError("No log file to read: this app logs to stderr (CLAUDE_LOG_PATH is not set). "
+                               "Pass --log PATH, or set CLAUDE_LOG_PATH so the extension writes one.")
+    tz = ZoneInfo(state.settings.budget_timezone) if state is not None else UTC
+    try:
+        start = parse_since(since, tz=tz)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--since'") from None
+
+    if path == "-":
+        result = build_report(sys.stdin.buffer, since=start, by=by, source="<stdin>")
+    else:
+        try:
+            with open(path, "rb") as lines:  # bytes: no decode step, and bad UTF-8 is one malformed line
+                result = build_report(lines, since=start, by=by, source=path)
+        except FileNotFoundError:
+            hint = " (from CLAUDE_LOG_PATH)" if log_path is None else ""
+            raise click.ClickException(f"Log file {path!r}{hint} does not exist: no call has been logged "
+                                       "there yet, or the path is wrong.") from None
+        except IsADirectoryError:
+            raise click.ClickException(f"{path!r} is a directory, not a log file.") from None
+        except OSError as exc:
+            raise click.ClickException(f"Cannot read log file {path!r}: {exc.strerror or exc}") from None
+    click.echo(result.to_json() if as_json else render_text(result), nl=as_json)
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+def _specs(view: Any) -> Iterator[ViewSpec]:
+    """The specs on a view: the function itself (or what it wraps) and a class-based view's methods."""
+    from .decorators import _SPEC_ATTR
+
+    fn, depth = view, 0
+    while fn is not None and depth < 32:
+        spec = getattr(fn, _SPEC_ATTR, None)
+        if spec is not None:
+            yield spec
+            break
+        fn, depth = getattr(fn, "__wrapped__", None), depth + 1
+    view_class = getattr(view, "view_class", None)
+    if view_class is not None:  # MethodView with @ai_feature on ``post`` rather than in ``decorators``
+        names = {"dispatch_request", *(m.lower() for m in getattr(view_class, "methods", None) or ())}
+        for name in sorted(names):
+            spec = getattr(getattr(view_class, name, None), _SPEC_ATTR, None)
+            if spec is not None:
+                yield spec
+
+
+def _features(app: Flask) -> dict[str, dict[str, Any]]:
+    features: dict[str, dict[str, Any]] = {}
+    for endpoint, view in sorted(app.view_functions.items()):
+        for spec in _specs(view):
+            feature = spec.feature
+            if feature is None:
+                continue
+            key = feature.name
+            if key in features and features[key]["flag"] != feature.flag_name:
+                key = f"{feature.name}@{endpoint}"  # same name, another flag: both must be visible
+            entry = features.setdefault(key, {"feature": feature.name, "flag": feature.flag_name,
+                                              "models": list(feature.models or ()), "endpoints": [],
+                                              "routes": []})
+            if endpoint not in entry["endpoints"]:
+                entry["endpoints"].append(endpoint)
+                for rule in app.url_map.iter_rules(endpoint):
+                    methods = ",".join(sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}))
+                    entry["routes"].append(f"{methods} {rule.rule}".strip())
+    return features
+
+
+def _safe_uri(uri: str) -> str:
+    """The storage URI without its password: status output ends up in tickets and chat."""
+    return re.sub(r"//[^/@]*@", "//***@", uri)
+
+
+def _flag(state: ClaudeState, flag: str) -> bool | None:
+    try:
+        return bool(state.flags.enabled(flag, None, state.settings.flag_default))
+    except Exception:  # a provider must not raise, but a status page must not die if one does
+        return None
+
+
+def collect_status(state: ClaudeState, app: Flask) -> dict[str, Any]:
+    """Flags, breakers and today's budgets, read from the app's own provider and storage."""
+    from .budget import period_bounds
+    from .storage import StorageUnavailable
+
+    settings = state.settings
+    now = state.clock.time()
+    uri = settings.storage_uri
+    storage: dict[str, Any] = {"uri": _safe_uri(uri), "shared": not uri.startswith("memory://"), "ok": True,
+                               "error": None, "failure_policy": settings.storage_failure}
+
+    global_on = _flag(state, settings.global_flag)
+    features = _features(app)
+    for entry in features.values():
+        entry["enabled"] = _flag(state, entry["flag"])
+        entry["serving"] = bool(global_on) and bool(entry["enabled"])
+
+    pid, ends = period_bounds("day", 1, now, ZoneInfo(settings.budget_timezone))
+    budgets: dict[str, Any] = {"day": pid, "timezone": settings.budget_timezone,
+                               "resets_at": datetime.fromtimestamp(ends, UTC).isoformat(timespec="seconds"),
+                               "resets_in_s": round(ends - now),
+                               "thresholds": list(settings.budget_alerts), "items": []}
+    try:
+        items = state.budgets.usage_report(now)
+    except StorageUnavailable as exc:
+        storage.update(ok=False, error=f"storage unavailable ({exc})")
+    except Exception as exc:  # never a traceback on an operator's terminal
+        storage.update(ok=False, error=f"could not read budgets ({type(exc).__name__}: {exc})")
+    else:
+        for item in items:
+            item["exhausted"] = item["spent_usd"] >= item["limit_usd"]
+        budgets["items"] = items
+
+    models = list(dict.fromkeys([*settings.models, *(m for f in features.values() for m in f["models"])]))
+    breakers: dict[str, str] = {}
+    for model in models:
+        if not storage["ok"]:
+            breakers[model] = "unknown"  # don't wait out a socket timeout per model on a dead store
+            continue
+        breakers[model] = state.breaker.state(model, now)
+        if breakers[model] == "unknown":  # the breaker swallows outages (calls go through); we report them
+            storage.update(ok=False, error="storage unavailable (breaker state could not be read)")
+    return {
+        "app": app.name,
+        "storage": storage,
+        "flags": {"provider": type(state.flags).__name__,
+                  "global": {"flag": settings.global_flag, "enabled": global_on}},
+        "features": features,
+        "breakers": breakers,
+        "budgets": budgets,
+    }
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:g}%"
+
+
+def _duration(seconds: float) -> str:
+    minutes = max(0, int(seconds)) // 60
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def _onoff(value: bool | None) -> str:
+    return "unknown" if value is None else ("on" if value else "OFF")
+
+
+def render_status(status: dict[str, Any]) -> str:
+    storage = status["storage"]
+    out = [f"flask-claude status: app {status['app']}, storage {storage['uri']}"]
+    if not storage["ok"]:
+        policy = ("calls go through without limits or budgets" if storage["failure_policy"] == "open"
+                  else "AI features answer 503")
+        out.append(f"!! {storage['error']}: breakers and budgets could not be read (flags below are live). "
+                   f"Meanwhile {policy} (CLAUDE_STORAGE_FAILURE={storage['failure_policy']}).")
+    elif not storage["shared"]:
+        out.append("note: memory:// storage is per process, so this command sees only its own empty state, "
+                   "not the workers'. Use CLAUDE_STORAGE_URI=redis://... to share and inspect it.")
+    out.append("")
+    flags = status["flags"]
+    out.append(f"Flags ({flags['provider']}, evaluated for an anonymous user)")
+    rows = [(f"{flags['global']['flag']}", "(global switch)", _onoff(flags["global"]["enabled"]))]
+    for name, entry in status["features"].items():
+        where = ", ".join(entry["routes"]) or ", ".join(entry["endpoints"])
+        state = _onoff(entry["enabled"])
+        if entry["enabled"] and not entry["serving"]:
+            state += " (global switch off)"
+        rows.append((entry["flag"], f"{name}: {where}", state))
+    if not status["features"]:
+        rows.append(("-", "no view decorated with @ai_feature", ""))
+    width = max(len(r[0]) for r in rows) + 2
+    swidth = max(len(r[2]) for r in rows) + 2
+    out += [f"  {flag:<{width}}{state:<{swidth}}{what}" for flag, what, state in rows]
+    out.append("")
+    out.append("Circuit breakers")
+    mwidth = max([len(m) for m in status["breakers"]] + [5]) + 2
+    out += [f"  {model:<{mwidth}}{state.upper() if state != 'closed' else state}"
+            for model, state in status["breakers"].items()]
+    out.append("")
+    budgets = status["budgets"]
+    out.append(f"Budgets today ({budgets['day']} {budgets['timezone']}, resets in {_duration(budgets['resets_in_s'])}; "
+               f"alerts at {', '.join(map(_pct, budgets['thresholds'])) or 'none'})")
+    if not storage["ok"]:
+        out.append("  unknown (storage unavailable)")
+    elif not budgets["items"]:
+        out.append("  no app-wide budget configured (CLAUDE_DAILY_BUDGET_USD, CLAUDE_FEATURE_BUDGETS_USD); "
+                   "spend is in the log: flask claude report --since today")
+    for item in budgets["items"]:
+        passed = ", ".join(map(_pct, item["alerts_passed"])) or "none"
+        flag = "  EXHAUSTED" if item["exhausted"] else ""
+        out.append(f"  {item['budget']}: spent ${item['spent_usd']:.4f} of ${item['limit_usd']:.2f}, "
+                   f"reserved ${item['reserved_usd']:.4f}, remaining ${item['remaining_usd']:.4f}; "
+                   f"alerts passed: {passed}{flag}")
+    return "\n".join(out)
+
+
+@claude_cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status_command(as_json: bool) -> None:
+    """Flags, circuit breakers and today's spend, from the storage every worker shares.
+
+    Exits 1 when the storage cannot be read, so a health check can alert on it.
+    """
+    state = _state()
+    if state is None:
+        raise click.UsageError("flask-claude is not initialised on this app: call Claude(app) or "
+                               "claude.init_app(app) in the app factory.")
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    result = collect_status(state, app)
+    click.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else render_status(result))
+    if not result["storage"]["ok"]:
+        click.get_current_context().exit(1)
+
+
+# --- batches --------------------------------------------------------------------------------------
+
+batch_cli = AppGroup("batch", help="Submit, watch and read Message Batches (half price, same budgets and logs).")
+claude_cli.add_command(batch_cli)
+
+
+def _batch_scope(feature: str | None) -> None:
+    from flask import g
+
+    from .context import CallScope
+
+    g.claude_scope = CallScope(feature=feature, route="cli:batch")
+
+
+def _guarded_state() -> ClaudeState:
+    state = _state()
+    if state is None:
+        raise click.ClickException("flask-claude is not initialised on this app")
+    return state
+
+
+@batch_cli.command("submit")
+@click.argument("jsonl", type=click.File("r"))
+@click.option("--feature", default=None, help="Attribute the batch's spend to this feature (and its budget).")
+def batch_submit(jsonl: Any, feature: str | None) -> None:
+    """Submit FILE.jsonl: one {"custom_id": ..., "params": {...}} per line."""
+    from .errors import ClaudeGuardError
+
+    requests = []
+    for number, line in enumerate(jsonl, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise click.ClickException(f"line {number} is not JSON: {exc.msg}") from None
+        if not isinstance(item, dict) or "custom_id" not in item or not isinstance(item.get("params"), dict):
+            raise click.ClickException(f'line {number} must be {{"custom_id": ..., "params": {{...}}}}')
+        requests.append(item)
+    if not requests:
+        raise click.ClickException("the file has no requests")
+    _batch_scope(feature)
+    try:
+        batch = _guarded_state().messages.batches.create(requests=requests)
+    except ClaudeGuardError as exc:
+        raise click.ClickException(f"{exc.reason}: {exc}") from None
+    click.echo(batch.id)
+
+
+@batch_cli.command("status")
+@click.argument("batch_id")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Poll with a progress bar until it ends.")
+@click.option("--interval", default=5.0, show_default=True, help="Seconds between polls.")
+def batch_status(batch_id: str, wait: bool, interval: float) -> None:
+    """Show a batch's progress; with --wait, poll until it has ended."""
+    state = _guarded_state()
+    batch = state.messages.batches.retrieve(batch_id)
+    counts = batch.request_counts
+    total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
+    if wait and batch.processing_status != "ended":
+        with click.progressbar(length=total, label=f"{batch_id}") as bar:
+            done = total - counts.processing
+            bar.update(done)
+            while batch.processing_status != "ended":
+                state.clock.sleep(interval)
+                batch = state.messages.batches.retrieve(batch_id)
+                now_done = total - batch.request_counts.processing
+                bar.update(now_done - done)
+                done = now_done
+    counts = batch.request_counts
+    click.echo(f"{batch.id}: {batch.processing_status} (succeeded {counts.succeeded}, errored {counts.errored}, "
+               f"canceled {counts.canceled}, expired {counts.expired}, processing {counts.processing})")
+
+
+@batch_cli.command("results")
+@click.argument("batch_id")
+def batch_results(batch_id: str) -> None:
+    """Print each result as a JSON line with its cost at the batch rate; settle the batch's budget hold."""
+    state = _guarded_state()
+    total = 0.0
+    for item in state.messages.batches.results(batch_id):
+        out: dict[str, Any] = {"custom_id": item.custom_id, "type": item.result.type}
+        if item.result.type == "succeeded":
+            message = item.result.message
+            cost = state.prices.cost(message.model, message.usage, batch=True).usd
+            total += cost
+            out.update(text="".join(getattr(b, "text", "") for b in message.content),
+                       stop_reason=message.stop_reason, cost_usd=round(cost, 8))
+        click.echo(json.dumps(out, ensure_ascii=False))
+    click.echo(f"total ${total:.6f} at the batch rate", err=True)

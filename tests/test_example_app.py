@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 
 from example_app import DEFAULT_FLAGS_FILE, create_app
 
-ENV_TO_CLEAR = ("REDIS_URL", "EXAMPLE_FLAGS_FILE", "AI_KILL_SWITCH")
+ENV_TO_CLEAR = ("REDIS_URL", "EXAMPLE_FLAGS_FILE", "AI_KILL_SWITCH", "TRUSTED_PROXIES")
 
 
 @pytest.fixture
@@ -239,3 +239,15 @@ def test_index_page_has_the_controls(client: FlaskClient) -> None:
 def test_healthz(client: FlaskClient) -> None:
     response = client.get("/healthz")
     assert response.status_code == 200 and response.get_data(as_text=True) == "ok"
+
+
+@pytest.mark.parametrize("proxies, distinct", [("0", 1), ("1", 2)])
+def test_client_address_comes_from_x_forwarded_for_only_behind_trusted_proxies(
+        make_example: Callable[..., Flask], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        proxies: str, distinct: int) -> None:
+    monkeypatch.setenv("TRUSTED_PROXIES", proxies)
+    client = make_example().test_client()
+    for address in ("203.0.113.1", "203.0.113.2"):
+        client.post("/classify", json={"text": "echo: neutral"}, headers={"X-Forwarded-For": address})
+    users = {line["user"] for line in log_lines(tmp_path) if line["event"] == "claude_api_call"}
+    assert len(users) == distinct

@@ -225,3 +225,27 @@ def test_max_tokens_stop_is_fine_without_require_complete(make_app, sim: Simulat
     create(app, max_tokens=4)  # a plain call: stop_reason max_tokens is fine without require_complete
     assert claude_log.events("claude_api_call")[0]["stop_reason"] == "max_tokens"
     assert claude_log.events("invalid_output") == []
+
+
+def test_batch_cli_submit_status_results(make_app, tmp_path: Any) -> None:
+    app = make_app()
+    source = tmp_path / "batch.jsonl"
+    source.write_text("\n".join(json.dumps({"custom_id": f"c{i}", "params": {
+        "model": "claude-haiku-4-5", "max_tokens": 40, "messages": [{"role": "user", "content": f"q{i}"}]}})
+        for i in range(3)) + "\n")
+    runner = app.test_cli_runner()
+    submitted = runner.invoke(args=["claude", "batch", "submit", str(source), "--feature", "nightly"])
+    assert submitted.exit_code == 0, submitted.output
+    batch_id = submitted.output.strip()
+    assert batch_id.startswith("msgbatch_")
+    status = runner.invoke(args=["claude", "batch", "status", batch_id, "--interval", "0"])
+    assert status.exit_code == 0 and "ended" in status.output and "succeeded 3" in status.output
+    results = runner.invoke(args=["claude", "batch", "results", batch_id])
+    assert results.exit_code == 0, results.output
+    rows = [json.loads(line) for line in results.stdout.splitlines()]
+    assert sorted(r["custom_id"] for r in rows) == ["c0", "c1", "c2"]
+    assert all(r["type"] == "succeeded" and r["cost_usd"] > 0 for r in rows)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"custom_id": "x"}\n')
+    refused = runner.invoke(args=["claude", "batch", "submit", str(bad)])
+    assert refused.exit_code != 0 and "line 1" in refused.output
