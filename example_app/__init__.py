@@ -98,6 +98,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     if settings.simulate:
         why = "CLAUDE_SIMULATE is on" if settings.api_key else "no ANTHROPIC_API_KEY"
         print(f"example_app: {why}, so Claude calls go to the offline simulator "
-              f"({settings.base_url or 'in-process'}); replies are canned text and cost nothing.",
+              f"({settings.base_url or 'in-process'}); replies are canned text, nothing is billed, "
+              "and the log prices calls at list price.",
               file=sys.stderr, flush=True)
     return app

@@ -73,7 +73,8 @@ class GuardedBatches:
             if reservation is not None:
                 state.budgets.settle(reservation, 0.0, 0)
             raise self._messages._as_guard_error(call, exc) from None
-        record = {"state": "pending", "feature": scope.feature, "route": scope.route, "user": scope.user,
+        record = {"state": "pending", "feature": scope.feature, "route": scope.route,
+                  "user": state.events.user(scope.user),
                   "reservation": asdict(reservation) if reservation is not None else None}
         self._put(batch.id, record)
         state.events.emit("batch_submitted", {"batch_id": batch.id, "feature": scope.feature, "route": scope.route,
@@ -98,7 +99,7 @@ class GuardedBatches:
         counted = record is None or record.get("state") != "settled"
         feature = record.get("feature") if record else current_scope().feature
         route = record.get("route") if record else current_scope().route
-        user = record.get("user") if record else current_scope().user
+        user = record.get("user") if record else state.events.user(current_scope().user)
         total_usd = 0.0
         total_tokens = 0
         decoder = self._passthrough(lambda timeout: state.client.messages.batches.results(
@@ -112,7 +113,7 @@ class GuardedBatches:
                 total_tokens += (cost.input_tokens + cost.output_tokens + cost.cache_read_input_tokens
                                  + cost.cache_creation_input_tokens)
                 state.events.emit("claude_api_call", {
-                    "request_id": None, "feature": feature, "route": route, "user": state.events.user(user),
+                    "request_id": None, "feature": feature, "route": route, "user": user,
                     "model": message.model, "requested_model": message.model, "fallback_from": None,
                     "input_tokens": cost.input_tokens, "output_tokens": cost.output_tokens,
                     "cache_read_input_tokens": cost.cache_read_input_tokens,
@@ -134,15 +135,16 @@ class GuardedBatches:
         state = self._state
         held = (record or {}).get("reservation")
         if held is not None:
-            reservation = Reservation(held["rid"], [Line(**line) for line in held["lines"]], held["usd_lines"])
+            reservation = Reservation(held["rid"], [Line(**line) for line in held["lines"]], held["usd_lines"],
+                                      held.get("app_wide", []))
         else:
             # No hold on record (another store, or none was needed): count the spend all the same.
             scope = current_scope()
             if record is not None:
-                scope.feature, scope.user = record.get("feature"), record.get("user")
-            lines, usd_idx, _ = state.budgets.budget_lines(scope, scope.budgets, usd=0, tokens=0,
-                                                           now=state.clock.time())
-            reservation = Reservation("unheld", lines, usd_idx) if lines else None
+                scope.feature = record.get("feature")
+            lines, usd_idx, app_wide = state.budgets.budget_lines(scope, scope.budgets, usd=0, tokens=0,
+                                                                  now=state.clock.time())
+            reservation = Reservation("unheld", lines, usd_idx, sorted(app_wide)) if lines else None
         if reservation is not None:
             state.budgets.settle(reservation, usd, tokens)
         self._put(batch_id, {**(record or {}), "state": "settled", "cost_usd": usd})

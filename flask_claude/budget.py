@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
@@ -21,6 +21,7 @@ from zoneinfo import ZoneInfo
 from limits import RateLimitItem
 
 from .errors import BudgetExceeded, ClaudeGuardError, LimitExceeded
+from .events import hash_text
 from .signals import budget_alert
 from .storage import Line, StorageUnavailable, Store
 from .tokens import upper_bound_tokens
@@ -66,6 +67,7 @@ class Reservation:
     rid: str
     lines: list[Line]
     usd_lines: list[int]  # indexes of lines counted in micro-dollars (others are tokens)
+    app_wide: list[int] = field(default_factory=list)  # indexes of the global and feature budgets
 
 
 def _granularity(item: RateLimitItem) -> str:
@@ -87,12 +89,13 @@ class Budgets:
     def _subject(self, scope: CallScope, options: BudgetOptions | None) -> str:
         per = options.per if options is not None else "user"
         if callable(per):
-            return f"key:{per()}"
+            return f"key:{hash_text(str(per()), salt=self.state.user_salt)}"
         if per == "feature":
             return f"feature:{scope.feature}"
         if per == "global":
             return "global"
-        return f"user:{scope.user}"
+        # Never the raw key: storage keys, budget names and alerts carry a salted hash of it.
+        return f"user:{hash_text(str(scope.user), salt=self.state.user_salt)}"
 
     def _global_limit_usd(self, scope: CallScope) -> float | None:
         limit = self.settings.daily_budget_usd
@@ -201,13 +204,13 @@ class Budgets:
             return None
         if not result.ok:
             line = lines[result.failed]
-            if result.newly_exhausted:
+            if result.newly_exhausted and result.failed in app_wide:
                 self._alert(line, 1.0, result.spent, result.failed in usd_idx)
             if result.failed in app_wide:
                 raise BudgetExceeded(f"{line.name} has no room for this call", reason="budget_exhausted",
                                      retry_after=result.retry_after).with_status(503)
             raise BudgetExceeded(f"{line.name} has no room for this call", retry_after=result.retry_after)
-        return Reservation(rid, lines, usd_idx)
+        return Reservation(rid, lines, usd_idx, sorted(app_wide))
 
     def settle(self, reservation: Reservation, usd: float, tokens: int) -> None:
         now = self.state.clock.time()
@@ -223,10 +226,11 @@ class Budgets:
             return
         for alert in crossed:
             index = next(i for i, li in enumerate(actual) if li.key == alert.key)
-            self._alert(actual[index], alert.threshold, alert.spent, index in reservation.usd_lines)
+            if index in reservation.app_wide:  # per-user budgets refuse quietly; they are not pager news
+                self._alert(actual[index], alert.threshold, alert.spent, index in reservation.usd_lines)
 
     def _alert(self, line: Line, threshold: float, spent: int, unit_usd: bool) -> None:
-        """Log, signal and call the hook: once per threshold, budget and period across all workers.
+        """Log, signal and call the hook: once per threshold, app-wide budget and period, across all workers.
 
         The 1.0 alert fires when the budget is exhausted: when spend reaches the limit or, since a
         reservation never lets it pass, when spent alone leaves no room for the next call.

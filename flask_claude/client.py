@@ -153,7 +153,8 @@ class GuardedMessages:
 
         # Which models, in which order; every one must have a price before anything is sent.
         configured = scope.models or settings.models
-        requested = params.get("model") or scope.first_model or configured[0]
+        # A rollout flag (``ai_feature(model_flag=...)``) outranks the code's ``model=``: that is its job.
+        requested = scope.first_model or params.get("model") or configured[0]
         chain = model_chain(requested, configured)
         state.prices.check(chain)
         params = dict(params)
@@ -168,15 +169,19 @@ class GuardedMessages:
         # Bound the conversation, then check the input, before any money or network is spent.
         if scope.max_history_turns is not None and isinstance(params.get("messages"), list):
             params["messages"] = prune_history(params["messages"], max_turns=scope.max_history_turns)
+        # Caps count what callers send (messages), not the app's own system prompt or tools.
+        user_input = {"messages": params.get("messages")}
         if scope.max_input_chars is not None:
-            chars = prompt_chars(params)
+            chars = prompt_chars(user_input)
             if chars > scope.max_input_chars:
                 raise InputTooLarge(
                     f"The input is {chars} characters; this feature accepts at most {scope.max_input_chars}.")
         input_estimate = estimate_input_tokens(params)
-        if scope.max_input_tokens is not None and input_estimate > scope.max_input_tokens:
-            raise InputTooLarge(f"The input is about {input_estimate} tokens; this feature accepts at most "
-                                f"{scope.max_input_tokens}.")
+        if scope.max_input_tokens is not None:
+            user_tokens = estimate_input_tokens(user_input)
+            if user_tokens > scope.max_input_tokens:
+                raise InputTooLarge(f"The input is about {user_tokens} tokens; this feature accepts at most "
+                                    f"{scope.max_input_tokens}.")
         if settings.auto_cache:
             params = with_auto_cache(params)
 
@@ -249,6 +254,7 @@ class GuardedMessages:
             if not falls_back or index == len(call.chain) - 1 or call.deadline.expired:
                 break
             next_model = call.chain[index + 1]
+            call.fallback_from = call.chain[0]
             fields = {"feature": call.scope.feature, "route": call.scope.route, "from_model": model,
                       "to_model": next_model, "reason": failure.error_type, "status_code": failure.status_code}
             state.events.emit("model_fallback", fields, level="WARNING")

@@ -45,7 +45,11 @@ def decorate(response: Response, exc: ClaudeGuardError, status: int | None = Non
 
 def handle_guard_error(exc: ClaudeGuardError) -> Response:
     """App-wide handler: a guarded call in an undecorated view still degrades instead of a 500."""
-    return decorate(jsonify(public_body(exc)), exc)
+    from flask import current_app
+
+    state = current_app.extensions.get("claude")
+    status = state.settings.degraded_status if state is not None and exc.status == 503 else exc.status
+    return decorate(jsonify(public_body(exc)), exc, status)
 
 
 class ResponseCache:
@@ -89,11 +93,12 @@ def remember(state: ClaudeState, spec: ViewSpec, scope: CallScope, response: Res
 
 
 def _fallback_response(state: ClaudeState, spec: ViewSpec, scope: CallScope, args: tuple[Any, ...],
-                       kwargs: dict[str, Any]) -> Response | None:
+                       kwargs: dict[str, Any], exc_reason: str) -> Response | None:
     fallback = spec.fallback
     if fallback is None:
         return None
-    if fallback.cache:
+    # A kill switch turns the AI off, cached AI answers included (it may have been flipped for them).
+    if fallback.cache and exc_reason != "feature_disabled":
         cached = state.response_cache.get(_cache_key(spec, scope, args, kwargs), time.monotonic(), fallback.cache_ttl)
         if cached is not None:
             return cached
@@ -121,7 +126,7 @@ def degrade(state: ClaudeState, spec: ViewSpec, scope: CallScope, exc: ClaudeGua
     fallback_error: str | None = None
     if not client_side:
         try:
-            response = _fallback_response(state, spec, scope, args, kwargs)
+            response = _fallback_response(state, spec, scope, args, kwargs, exc.reason)
         except Exception as error:  # the non-AI path failed too: still no 500 and no traceback
             fallback_error = type(error).__name__
             response = None

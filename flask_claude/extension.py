@@ -73,14 +73,17 @@ class ClaudeState:
         self.retry_policy = RetryPolicy(max_retries=settings.max_retries,
                                         retry_after_cap=settings.retry_after_cap)
         # Limits, budgets, alert de-duplication and breaker state share one store.
-        self.store = make_store(settings.storage_uri, prefix=app.import_name,
+        self.store = make_store(settings.storage_uri, prefix=settings.storage_prefix,
                                 socket_timeout=settings.storage_socket_timeout)
         self.breaker = CircuitBreaker(self.store, min_calls=settings.breaker_min_calls,
                                       failure_rate=settings.breaker_failure_rate,
                                       window=settings.breaker_window, cooldown=settings.breaker_cooldown)
-        salt = hashlib.sha256((settings.api_key or app.import_name).encode()).hexdigest()[:16]
+        # The same salt in every worker and across key rotations: user hashes join across log lines.
+        salt = settings.hash_salt or str(app.config.get("SECRET_KEY") or "") or settings.storage_prefix
+        self.user_salt = hashlib.sha256(salt.encode()).hexdigest()[:16]
         self.events = EventLog(path=settings.log_path, secrets=(settings.api_key or "",),
-                               hash_users=settings.hash_users, log_content=settings.log_content, salt=salt)
+                               hash_users=settings.hash_users, log_content=settings.log_content,
+                               salt=self.user_salt)
         self.messages = GuardedMessages(self)
         self.flags = make_provider(settings.flags, sdk_key=settings.launchdarkly_sdk_key,
                                    start_wait=settings.launchdarkly_start_wait, global_flag=settings.global_flag)

@@ -102,8 +102,7 @@ class RetryPolicy:
         rand = (rng or random).random()
         if failure.retry_after is not None:
             return min(self.retry_after_cap, failure.retry_after * (1 + 0.2 * rand))
-        backoff = min(self.max_delay, self.base_delay * 2**retry_number)
-        return min(self.retry_after_cap, backoff * rand) if self.retry_after_cap else backoff * rand
+        return min(self.max_delay, self.base_delay * 2**retry_number) * rand
 
 
 @dataclass

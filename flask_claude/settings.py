@@ -148,6 +148,8 @@ class Settings:
     log_content: bool = _setting(False, _bool)
     hash_users: bool = _setting(True, _bool)
     storage_uri: str = _setting("memory://", _storage_uri)
+    storage_prefix: str = _setting("flask-claude", lambda k, v: _optional_str(k, v) or "flask-claude")
+    hash_salt: str | None = _setting(None, _optional_str)
     storage_failure: str = _setting("open", _choice("open", "closed"))
     storage_socket_timeout: float = _setting(0.5, lambda k, v: _number(k, v, allow_zero=False))
     breaker_min_calls: int = _setting(5, lambda k, v: _number(k, v, integer=True, minimum=1))

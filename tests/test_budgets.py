@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -265,3 +266,20 @@ def test_threads_share_one_request_window(storage_uri: str, sim: Simulator) -> N
     for t in threads:
         t.join()
     assert results.count(200) == 10 and results.count(429) == 30
+
+
+def test_raw_user_keys_never_reach_logs_alerts_or_redis_keys(redis_url: str, redis_server: RedisServer,
+                                                              sim: Simulator, claude_log: CallLog) -> None:
+    app = budget_app(sim, None, redis_url, budget=budgeted(requests="50/minute", usd="0.002/day"),
+                     CLAUDE_DAILY_BUDGET_USD=0.01)
+    c = app.test_client()
+    for _ in range(30):
+        c.post("/ask", headers={"X-Test-User": "ann@example.com"})
+    text = json.dumps(claude_log.records)
+    assert "ann@example.com" not in text
+    assert claude_log.events("limit_exceeded") or claude_log.events("feature_degraded")
+    assert all("user:" not in a["budget"] or "ann" not in a["budget"] for a in claude_log.events("budget_alert"))
+    keys = [k.decode() for k in redis_server.client.keys("*")]
+    assert keys and not any("ann" in k for k in keys)
+    # per-user budgets refuse quietly: only app-wide budgets raise alerts
+    assert all(a["budget"].startswith(("global", "feature")) for a in claude_log.events("budget_alert"))

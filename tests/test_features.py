@@ -360,3 +360,27 @@ def test_user_key_is_never_taken_from_a_client_header(sim: Simulator, clock: Fak
     app.test_client().get("/who", headers={"X-Forwarded-For": "6.6.6.6", "X-User-Id": "admin"},
                           environ_base={"REMOTE_ADDR": "10.1.2.3"})
     assert claude_log.events("claude_api_call")[0]["user"] == "10.1.2.3"
+
+
+def test_model_flag_outranks_the_code_model_and_plain_routes_use_the_degraded_status(
+        sim: Simulator, clock: FakeClock) -> None:
+    flags = StaticFlags({"summarize-model": "claude-haiku-4-5"})
+    app = Flask("flag_model")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_FLAGS=flags, CLAUDE_MAX_RETRIES=0, CLAUDE_DEGRADED_STATUS=502)
+    claude = Claude(app, simulator=sim, clock=clock)
+
+    @app.post("/s")
+    @ai_feature("summarize", model_flag="summarize-model")
+    def s() -> Any:
+        return {"model": claude.messages.create(model="claude-opus-4-7", max_tokens=20,
+                                                messages=[{"role": "user", "content": "x"}]).model}
+
+    @app.get("/plain")
+    def plain() -> Any:
+        return claude.messages.create(max_tokens=5, messages=[{"role": "user", "content": "x"}]).content[0].text
+
+    assert app.test_client().post("/s").get_json() == {"model": "claude-haiku-4-5"}
+    flags.set("summarize-model", "")
+    assert app.test_client().post("/s").get_json() == {"model": "claude-opus-4-7"}
+    sim.fail(529)
+    assert app.test_client().get("/plain").status_code == 502
