@@ -67,7 +67,8 @@ class GuardedBatches:
                      deadline=Deadline.after(state.clock, settings.deadline), started=time.perf_counter(),
                      input_estimate=0, system_prompt_hash=None, max_tokens_requested=None)
         try:
-            batch = self._messages._run_chain(call, lambda _model, timeout: state.client.messages.batches.create(
+            sdk_batches: Any = state.client.messages.batches
+            batch = self._messages._run_chain(call, lambda _model, timeout: sdk_batches.create(
                 requests=prepared, timeout=timeout, **kwargs))
         except BaseException as exc:
             if reservation is not None:
@@ -134,6 +135,7 @@ class GuardedBatches:
     def _settle(self, batch_id: str, record: dict[str, Any] | None, usd: float, tokens: int) -> None:
         state = self._state
         held = (record or {}).get("reservation")
+        reservation: Reservation | None
         if held is not None:
             reservation = Reservation(held["rid"], [Line(**line) for line in held["lines"]], held["usd_lines"],
                                       held.get("app_wide", []))

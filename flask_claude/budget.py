@@ -57,7 +57,8 @@ def period_bounds(granularity: str, multiples: int, now: float, tz: ZoneInfo) ->
     # Sub-day periods (and "2 days") are aligned to the clock in the configured zone.
     seconds = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": 86400 * 31,
                "year": 86400 * 366}[granularity] * multiples
-    offset = local.utcoffset().total_seconds() if local.utcoffset() else 0.0
+    utc_offset = local.utcoffset()
+    offset = utc_offset.total_seconds() if utc_offset is not None else 0.0
     index = math.floor((now + offset) / seconds)
     return f"{granularity[0]}{multiples}:{index}", (index + 1) * seconds - offset
 
@@ -235,7 +236,7 @@ class Budgets:
         The 1.0 alert fires when the budget is exhausted: when spend reaches the limit or, since a
         reservation never lets it pass, when spent alone leaves no room for the next call.
         """
-        fields = {"budget": line.name, "threshold": threshold,
+        fields: dict[str, Any] = {"budget": line.name, "threshold": threshold,
                   "spent": spent / MICRO if unit_usd else spent,
                   "limit": line.limit / MICRO if unit_usd else line.limit,
                   "unit": "usd" if unit_usd else "tokens"}

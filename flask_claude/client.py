@@ -133,8 +133,8 @@ class GuardedMessages:
         if call.task_budget is not None and model in TASK_BUDGET_MODELS:
             config = dict(params.pop("output_config", None) or {})
             config["task_budget"] = {"type": "tokens", "total": call.task_budget}
-            return self._state.client.beta.messages.create(**params, output_config=config,
-                                                           betas=[TASK_BUDGET_BETA])
+            beta: Any = self._state.client.beta.messages  # the beta overloads do not type a **params call
+            return beta.create(**params, output_config=config, betas=[TASK_BUDGET_BETA])
         return self._state.client.messages.create(**params)
 
     # --- the steps of a call ------------------------------------------------------------------
@@ -255,7 +255,7 @@ class GuardedMessages:
                 break
             next_model = call.chain[index + 1]
             call.fallback_from = call.chain[0]
-            fields = {"feature": call.scope.feature, "route": call.scope.route, "from_model": model,
+            fields: dict[str, Any] = {"feature": call.scope.feature, "route": call.scope.route, "from_model": model,
                       "to_model": next_model, "reason": failure.error_type, "status_code": failure.status_code}
             state.events.emit("model_fallback", fields, level="WARNING")
             model_fallback.send(state.app, **fields)
@@ -266,7 +266,7 @@ class GuardedMessages:
     def _record_outcome(self, model: str, *, ok: bool) -> None:
         state = self._state
         if state.breaker.record(model, ok, state.clock.time()):
-            fields = {"model": model, "cooldown_s": state.settings.breaker_cooldown}
+            fields: dict[str, Any] = {"model": model, "cooldown_s": state.settings.breaker_cooldown}
             state.events.emit("circuit_opened", fields, level="ERROR")
             circuit_opened.send(state.app, **fields)
 
@@ -324,7 +324,8 @@ class GuardedMessages:
         scope = call.scope
         if stop_reason == "max_tokens" and scope.require_complete:
             raise TruncatedResponse("The reply hit max_tokens and this feature requires complete output.")
-        reason = None
+        reason: str | None = None
+        detail: str | None = None
         if stop_reason in ("refusal", "model_context_window_exceeded"):
             reason = "refusal" if stop_reason == "refusal" else "context_window_exceeded"
             detail = f"stop_reason {stop_reason}"

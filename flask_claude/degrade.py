@@ -138,7 +138,7 @@ def degrade(state: ClaudeState, spec: ViewSpec, scope: CallScope, exc: ClaudeGua
     if response is None:
         response = jsonify(public_body(exc))
     decorate(response, exc, status)
-    fields = {"feature": scope.feature, "route": scope.route, "user": state.events.user(scope.user),
+    fields: dict[str, Any] = {"feature": scope.feature, "route": scope.route, "user": state.events.user(scope.user),
               "reason": exc.reason, "status": response.status_code, "detail": str(exc)[:200]}
     if fallback_error:
         fields["fallback_error"] = fallback_error

@@ -53,7 +53,8 @@ class ClaudeState:
 
             self.simulator = simulator if simulator is not None else Simulator()
             inner: httpx2.BaseTransport = self.simulator.transport()
-            api_key, base_url = "sk-simulator-no-real-key", settings.base_url or SIMULATOR_BASE_URL
+            api_key: str = "sk-simulator-no-real-key"
+            base_url: str | None = settings.base_url or SIMULATOR_BASE_URL
             if settings.base_url:  # a loopback simulator server (`flask claude simulate`)
                 inner = http_transport or httpx2.HTTPTransport()
         else:
@@ -64,7 +65,7 @@ class ClaudeState:
                     "development and tests.")
             self.simulator = None
             inner = http_transport or httpx2.HTTPTransport()
-            api_key, base_url = settings.api_key, settings.base_url
+            api_key, base_url = settings.api_key, settings.base_url  # type: ignore[assignment]
         # Retries are ours (resilience.py says why), so the SDK's are off.
         self.client = anthropic.Anthropic(
             api_key=api_key, base_url=base_url, max_retries=0,

@@ -52,7 +52,7 @@ def _content_blocks(message: Mapping[str, Any]) -> list[Any]:
     return content if isinstance(content, list) else []
 
 
-def _block_types(message: Mapping[str, Any]) -> set[str]:
+def _block_types(message: Mapping[str, Any]) -> set[Any]:
     return {b.get("type") for b in _content_blocks(message) if isinstance(b, Mapping)}
 
 

@@ -407,7 +407,7 @@ class RedisStore:
         if uri.startswith(("redis+sentinel", "valkey+sentinel")):
             options = {"socket_timeout": socket_timeout}
         self._limits_storage = storage_from_string(uri, **options)
-        self.client = self._limits_storage.storage  # type: ignore[attr-defined]
+        self.client: Any = self._limits_storage.storage  # type: ignore[union-attr]
         self.tag = f"{{fc:{prefix}}}"
         self._admit = self.client.register_script(_LUA_ADMIT)
         self._reserve = self.client.register_script(_LUA_RESERVE)
