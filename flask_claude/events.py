@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -87,14 +88,27 @@ class _FileWriter:
             os.write(self._fd, data)
 
 
-_sinks: dict[str, int] = {}
+_sinks: dict[str, list[int]] = {}  # destination -> [loguru handler id, number of EventLogs using it]
 _sinks_lock = threading.Lock()
+
+
+def _release_sink(destination: str) -> None:
+    """The last app logging to a destination is gone: remove its handler so handlers do not pile up."""
+    with _sinks_lock:
+        entry = _sinks.get(destination)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del _sinks[destination]
+            logger.remove(entry[0])
 
 
 def _install_sink(destination: str) -> None:
     """One loguru sink per destination, shared by every app that logs there (no duplicate lines)."""
     with _sinks_lock:
         if destination in _sinks:
+            _sinks[destination][1] += 1
             return
         write: Callable[[str], Any]
         if destination == "-":
@@ -111,8 +125,7 @@ def _install_sink(destination: str) -> None:
         def only_ours(record: Mapping[str, Any]) -> bool:
             return record["extra"].get("claude_sink") == destination
 
-        _sinks[destination] = logger.add(sink, level="INFO", format="{message}", filter=only_ours,
-                                         catch=True)
+        _sinks[destination] = [logger.add(sink, level="INFO", format="{message}", filter=only_ours, catch=True), 1]
 
 
 class EventLog:
@@ -126,6 +139,7 @@ class EventLog:
         self.log_content = log_content
         self.salt = salt
         _install_sink(self.destination)
+        weakref.finalize(self, _release_sink, self.destination)
 
     def user(self, key: str | None) -> str | None:
         if key is None:

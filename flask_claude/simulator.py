@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import http
 import io
 import json
@@ -785,7 +786,8 @@ class Simulator:
         with self._lock:
             self._counter += 1
             counter = self._counter
-        return prefix + hashlib.sha256(f"{self.seed}:{prefix}:{counter}".encode()).hexdigest()[:24]
+        # The pid keeps ids unique across workers that each run a simulator with the same seed.
+        return prefix + hashlib.sha256(f"{self.seed}:{os.getpid()}:{prefix}:{counter}".encode()).hexdigest()[:24]
 
     # ------------------------------------------------------------------ replies
 
