@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import os
 import http
 import io
 import json
 import math
+import os
 import random
 import re
 import sys

@@ -1,0 +1,233 @@
+"""Shared pieces of the benchmarks: a private redis-server, gunicorn on loopback, machine facts, stats.
+
+Nothing here contacts anything but 127.0.0.1. Every process started here is stopped by the script
+that started it (``stop()`` in a ``finally``), each wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """A redis-server process of our own on a free loopback port (no persistence), stopped by ``stop``."""
+
+    def __init__(self) -> None:
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.client = redis.Redis(port=self.port, socket_timeout=1.0)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.client.ping():
+                    break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("redis-server did not start") from None
+                time.sleep(0.02)
+
+    def version(self) -> str:
+        return str(self.client.info("server")["redis_version"])
+
+    def commandstats(self) -> dict[str, int]:
+        """``INFO commandstats`` as {command: calls}; the INFO call itself is left out."""
+        stats = self.client.info("commandstats")
+        out = {}
+        for name, fields in stats.items():
+            command = name.removeprefix("cmdstat_")
+            if command == "info":
+                continue
+            out[command] = int(fields["calls"])
+        return out
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def diff_stats(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
+            if after.get(k, 0) - before.get(k, 0)}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of ``values``."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_description(redis_version: str | None = None) -> str:
+    packages = ["flask-claude", "anthropic", "httpx2", "Flask", "Werkzeug", "Flask-Limiter", "limits",
+                "redis", "loguru", "gunicorn"]
+    versions = []
+    for name in packages:
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} (not installed)")
+    if redis_version is None:
+        binary = shutil.which("redis-server")
+        redis_version = (subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split()[2]
+                         .removeprefix("v=") if binary else "not installed")
+    cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "log", "-1", "--format=%h %s"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--short", "--", "flask_claude"], capture_output=True,
+                           text=True).stdout.split()[1::2]
+    return "\n".join([
+        f"code:    flask-claude at {commit[:90]}"
+        + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else ""),
+        f"machine: {cores} cores (nproc), {_cpu_model()}, {platform.system()} {platform.release()}",
+        f"python:  {sys.version.split()[0]} ({platform.python_implementation()})",
+        f"redis:   {redis_version} (own redis-server on 127.0.0.1, no persistence)",
+        f"packages: {', '.join(versions)}",
+    ])
+
+
+class Gunicorn:
+    """gunicorn on a free loopback port, serving ``app`` (a ``module:callable()``) from ``bench/``."""
+
+    def __init__(self, app: str, env: dict[str, str], *, workers: int = 4, threads: int = 16) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.stderr_path = Path(env.get("BENCH_TMP", "/tmp")) / f"gunicorn-{self.port}.err"
+        self._stderr = open(self.stderr_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--worker-class", "gthread",
+             "--threads", str(threads), "--bind", f"127.0.0.1:{self.port}", "--log-level", "warning",
+             "--chdir", str(BENCH), app],
+            cwd=BENCH, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=self._stderr)
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base}/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"gunicorn did not start: {self.stderr_path.read_text()[-2000:]}") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self._stderr.close()
+
+
+def table(rows: list[list[Any]], header: list[str]) -> str:
+    cells = [header] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(cells):
+        pairs = enumerate(zip(row, widths, strict=True))
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in pairs))
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# --- other load on the machine ------------------------------------------------------------------
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies over all cores, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    total = sum(values[:8])
+    return total - idle, total
+
+
+def _process_ticks(pids: Sequence[int]) -> int:
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks
+
+
+class LoadMeter:
+    """How busy the machine was during a run, and how much of that was not us (``pids``: ours)."""
+
+    def __init__(self, pids: Sequence[int] = ()) -> None:
+        self.pids = [os.getpid(), *pids]
+        self.busy0, self.total0 = _machine_ticks()
+        self.ours0 = _process_ticks(self.pids)
+
+    def report(self) -> str:
+        busy, total = _machine_ticks()
+        ours = _process_ticks(self.pids)
+        d_total = max(1, total - self.total0)
+        machine = (busy - self.busy0) / d_total * 100
+        mine = (ours - self.ours0) / d_total * 100
+        return (f"CPU during the run: machine {machine:.0f}% busy (all cores), this benchmark's processes "
+                f"{mine:.0f}%, other processes ~{max(0.0, machine - mine):.0f}%")
+
+
+def wait_for_quiet(max_wait: float = 60.0, threshold: float = 20.0) -> str:
+    """Wait (bounded) until the machine is mostly idle for one second, so timings are ours alone."""
+    started = time.monotonic()
+    while True:
+        busy0, total0 = _machine_ticks()
+        time.sleep(1.0)
+        busy1, total1 = _machine_ticks()
+        busy = (busy1 - busy0) / max(1, total1 - total0) * 100
+        waited = time.monotonic() - started
+        if busy < threshold or waited >= max_wait:
+            return (f"machine {busy:.0f}% busy before the run (waited {waited:.0f} s for it to be under "
+                    f"{threshold:.0f}%)")

@@ -1,0 +1,309 @@
+"""Per-request overhead of flask-claude against a bare route and against Flask-Limiter, one run.
+
+Every variant is the same WSGI app shape (POST /ask with a small JSON body), called directly as a
+WSGI callable (no network), its Claude call answered by the in-process simulator with zero latency.
+
+  (a)        bare route calling the anthropic SDK directly
+  (b)        (a) + @ai_feature, @budgeted(requests, tokens, usd), @fallback_to, claude.messages.create,
+             CLAUDE_STORAGE_URI=memory://, CLAUDE_DAILY_BUDGET_USD, log to a file (CLAUDE_LOG_PATH)
+  (c)        (b) on Redis
+  (d-mem)    (a) + Flask-Limiter, one limit, memory://
+  (d-redis)  (a) + Flask-Limiter, one limit, Redis
+
+Variants run in rounds, each round in a rotated order, after a warm-up, so drift (CPU frequency,
+the other core's load, growing in-memory windows) lands on all of them alike; "added (paired)" is
+the median over rounds of (variant's round median - (a)'s round median), the figure least moved by
+other load on the machine. loguru's default stderr handler is removed first (logger.remove()), as an
+app that configures its own logging does (left in place it adds ~40 us per event: profile_overhead.py).
+
+Then Redis commands per request are counted two ways: server side with INFO commandstats (every
+command, including those a Lua script runs), and client side by wrapping redis-py's
+Connection.send_packed_command (one call = one write to the socket = one round trip; a pipeline
+would be one) and send_command (which command each round trip carried).
+
+Run: /work/venv/bin/python bench/overhead.py  (about a minute on 2 cores)
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import anthropic
+from _common import LoadMeter, RedisServer, diff_stats, machine_description, percentile, table, wait_for_quiet
+from flask import Flask, request
+from flask_limiter import Limiter
+from flask_limiter.util import get_remote_address
+from loguru import logger
+from werkzeug.test import EnvironBuilder
+
+from flask_claude import Claude, ai_feature, budgeted, fallback_to
+from flask_claude.simulator import Simulator
+
+WARMUP = int(os.environ.get("BENCH_WARMUP", "300"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "30"))
+BATCH = int(os.environ.get("BENCH_BATCH", "80"))
+COUNT_N = int(os.environ.get("BENCH_COUNT_N", "200"))
+MODEL = "claude-sonnet-4-6"
+PROMPT = "Summarize: the quarterly report shows steady growth in every region."
+
+claude = Claude()
+
+
+def raw_view_factory(client: anthropic.Anthropic) -> Callable[[], Any]:
+    def ask() -> Any:
+        msg = client.messages.create(model=MODEL, max_tokens=64,
+                                     messages=[{"role": "user", "content": request.json["text"]}])
+        return {"text": msg.content[0].text}
+    return ask
+
+
+def bare_app(name: str, sim: Simulator) -> tuple[Flask, Callable[[], Any]]:
+    client = anthropic.Anthropic(api_key="x", base_url="http://sim", max_retries=0,
+                                 http_client=anthropic.DefaultHttpxClient(transport=sim.transport()))
+    app = Flask(name)
+    view = raw_view_factory(client)
+    return app, view
+
+
+def app_a(sim: Simulator) -> Flask:
+    app, view = bare_app("bench_a", sim)
+    app.post("/ask")(view)
+    return app
+
+
+def app_d(sim: Simulator, storage_uri: str, name: str) -> Flask:
+    app, view = bare_app(name, sim)
+    limiter = Limiter(get_remote_address, app=app, storage_uri=storage_uri)
+    app.post("/ask")(limiter.limit("1000000/minute")(view))
+    return app
+
+
+def app_guarded(storage_uri: str, log_path: str, name: str) -> Flask:
+    app = Flask(name)
+    app.config.update(
+        CLAUDE_SIMULATE=True,
+        CLAUDE_MODELS=[MODEL, "claude-haiku-4-5"],
+        CLAUDE_STORAGE_URI=storage_uri,
+        CLAUDE_DAILY_BUDGET_USD=1_000_000,
+        CLAUDE_LOG_PATH=log_path,
+    )
+    claude.init_app(app)
+
+    @app.post("/ask")
+    @ai_feature("ask", max_tokens=64)
+    @budgeted(requests="1000000/minute", tokens="1000000000/day", usd="1000000/day")
+    @fallback_to({"text": None, "notice": "paused"}, status=503)
+    def ask() -> Any:
+        msg = claude.messages.create(model=MODEL, max_tokens=64,
+                                     messages=[{"role": "user", "content": request.json["text"]}])
+        return {"text": msg.content[0].text}
+
+    return app
+
+
+class Caller:
+    """Calls a WSGI app with a prebuilt environ (a fresh body stream each time); counts statuses."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.body = json.dumps({"text": PROMPT}).encode()
+        builder = EnvironBuilder(path="/ask", method="POST", data=self.body, content_type="application/json",
+                                 environ_base={"REMOTE_ADDR": "127.0.0.1"})
+        self.environ = builder.get_environ()
+        builder.close()
+        self.statuses: Counter[str] = Counter()
+
+    def __call__(self) -> None:
+        env = dict(self.environ)
+        env["wsgi.input"] = io.BytesIO(self.body)
+        status: list[str] = []
+
+        def start_response(s: str, headers: Any, exc_info: Any = None) -> Any:
+            status.append(s)
+            return None
+
+        result = self.app(env, start_response)
+        try:
+            for _ in result:
+                pass
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+        self.statuses[status[0].split()[0]] += 1
+
+
+# --- client-side round-trip counting -------------------------------------------------------------
+
+class RoundTrips:
+    """Wraps redis-py's Connection.send_packed_command / send_command / read_response (class level)."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        import redis.connection as rc
+
+        self.rc = rc
+        self.names = names  # script sha -> name
+        self.sends = 0
+        self.reads = 0
+        self.commands: list[str] = []
+        self._orig = (rc.AbstractConnection.send_packed_command, rc.AbstractConnection.send_command,
+                      rc.AbstractConnection.read_response)
+
+    def __enter__(self) -> RoundTrips:
+        spc, sc, rr = self._orig
+        me = self
+
+        def send_packed_command(conn: Any, command: Any, check_health: bool = True) -> Any:
+            me.sends += 1
+            return spc(conn, command, check_health)
+
+        def send_command(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            name = str(args[0]).upper()
+            if name == "EVALSHA":
+                name = f"EVALSHA({me.names.get(str(args[1]), str(args[1])[:8])})"
+            me.commands.append(name)
+            return sc(conn, *args, **kwargs)
+
+        def read_response(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            me.reads += 1
+            return rr(conn, *args, **kwargs)
+
+        self.rc.AbstractConnection.send_packed_command = send_packed_command
+        self.rc.AbstractConnection.send_command = send_command
+        self.rc.AbstractConnection.read_response = read_response
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        (self.rc.AbstractConnection.send_packed_command, self.rc.AbstractConnection.send_command,
+         self.rc.AbstractConnection.read_response) = self._orig
+
+
+def script_names(guarded: Flask, limited: Flask) -> dict[str, str]:
+    names = {}
+    store = guarded.extensions["claude"].store
+    for attr in ("_admit", "_reserve", "_settle", "_allow", "_record"):
+        names[getattr(store, attr).sha] = {"_admit": "admit", "_reserve": "reserve", "_settle": "settle",
+                                           "_allow": "breaker_allow", "_record": "breaker_record"}[attr]
+    storage = limited.extensions["limiter"]
+    for limiter in (storage if isinstance(storage, set) else [storage]):
+        lim_storage = getattr(limiter, "_storage", None) or getattr(limiter, "storage", None)
+        for attr in dir(lim_storage):
+            if attr.startswith("lua_"):
+                names[getattr(lim_storage, attr).sha] = f"limits.{attr}"
+    return names
+
+
+def main() -> None:
+    logger.remove()  # loguru's default stderr handler; (b+stderr) puts an equivalent back per batch
+    tmp = tempfile.mkdtemp(prefix="bench-overhead-")
+    log_path = os.path.join(tmp, "claude.jsonl")
+    redis_server = RedisServer()
+    try:
+        run(redis_server, log_path)
+    finally:
+        redis_server.stop()
+
+
+def run(redis_server: RedisServer, log_path: str) -> None:
+    sim = Simulator()
+    apps = {
+        "(a) bare SDK route": app_a(sim),
+        "(b) flask-claude, memory": app_guarded("memory://", log_path, "bench_b"),
+        "(c) flask-claude, redis": app_guarded(redis_server.url, log_path, "bench_c"),
+        "(d-mem) Flask-Limiter, memory": app_d(sim, "memory://", "bench_d_mem"),
+        "(d-redis) Flask-Limiter, redis": app_d(sim, redis_server.url, "bench_d_redis"),
+    }
+    keys = list(apps)
+    b_key, c_key, dmem_key, dredis_key = keys[1], keys[2], keys[3], keys[4]
+    callers = {k: Caller(app) for k, app in apps.items()}
+    sims = [sim, apps[b_key].extensions["claude"].simulator, apps[c_key].extensions["claude"].simulator]
+
+    def batch(key: str, n: int, samples: list[float] | None) -> None:
+        caller = callers[key]
+        perf = time.perf_counter_ns
+        for _ in range(n):
+            t0 = perf()
+            caller()
+            if samples is not None:
+                samples.append((perf() - t0) / 1000.0)
+        for s in sims:
+            s.clear_requests()  # the simulator's request log would otherwise grow all run long
+
+    quiet = wait_for_quiet()
+    meter = LoadMeter([redis_server.process.pid])
+    started = time.monotonic()
+    for key in keys:
+        batch(key, WARMUP, None)
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    round_medians: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(ROUNDS):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        for key in order:
+            before = len(samples[key])
+            gc.collect()
+            batch(key, BATCH, samples[key])
+            round_medians[key].append(percentile(samples[key][before:], 50))
+    elapsed = time.monotonic() - started
+    load_report = meter.report()
+
+    base_med = percentile(samples[keys[0]], 50)
+    base_p99 = percentile(samples[keys[0]], 99)
+    rows = []
+    paired: dict[str, float] = {}
+    for key in keys:
+        med, p99 = percentile(samples[key], 50), percentile(samples[key], 99)
+        paired[key] = percentile([m - b for m, b in zip(round_medians[key], round_medians[keys[0]], strict=True)], 50)
+        rows.append([key, f"{med:.0f}", f"{p99:.0f}", f"{med - base_med:+.0f}", f"{paired[key]:+.0f}",
+                     f"{p99 - base_p99:+.0f}", f"{med / base_med:.2f}x", dict(callers[key].statuses)])
+    print(f"\n== per-request time through the WSGI app, simulator at zero latency "
+          f"({ROUNDS} rounds x {BATCH} requests per variant after {WARMUP} warm-up; {elapsed:.0f} s) ==")
+    print(table(rows, ["variant", "median us", "p99 us", "added med", "added (paired)", "added p99",
+                       "ratio (med)", "statuses"]))
+    print(f"\n(b) adds {paired[b_key]:.0f} us over (a) (paired); (d-mem) adds {paired[dmem_key]:.0f} us: "
+          f"(b) costs {paired[b_key] / paired[dmem_key]:.1f}x Flask-Limiter-on-memory's overhead. "
+          f"On Redis: (c) {paired[c_key]:.0f} us vs (d-redis) {paired[dredis_key]:.0f} us.")
+
+    # --- Redis commands per request -------------------------------------------------------------
+    names = script_names(apps[c_key], apps[dredis_key])
+    print(f"\n== Redis commands per request ({COUNT_N} requests each, after the timing run) ==")
+    for key in (c_key, dredis_key):
+        caller = callers[key]
+        stats_before = redis_server.commandstats()
+        with RoundTrips(names) as trips:
+            for _ in range(COUNT_N):
+                caller()
+        stats_after = redis_server.commandstats()
+        delta = diff_stats(stats_before, stats_after)
+        total = sum(delta.values())
+        per_cmd = ", ".join(f"{k} {v / COUNT_N:g}" for k, v in delta.items())
+        print(f"\n{key}:")
+        print(f"  server side, INFO commandstats: {total / COUNT_N:g} commands/request in all "
+              f"(including those run inside Lua scripts): {per_cmd}")
+        sent = Counter(trips.commands)
+        print(f"  client side, wrapped redis-py Connection: {trips.sends / COUNT_N:g} round trips/request "
+              f"(send_packed_command calls), {trips.reads / COUNT_N:g} replies read/request")
+        print("  round trips by command: " + ", ".join(f"{k} x{v / COUNT_N:g}" for k, v in sent.items()))
+    # One request's sequence, in order, for the record.
+    for key in (c_key, dredis_key):
+        with RoundTrips(names) as trips:
+            callers[key]()
+        print(f"  one request of {key.split()[0]}: " + " -> ".join(trips.commands))
+
+    print("\n== machine ==")
+    print(machine_description(redis_server.version()))
+    print(f"{quiet}; timing run: {load_report}")
+    print(f"command: {sys.executable} bench/overhead.py  (BENCH_ROUNDS={ROUNDS} BENCH_BATCH={BATCH} "
+          f"BENCH_WARMUP={WARMUP})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Where flask-claude's per-request time goes: a step breakdown, a cProfile, and two growth curves.
+
+1. Step breakdown: the steps of one guarded request (admission, flags, reservation, breaker,
+   settlement, log line, signal, the SDK call itself...) are wrapped at run time in this process
+   only (instance and module attributes; no file of flask_claude/ is changed) and timed,
+   inclusive, over N requests of variants (b) memory and (c) Redis.
+2. cProfile of N requests of (b), the flask_claude functions by own time and by cumulative time.
+3. The in-memory breaker's cost per successful call as its 30 s window fills (MemoryStore keeps
+   one deque entry per call and re-counts failures over the whole deque on every record).
+4. The Redis breaker script's cost per *failed* call as its outcomes zset fills (one member per
+   call in the window; a failure reads them all back with ZRANGE 0 -1 and loops over them in Lua).
+
+Run: /work/venv/bin/python bench/profile_overhead.py  (about 40 s)
+"""
+
+from __future__ import annotations
+
+import cProfile
+import functools
+import io
+import os
+import pstats
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from typing import Any
+
+from _common import LoadMeter, RedisServer, machine_description, percentile, table, wait_for_quiet
+from loguru import logger
+from overhead import Caller, app_a, app_guarded
+
+import flask_claude.budget as fc_budget
+import flask_claude.client as fc_client
+import flask_claude.pipeline as fc_pipeline
+from flask_claude.storage import MemoryStore, RedisStore
+
+N = int(os.environ.get("BENCH_PROFILE_N", "1500"))
+
+timings: dict[str, list[float]] = defaultdict(list)
+
+
+def timed(name: str, fn: Any) -> Any:
+    perf = time.perf_counter_ns
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = perf()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timings[name].append((perf() - t0) / 1000.0)
+    return wrapper
+
+
+def instrument(app: Any) -> None:
+    """Wrap the steps of this app's pipeline (instance attributes shadow the class methods)."""
+    state = app.extensions["claude"]
+    for obj, attr, name in [
+        (state.budgets, "admit", "2-3 admit (flags' budget + request limit)"),
+        (state.budgets, "reserve", "4 reserve (worst case, all budgets)"),
+        (state.budgets, "budget_lines", "   budget_lines (keys, periods; in admit+reserve)"),
+        (state.budgets, "settle", "4 settle (real cost, alerts)"),
+        (state.breaker, "allow", "4 breaker.allow"),
+        (state.breaker, "record", "4 breaker.record"),
+        (state.events, "emit", "4 log line (events.emit: json + loguru + write)"),
+        (state.flags, "enabled", "2 flags.enabled (x2)"),
+        (state.flags, "value", "   flags.value (budget flag, in admit+reserve)"),
+        (state.client.messages, "create", "4 SDK messages.create (incl. simulator)"),
+        (state.prices, "cost", "4 prices.cost"),
+    ]:
+        setattr(obj, attr, timed(name, getattr(obj, attr)))
+
+
+def instrument_modules() -> None:
+    fc_pipeline.run = timed("whole pipeline.run", fc_pipeline.run)
+    fc_pipeline.resolve_user = timed("1 resolve_user", fc_pipeline.resolve_user)
+    fc_pipeline.make_response = timed("4 make_response (view's dict -> Response)", fc_pipeline.make_response)
+    fc_client.with_auto_cache = timed("4 with_auto_cache", fc_client.with_auto_cache)
+    fc_client.estimate_input_tokens = timed("4 estimate_input_tokens", fc_client.estimate_input_tokens)
+    fc_budget.upper_bound_tokens = timed("4 upper_bound_tokens (in reserve)", fc_budget.upper_bound_tokens)
+    fc_budget.uuid.uuid4 = timed("   uuid4 (every caller in the process)", fc_budget.uuid.uuid4)
+    # A module-level signal the client looks up at call time (one object shared by all apps).
+    fc_client.claude_called.send = timed("4 claude_called.send (blinker)", fc_client.claude_called.send)
+
+
+def breakdown(label: str, caller: Caller, base: Caller) -> None:
+    timings.clear()
+    for _ in range(200):  # warm-up, discarded
+        caller()
+    timings.clear()
+    total: list[float] = []
+    for _ in range(N):
+        t0 = time.perf_counter_ns()
+        caller()
+        total.append((time.perf_counter_ns() - t0) / 1000.0)
+    base_t: list[float] = []
+    for _ in range(N // 2):
+        t0 = time.perf_counter_ns()
+        base()
+        base_t.append((time.perf_counter_ns() - t0) / 1000.0)
+    rows = []
+    for name in sorted(timings, key=lambda k: (k.lstrip()[0] if k[0] != " " else "~", k)):
+        values = timings[name]
+        calls = len(values) / N
+        per_req = sum(values) / N
+        rows.append([name, f"{calls:g}", f"{percentile(values, 50):.1f}", f"{per_req:.1f}"])
+    print(f"\n-- {label}: {N} requests; whole request median {percentile(total, 50):.0f} us, "
+          f"mean {sum(total) / N:.0f} us; bare route (a) median {percentile(base_t, 50):.0f} us, "
+          f"mean {sum(base_t) / len(base_t):.0f} us --")
+    print(table(rows, ["step (inclusive; indented = nested in another row)", "calls/req", "median us/call",
+                       "mean us/req"]))
+
+
+def cprofile(caller: Caller) -> None:
+    for _ in range(200):
+        caller()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(N):
+        caller()
+    prof.disable()
+    for sort, title in (("tottime", "own time"), ("cumulative", "cumulative time")):
+        out = io.StringIO()
+        stats = pstats.Stats(prof, stream=out).strip_dirs().sort_stats(sort)
+        stats.print_stats(r"storage|budget|client|pipeline|events|resilience|flags|hygiene|tokens|pricing|"
+                          r"decorators|degrade|context|extension", 25)
+        text = out.getvalue()
+        body = text[text.find("   ncalls"):]
+        print(f"\n-- cProfile of {N} requests of (b), flask_claude functions by {title} "
+              f"(times in s for all {N}; divide by {N} for per request) --")
+        print(body.rstrip())
+
+
+def log_line_parts() -> None:
+    """What one claude_api_call line costs, part by part (the largest flask-claude step above)."""
+    import json
+    from datetime import UTC, datetime
+
+    from flask_claude.budget import period_bounds
+    from flask_claude.events import _SCRUBBERS, EventLog, _scrub_value, scrub
+
+    record = {"ts": "2026-11-22T01:02:03.000+00:00", "event": "claude_api_call",
+              "request_id": "req_sim_abcdef0123456789abcdef01", "feature": "ask", "route": "/ask",
+              "user": "0123456789abcdef", "model": "claude-sonnet-4-6", "requested_model": "claude-sonnet-4-6",
+              "fallback_from": None, "input_tokens": 20, "output_tokens": 30, "cache_read_input_tokens": 0,
+              "cache_creation_input_tokens": 0, "latency_ms": 1.2, "retries": 0, "stop_reason": "end_turn",
+              "cost_usd": 0.0001, "system_prompt_hash": None}
+    fields = {k: v for k, v in record.items() if k not in ("ts", "event")}
+    log = EventLog(path=os.path.join(tempfile.mkdtemp(prefix="bench-log-"), "x.jsonl"), secrets=("sk-x",),
+                   hash_users=True, log_content=False, salt="s")
+    fd = os.open(os.path.join(tempfile.mkdtemp(prefix="bench-log-"), "y.jsonl"),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    line = (json.dumps(record) + "\n").encode()
+    from zoneinfo import ZoneInfo
+
+    utc = ZoneInfo("UTC")
+    now = time.time()
+    parts = [
+        ("EventLog.emit('claude_api_call', fields): the whole step", lambda: log.emit("claude_api_call", fields)),
+        ("  _scrub_value on every field (10 strings x 7 regexes)",
+         lambda: {k: _scrub_value(v, ("sk-x",)) for k, v in record.items()}),
+        ("    scrub('claude-sonnet-4-6'): one short string", lambda: scrub("claude-sonnet-4-6")),
+        ("  logger.bind(...).log(...) with one sink whose filter says no",
+         lambda: logger.bind(claude_event="x", claude_sink="nowhere", claude_fields=record).log("INFO", "x")),
+        ("  json.dumps(record)", lambda: json.dumps(record, default=str, ensure_ascii=False)),
+        ("  datetime.now(UTC).isoformat()", lambda: datetime.now(UTC).isoformat(timespec="milliseconds")),
+        ("  os.write(O_APPEND) of the line", lambda: os.write(fd, line)),
+        ("period_bounds('day') (3 per budget_lines, 2 budget_lines per call)",
+         lambda: period_bounds("day", 1, now, utc)),
+    ]
+    devnull = open(os.devnull, "w")
+    default_handler = logger.add(devnull, level="DEBUG")  # what loguru's handler 0 does, minus the terminal
+    n = 3000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        log.emit("claude_api_call", fields)
+    with_default = (time.perf_counter() - t0) / n * 1e6
+    logger.remove(default_handler)
+    devnull.close()
+    rows = []
+    for label, fn in parts:
+        for _ in range(200):
+            fn()
+        n = 3000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rows.append([label, f"{(time.perf_counter() - t0) / n * 1e6:.1f}"])
+    for pattern, replacement in _SCRUBBERS:
+        text = "req_sim_abcdef0123456789abcdef01"
+        n = 5000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            pattern.sub(replacement, text)
+        per = (time.perf_counter() - t0) / n * 1e6
+        rows.append([f"    regex {pattern.pattern[:44]} on a request id", f"{per:.2f}"])
+    os.close(fd)
+    rows.insert(1, ["  the same with loguru's default handler left installed (to /dev/null)", f"{with_default:.1f}"])
+    print("\n-- one log line, part by part --")
+    print(table(rows, ["part", "us per call"]))
+
+
+def memory_breaker_curve() -> None:
+    print("\n-- MemoryStore.breaker_record(ok=True) cost vs successful calls already in its 30 s window --")
+    rows = []
+    now = time.time()
+    for n in (0, 1_000, 3_000, 10_000, 30_000):
+        store = MemoryStore()
+        for _ in range(n):
+            store.breaker_record("m", True, now, 5, 0.5, 30.0, 30.0)
+        t0 = time.perf_counter()
+        for _ in range(100):
+            store.breaker_record("m", True, now, 5, 0.5, 30.0, 30.0)
+        per = (time.perf_counter() - t0) / 100 * 1e6
+        rows.append([f"{n}", f"{n / 30:.0f} req/s", f"{per:.1f}"])
+    print(table(rows, ["calls in window", "= sustained rate", "us per record (under the store lock)"]))
+
+
+def redis_breaker_curve(redis_server: RedisServer) -> None:
+    print("\n-- RedisStore.breaker_record: server time per call vs members in the outcomes zset --")
+    store = RedisStore(redis_server.url, prefix="bench_curve", socket_timeout=2.0)
+    rows = []
+    for n in (0, 1_000, 10_000, 30_000):
+        redis_server.client.flushall()
+        now = time.time()
+        pipe = redis_server.client.pipeline(transaction=False)
+        key = f"{store.tag}:breaker:m:outcomes"
+        for i in range(n):
+            pipe.zadd(key, {f"ok:{i}": now})
+        pipe.execute()
+        redis_server.client.config_resetstat()
+        for _ in range(20):
+            store.breaker_record("m", True, now, 5, 0.5, 30.0, 30.0)
+        ok_us = redis_server.client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
+        # failures: keep the failure rate under 50% so the circuit does not open and DEL the zset
+        redis_server.client.config_resetstat()
+        for _ in range(5):
+            store.breaker_record("m", False, now, 5, 0.5, 30.0, 30.0)
+        fail_us = redis_server.client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
+        rows.append([f"{n}", f"{ok_us:.0f}", f"{fail_us:.0f}"])
+    print(table(rows, ["members (calls in window)", "ok: us/call (server)", "failure: us/call (server)"]))
+    print("(server time from INFO commandstats usec_per_call of EVALSHA; Redis runs one script at a time)")
+
+
+def main() -> None:
+    logger.remove()
+    tmp = tempfile.mkdtemp(prefix="bench-profile-")
+    redis_server = RedisServer()
+    try:
+        from flask_claude.simulator import Simulator
+
+        quiet = wait_for_quiet()
+        meter = LoadMeter([redis_server.process.pid])
+        instrument_modules()
+        base = Caller(app_a(Simulator()))
+        mem = app_guarded("memory://", os.path.join(tmp, "claude.jsonl"), "prof_b")
+        red = app_guarded(redis_server.url, os.path.join(tmp, "claude.jsonl"), "prof_c")
+        instrument(mem)
+        instrument(red)
+        print("== step breakdown (run-time wrappers in this process only) ==")
+        breakdown("(b) flask-claude on memory://", Caller(mem), base)
+        breakdown("(c) flask-claude on Redis", Caller(red), base)
+        cprofile(Caller(app_guarded("memory://", os.path.join(tmp, "claude.jsonl"), "prof_b2")))
+        log_line_parts()
+        memory_breaker_curve()
+        redis_breaker_curve(redis_server)
+        print("\n== machine ==")
+        print(machine_description(redis_server.version()))
+        print(f"{quiet}; {meter.report()}")
+        print(f"command: {sys.executable} bench/profile_overhead.py  (BENCH_PROFILE_N={N})")
+    finally:
+        redis_server.stop()
+
+
+if __name__ == "__main__":
+    main()
