@@ -61,8 +61,8 @@ class GuardedBatches:
             worst_tokens += bound + params["max_tokens"]
             prepared.append({"custom_id": item["custom_id"], "params": params})
 
-        reservation = state.budgets.reserve_worst(scope, math.ceil(worst_usd * MICRO), worst_tokens,
-                                                  hold_seconds=BATCH_HOLD_SECONDS)
+        reservation, _ = state.budgets.reserve_worst(scope, math.ceil(worst_usd * MICRO), worst_tokens,
+                                                     hold_seconds=BATCH_HOLD_SECONDS)
         call = _Call(params={}, scope=scope, chain=["batch"], requested_model="batch",
                      deadline=Deadline.after(state.clock, settings.deadline), started=time.perf_counter(),
                      input_estimate=0, system_prompt_hash=None, max_tokens_requested=None)

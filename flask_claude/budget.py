@@ -10,9 +10,11 @@ periods in ``CLAUDE_BUDGET_TIMEZONE``.
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
+import random
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -22,8 +24,9 @@ from limits import RateLimitItem
 
 from .errors import BudgetExceeded, ClaudeGuardError, LimitExceeded
 from .events import hash_text
+from .hygiene import has_cache_control
 from .signals import budget_alert
-from .storage import Line, StorageUnavailable, Store
+from .storage import Begin, Line, Outcome, StorageUnavailable, Store
 from .tokens import upper_bound_tokens
 
 if TYPE_CHECKING:
@@ -32,6 +35,14 @@ if TYPE_CHECKING:
     from .extension import ClaudeState
 
 MICRO = 1_000_000  # USD are counted in integer micro-dollars
+
+_ids = itertools.count()
+_ID_PREFIX = os.urandom(4).hex()
+
+
+def _new_id() -> str:
+    """Unique across workers (the pid) and cheap: ``uuid4`` costs a syscall per call."""
+    return f"{_ID_PREFIX}{os.getpid():x}-{next(_ids):x}"
 
 
 class StorageDown(ClaudeGuardError):
@@ -84,11 +95,28 @@ class Budgets:
         self.settings = state.settings
         self.tz = ZoneInfo(self.settings.budget_timezone)
         self._last_storage_warning = 0.0
+        self._periods: dict[tuple[str, int], tuple[str, float, float]] = {}
 
     # --- keys -----------------------------------------------------------------------------
 
+    def _period(self, granularity: str, multiples: int, now: float) -> tuple[str, float]:
+        """``period_bounds``, computed once per period: it sits on every call's path."""
+        cached = self._periods.get((granularity, multiples))
+        if cached is not None and cached[2] <= now < cached[1]:
+            return cached[0], cached[1]
+        pid, end = period_bounds(granularity, multiples, now, self.tz)
+        self._periods[(granularity, multiples)] = (pid, end, now)
+        return pid, end
+
     def _subject(self, scope: CallScope, options: BudgetOptions | None) -> str:
         per = options.per if options is not None else "user"
+        memo_key = f"subject:{per if isinstance(per, str) else id(per)}"
+        subject = scope.memo.get(memo_key)
+        if subject is None:
+            subject = scope.memo[memo_key] = self._compute_subject(scope, per)
+        return str(subject)
+
+    def _compute_subject(self, scope: CallScope, per: Any) -> str:
         if callable(per):
             return f"key:{hash_text(str(per()), salt=self.state.user_salt)}"
         if per == "feature":
@@ -118,15 +146,15 @@ class Budgets:
         if options is not None:
             subject = self._subject(scope, options)
             for item in options.tokens:
-                pid, end = period_bounds(_granularity(item), item.multiples, now, self.tz)
+                pid, end = self._period(_granularity(item), item.multiples, now)
                 lines.append(Line(f"tok:{feature}:{subject}:{item}:{pid}", item.amount, tokens, end,
                                   name=f"{subject} tokens {item}"))
             for amount, period in options.usd:
-                pid, end = period_bounds(period, 1, now, self.tz)
+                pid, end = self._period(period, 1, now)
                 usd_idx.append(len(lines))
                 lines.append(Line(f"usd:{feature}:{subject}:{period}:{pid}", round(amount * MICRO), usd, end,
                                   name=f"{subject} usd {amount}/{period}"))
-        pid, end = period_bounds("day", 1, now, self.tz)
+        pid, end = self._period("day", 1, now)
         feature_limit = self.settings.feature_budgets_usd.get(scope.feature or "")
         if feature_limit is not None:
             usd_idx.append(len(lines))
@@ -141,84 +169,125 @@ class Budgets:
                               name="global daily budget"))
         return lines, usd_idx, app_wide
 
-    # --- pipeline step 2-3: admission -----------------------------------------------------
+    # --- pipeline steps 2-3: admission, done with the first call's reservation --------------
 
-    def admit(self, scope: CallScope, options: BudgetOptions | None) -> dict[str, str]:
-        """Refuse when an app-wide budget is spent (auto-kill) or a request limit is full.
+    def admit(self, scope: CallScope, options: BudgetOptions | None) -> None:
+        """Prepare the request's admission: the app-wide budgets' kill state and its request limits.
 
-        Returns the ``RateLimit-*`` headers of the tightest request limit, for the response.
+        Nothing is sent yet: the first Claude call of the request checks them in the same atomic
+        step as its reservation (one round trip for both); ``finish_admission`` checks them after a
+        view that made no call.
         """
         now = self.state.clock.time()
         lines, _, app_wide = self.budget_lines(scope, options, usd=0, tokens=0, now=now)
-        budgets = [lines[i] for i in sorted(app_wide)]
         requests: list[Line] = []
-        if options is not None:
+        if options is not None and options.requests:
             subject = self._subject(scope, options)
-            for item in options.requests:
-                requests.append(Line(f"req:{scope.feature or '-'}:{subject}:{item}", item.amount, 1,
-                                     float(item.get_expiry()), name=str(item)))
-        if not budgets and not requests:
-            return {}
-        result = self._guarded(lambda: self.store.admit(requests, budgets, uuid.uuid4().hex, now))
-        if result is None:
-            return {}
-        if not result.ok:
-            if result.exhausted:
-                raise BudgetExceeded(f"{budgets[result.failed].name} is used up", reason="budget_exhausted",
-                                     retry_after=result.retry_after).with_status(503)
-            item = requests[result.failed]
-            exc = LimitExceeded(f"request limit {item.name} reached", retry_after=result.retry_after)
-            exc.headers = {"RateLimit-Limit": str(item.limit), "RateLimit-Remaining": "0",
-                           "RateLimit-Reset": str(max(1, math.ceil(result.retry_after)))}
-            raise exc
-        if not requests:
-            return {}
-        tightest = min(range(len(requests)), key=lambda i: result.remaining[i])
-        return {"RateLimit-Limit": str(requests[tightest].limit),
-                "RateLimit-Remaining": str(result.remaining[tightest]),
-                "RateLimit-Reset": str(math.ceil(requests[tightest].expires_at))}
+            requests = [Line(f"req:{scope.feature or '-'}:{subject}:{item}", item.amount, 1,
+                             float(item.get_expiry()), name=str(item)) for item in options.requests]
+        gates = [lines[i] for i in sorted(app_wide)]
+        scope.admission = (gates, requests) if gates or requests else None
 
-    # --- each Claude call: reserve, settle ------------------------------------------------
+    def finish_admission(self, scope: CallScope) -> None:
+        """A view that made no Claude call is still counted against (and refused by) its limits."""
+        if scope.admission is not None:
+            self._begin(scope, holds=[], usd_idx=[], app_wide=set(), rid="", hold_seconds=0.0, breakers=())
 
-    def reserve(self, scope: CallScope, chain: list[str], params: Any, max_tokens: int) -> Reservation | None:
-        """Hold one call's worst case (input bound + ``max_tokens`` at the dearest model's prices)."""
+    # --- each Claude call: reserve (with admission and the breakers), settle ----------------
+
+    def begin(self, scope: CallScope, chain: list[str], params: Any,
+              max_tokens: int) -> tuple[Reservation | None, dict[str, float | None] | None]:
+        """Hold one call's worst case (input bound + ``max_tokens`` at the dearest model's prices).
+
+        The same round trip admits the request (if not yet done) and reads the chain's breakers,
+        so the call needs no other storage step before it is sent.
+        """
         input_bound = upper_bound_tokens(params)
-        worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens)
+        cached = has_cache_control(params)
+        worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens, cache_write=cached)
         return self.reserve_worst(scope, math.ceil(worst_usd * MICRO), input_bound + max_tokens,
-                                  hold_seconds=self.settings.deadline + 30.0)
+                                  hold_seconds=self.settings.deadline + 30.0, breakers=tuple(chain))
 
-    def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *,
-                      hold_seconds: float) -> Reservation | None:
+    def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *, hold_seconds: float,
+                      breakers: tuple[str, ...] = ()) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold ``usd_micro`` and ``tokens`` on every budget of ``scope`` in one step, or refuse.
 
         A hold lapses after ``hold_seconds``: a worker that died mid-call gives its room back.
         """
         now = self.state.clock.time()
         lines, usd_idx, app_wide = self.budget_lines(scope, scope.budgets, usd=usd_micro, tokens=tokens, now=now)
+        if not lines and scope.admission is None:
+            return None, None
+        rid = _new_id()
+        breaker_snapshot = self._begin(scope, holds=lines, usd_idx=usd_idx, app_wide=app_wide, rid=rid,
+                                       hold_seconds=hold_seconds, breakers=breakers)
         if not lines:
-            return None
-        rid = uuid.uuid4().hex
-        hold_until = now + hold_seconds
-        exhausted_alert = repr(1.0) if 1.0 in self.settings.budget_alerts else ""
-        result = self._guarded(lambda: self.store.reserve(lines, rid, hold_until, now, exhausted_alert))
-        if result is None:
-            return None
-        if not result.ok:
-            line = lines[result.failed]
-            if result.newly_exhausted and result.failed in app_wide:
-                self._alert(line, 1.0, result.spent, result.failed in usd_idx)
-            if result.failed in app_wide:
-                raise BudgetExceeded(f"{line.name} has no room for this call", reason="budget_exhausted",
-                                     retry_after=result.retry_after).with_status(503)
-            raise BudgetExceeded(f"{line.name} has no room for this call", retry_after=result.retry_after)
-        return Reservation(rid, lines, usd_idx, sorted(app_wide))
+            return None, breaker_snapshot
+        return Reservation(rid, lines, usd_idx, sorted(app_wide)), breaker_snapshot
 
-    def settle(self, reservation: Reservation, usd: float, tokens: int) -> None:
+    def _begin(self, scope: CallScope, *, holds: list[Line], usd_idx: list[int], app_wide: set[int], rid: str,
+               hold_seconds: float, breakers: tuple[str, ...]) -> dict[str, float | None] | None:
+        """One atomic step; while in-flight holds (not spend) fill a budget, wait briefly for room.
+
+        Holds are worst cases, often several times a call's real cost, so under a burst a budget
+        can look full while most of it is still unspent: such a refusal is "busy", not "exhausted",
+        and is retried for up to ``CLAUDE_BUDGET_WAIT`` seconds before the caller is told to retry.
+        """
+        gates, requests = scope.admission or ([], [])
+        clock = self.state.clock
+        waited_until = clock.monotonic() + self.settings.budget_wait
+        pause = 0.02
+        while True:
+            now = clock.time()
+            step = Begin(gates=gates, requests=requests, holds=holds, member=_new_id(), rid=rid,
+                         hold_until=now + hold_seconds,
+                         exhausted_alert=repr(1.0) if 1.0 in self.settings.budget_alerts else "",
+                         breakers=breakers)
+            result = self._guarded(lambda step=step, now=now: self.store.begin(step, now))
+            if result is None:  # storage down, policy "open": serve without limits
+                scope.admission = None
+                return None
+            if result.ok or not (result.busy and clock.monotonic() + pause < waited_until):
+                break
+            clock.sleep(pause * (0.5 + random.random()))
+            pause = min(pause * 2, 0.25)
+        if not result.ok:
+            self._refuse(result, gates, requests, holds, usd_idx, app_wide)
+        scope.admission = None
+        if requests:
+            tightest = min(range(len(requests)), key=lambda i: result.remaining[i])
+            scope.rate_headers = {"RateLimit-Limit": str(requests[tightest].limit),
+                                  "RateLimit-Remaining": str(result.remaining[tightest]),
+                                  "RateLimit-Reset": str(math.ceil(requests[tightest].expires_at))}
+        return result.breakers
+
+    def _refuse(self, result: Outcome, gates: list[Line], requests: list[Line], holds: list[Line],
+                usd_idx: list[int], app_wide: set[int]) -> None:
+        if result.stage == "gate":
+            raise BudgetExceeded(f"{gates[result.failed].name} is used up", reason="budget_exhausted",
+                                 retry_after=result.retry_after).with_status(503)
+        if result.stage == "request":
+            item = requests[result.failed]
+            exc = LimitExceeded(f"request limit {item.name} reached", retry_after=result.retry_after)
+            exc.headers = {"RateLimit-Limit": str(item.limit), "RateLimit-Remaining": "0",
+                           "RateLimit-Reset": str(max(1, math.ceil(result.retry_after)))}
+            raise exc
+        line = holds[result.failed]
+        if result.newly_exhausted and result.failed in app_wide:
+            self._alert(line, 1.0, result.spent, result.failed in usd_idx)
+        reason = "budget_busy" if result.busy else ("budget_exhausted" if result.failed in app_wide else None)
+        error = BudgetExceeded(f"{line.name} has no room for this call", reason=reason,
+                               retry_after=result.retry_after)
+        raise error.with_status(503) if result.failed in app_wide else error
+
+    def settle(self, reservation: Reservation, usd: float, tokens: int, *, success: str | None = None) -> None:
+        """Replace the hold by the real cost (and record the model's success on its breaker)."""
         now = self.state.clock.time()
         actual = [Line(line.key, line.limit, math.ceil(usd * MICRO) if i in reservation.usd_lines else tokens,
                        line.expires_at, line.name) for i, line in enumerate(reservation.lines)]
         try:
-            crossed = self.store.settle(actual, reservation.rid, self.settings.budget_alerts, now)
+            crossed = self.store.settle(actual, reservation.rid, self.settings.budget_alerts, now,
+                                        success=success, breaker=self.state.breaker.params)
         except StorageUnavailable as exc:
             # The call happened and was paid for: never fail the response now. The spend is in the
             # log line; the hold lapses after its deadline.

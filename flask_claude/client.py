@@ -58,6 +58,8 @@ class _Call:
     system_prompt_hash: str | None
     max_tokens_requested: int | None
     reservation: Any = None
+    breakers: dict[str, float | None] | None = None  # breaker states read with the reservation
+    success_model: str | None = None  # recorded on its breaker by the settlement, not a round trip of its own
     task_budget: int | None = None
     model: str = ""
     fallback_from: str | None = None
@@ -201,7 +203,7 @@ class GuardedMessages:
         call.params.pop("timeout", None)
 
         # Reserve the worst case against every budget that applies, or refuse having reserved nothing.
-        call.reservation = state.budgets.reserve(scope, chain, call.params, max_tokens)
+        call.reservation, call.breakers = state.budgets.begin(scope, chain, call.params, max_tokens)
         return call
 
     def _run_chain(self, call: _Call, send: Callable[[str, httpx2.Timeout], T]) -> T:
@@ -215,7 +217,10 @@ class GuardedMessages:
             call.model = model
             failure: Failure | None = None
             for attempt in range(policy.max_retries + 1):
-                if not breaker.allow(model, clock.time()):
+                # A closed breaker read with the reservation needs no round trip of its own.
+                known_closed = attempt == 0 and call.breakers is not None and \
+                    model in call.breakers and call.breakers[model] is None
+                if not known_closed and not breaker.allow(model, clock.time()):
                     failure = Failure("circuit_open", None, "circuit_open")
                     break
                 remaining = call.deadline.remaining()
@@ -242,7 +247,10 @@ class GuardedMessages:
                     continue
                 finally:
                     current_deadline.reset(token)
-                self._record_outcome(model, ok=True)
+                if call.reservation is not None:
+                    call.success_model = model
+                else:
+                    self._record_outcome(model, ok=True)
                 if index > 0:
                     call.fallback_from = call.chain[0]
                 return result
@@ -292,7 +300,8 @@ class GuardedMessages:
         cost = state.prices.cost(call.model, usage, batch=batch)
         if call.reservation is not None:
             state.budgets.settle(call.reservation, cost.usd, cost.input_tokens + cost.cache_read_input_tokens
-                                 + cost.cache_creation_input_tokens + cost.output_tokens)
+                                 + cost.cache_creation_input_tokens + cost.output_tokens,
+                                 success=call.success_model)
         call.scope.spend_usd += cost.usd
         fields = {
             "request_id": request_id,
@@ -428,6 +437,7 @@ class GuardedMessageStream:
                 yield event
         except (anthropic.APIError, httpx2.HTTPError) as exc:
             failure = classify(exc)
+            self._call.success_model = None  # the stream's start was fine; its end was not
             self._owner._record_outcome(self._call.model, ok=not failure.counts_against_model)
             self._settle(error=failure)
             raise UpstreamUnavailable(f"stream failed: {failure.error_type}") from None

@@ -31,6 +31,9 @@ class CallScope:
     budgets: Any = None
     calls: int = 0
     spend_usd: float = 0.0
+    admission: Any = None  # (app-wide budgets, request limits) still to check: see Budgets.admit
+    rate_headers: dict[str, str] = field(default_factory=dict)
+    memo: dict[str, Any] = field(default_factory=dict)
 
 
 def current_scope() -> CallScope:

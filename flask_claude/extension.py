@@ -27,7 +27,7 @@ from .flags import make_provider
 from .pricing import PriceTable
 from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
 from .settings import Settings, load_settings
-from .storage import make_store
+from .storage import BreakerParams, make_store
 
 EXTENSION_KEY = "claude"
 SIMULATOR_BASE_URL = "http://simulator.flask-claude.invalid"
@@ -76,9 +76,9 @@ class ClaudeState:
         # Limits, budgets, alert de-duplication and breaker state share one store.
         self.store = make_store(settings.storage_uri, prefix=settings.storage_prefix,
                                 socket_timeout=settings.storage_socket_timeout)
-        self.breaker = CircuitBreaker(self.store, min_calls=settings.breaker_min_calls,
-                                      failure_rate=settings.breaker_failure_rate,
-                                      window=settings.breaker_window, cooldown=settings.breaker_cooldown)
+        self.breaker = CircuitBreaker(self.store, BreakerParams(
+            min_calls=settings.breaker_min_calls, failure_rate=settings.breaker_failure_rate,
+            window=settings.breaker_window, cooldown=settings.breaker_cooldown))
         # The same salt in every worker and across key rotations: user hashes join across log lines.
         salt = settings.hash_salt or str(app.config.get("SECRET_KEY") or "") or settings.storage_prefix
         self.user_salt = hashlib.sha256(salt.encode()).hexdigest()[:16]

@@ -17,11 +17,12 @@ from .tokens import estimate_tokens, prompt_texts
 CACHE_MIN_TOKENS = 1024  # below this the API does not cache a prefix (Sonnet/Opus minimum)
 
 
-def _has_cache_control(value: Any) -> bool:
+def has_cache_control(value: Any) -> bool:
+    """Whether any block of a request (or part of one) carries ``cache_control``."""
     if isinstance(value, Mapping):
-        return "cache_control" in value or any(_has_cache_control(v) for v in value.values())
+        return "cache_control" in value or any(has_cache_control(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return any(_has_cache_control(v) for v in value)
+        return any(has_cache_control(v) for v in value)
     return False
 
 
@@ -32,8 +33,8 @@ def with_auto_cache(params: dict[str, Any], *, min_tokens: int = CACHE_MIN_TOKEN
     a little under the API's minimum is harmless, the API then simply does not cache it.
     """
     system = params.get("system")
-    if not system or _has_cache_control(params.get("system")) or _has_cache_control(params.get("messages")) \
-            or _has_cache_control(params.get("tools")) or "cache_control" in params:
+    if not system or has_cache_control(params.get("system")) or has_cache_control(params.get("messages")) \
+            or has_cache_control(params.get("tools")) or "cache_control" in params:
         return params
     if sum(estimate_tokens(t) for t in prompt_texts({"system": system})) < min_tokens:
         return params

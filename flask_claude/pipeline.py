@@ -58,13 +58,16 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
                 if isinstance(first, str) and first:
                     state.prices.price(first)  # a typo in a flag must not cost $0 or reach upstream
                     scope.first_model = first
-        # ... and 3. the per-user request limit, in the same storage round trip
-        rate_headers = state.budgets.admit(scope, spec.budget)
+        # ... and 3. the per-user request limit; both are checked atomically with the first call's
+        # reservation (one storage round trip), or right after a view that made no call
         scope.budgets = spec.budget
+        state.budgets.admit(scope, spec.budget)
 
         # 4. the view, its Claude calls guarded under this scope
         g.claude_scope = scope
         response = make_response(view(*args, **kwargs))
+        if scope.admission is not None:
+            state.budgets.finish_admission(scope)
     except ClaudeGuardError as exc:
         return degrade(state, spec, scope, exc, args, kwargs)
     except (anthropic.APIError, httpx2.HTTPError) as exc:
@@ -72,7 +75,7 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
         return degrade(state, spec, scope, UpstreamUnavailable(type(exc).__name__), args, kwargs)
     if spec.fallback is not None and spec.fallback.cache:
         remember(state, spec, scope, response, args, kwargs)
-    response.headers.update(rate_headers)
+    response.headers.update(scope.rate_headers)
     return response
 
 

@@ -149,17 +149,17 @@ class PriceTable:
                     cache_read_input_tokens=cache_read, cache_creation_input_tokens=cache_creation)
 
     def worst_case_usd(self, models: Iterable[str], input_tokens: int, max_tokens: int,
-                       *, batch: bool = False) -> float:
+                       *, batch: bool = False, cache_write: bool = True) -> float:
         """An upper bound for one call across a model chain: what a budget must hold back.
 
-        Input is priced at the dearest of input and cache-write rates, since the caller's prompt may
-        be written to the cache.
+        With ``cache_write`` (the request carries ``cache_control``) input is priced at the dearest
+        of input and cache-write rates, since the prompt may be written to the cache.
         """
         worst = 0.0
         for model in models:
             p = self.price(model)
-            usd = _PER_TOKEN * (input_tokens * max(p.input, p.cache_write_5m, p.cache_write_1h)
-                                + max_tokens * p.output)
+            input_rate = max(p.input, p.cache_write_5m, p.cache_write_1h) if cache_write else p.input
+            usd = _PER_TOKEN * (input_tokens * input_rate + max_tokens * p.output)
             if batch:
                 usd *= p.batch_discount
             worst = max(worst, usd)

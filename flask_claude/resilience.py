@@ -20,6 +20,7 @@ import anthropic
 import httpx2
 
 from .clock import Clock
+from .storage import BreakerParams, StorageUnavailable
 
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 529})
 
@@ -178,32 +179,25 @@ class CircuitBreaker:
     together. A storage outage never blocks a call: the breaker then lets calls through.
     """
 
-    def __init__(self, store: Any, *, min_calls: int, failure_rate: float, window: float, cooldown: float) -> None:
+    def __init__(self, store: Any, params: BreakerParams) -> None:
         self.store = store
-        self.cooldown = cooldown
-        self._args = (min_calls, failure_rate, window, cooldown)
+        self.params = params
 
     def allow(self, model: str, now: float) -> bool:
         """False while open; after the cooldown grants exactly one probe (half-open)."""
-        from .storage import StorageUnavailable
-
         try:
-            return bool(self.store.breaker_allow(model, now, self.cooldown))
+            return bool(self.store.breaker_allow(model, now, self.params.cooldown))
         except StorageUnavailable:
             return True
 
     def record(self, model: str, ok: bool, now: float) -> bool:
         """Record an attempt's outcome; True when this record opened the circuit."""
-        from .storage import StorageUnavailable
-
         try:
-            return bool(self.store.breaker_record(model, ok, now, *self._args))
+            return bool(self.store.breaker_record(model, ok, now, self.params))
         except StorageUnavailable:
             return False
 
     def state(self, model: str, now: float) -> str:
-        from .storage import StorageUnavailable
-
         try:
             return str(self.store.breaker_state(model, now))
         except StorageUnavailable:

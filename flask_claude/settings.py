@@ -166,6 +166,7 @@ class Settings:
     budget_alerts: tuple[float, ...] = _setting((0.5, 0.8, 1.0), _fractions)
     budget_timezone: str = _setting("UTC", _timezone)
     budget_flag: str | None = _setting("ai-daily-budget-usd", _optional_str)
+    budget_wait: float = _setting(2.0, _number)
     alert_hook: Callable[..., Any] | None = _setting(None, _callable_or_none)
     degraded_status: int = _setting(503, lambda k, v: _number(k, v, integer=True, minimum=400))
 

@@ -10,9 +10,12 @@ and reserved in one atomic step (one Lua script on Redis, one lock in memory), o
 (``redis://``, ``redis+cluster://``, ``redis+sentinel://``), so its URI options and socket timeouts
 work as documented there.
 
-Units are integers (tokens, micro-dollars), so concurrent increments never round.
-Keys of one app share the Redis hash tag ``{fc:<prefix>}``: a multi-key script must stay in one
-cluster slot.
+A guarded call costs two round trips however many limits apply: ``begin`` (the request's admission
+if still pending, the reservation, and a read of the chain's breakers) and ``settle`` (the real
+cost, alert thresholds, and the breaker's record of the success).
+
+Units are integers (tokens, micro-dollars), so concurrent increments never round. Keys of one app
+share the Redis hash tag ``{fc:<prefix>}``: a multi-key script must stay in one cluster slot.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import math
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+BREAKER_BUCKETS = 10  # the failure window is counted in this many time buckets: O(1) per record
 
 
 @dataclass(frozen=True)
@@ -37,14 +42,38 @@ class Line:
 
 
 @dataclass(frozen=True)
-class Admission:
+class BreakerParams:
+    min_calls: int
+    failure_rate: float
+    window: float
+    cooldown: float
+
+
+@dataclass(frozen=True)
+class Begin:
+    """What a call's first storage step does, all or nothing."""
+
+    gates: Sequence[Line] = ()  # app-wide budgets: refuse when spent (the automatic kill switch)
+    requests: Sequence[Line] = ()  # request limits to count this request against
+    holds: Sequence[Line] = ()  # budgets to hold the call's worst case on
+    member: str = ""  # this request's entry in the request-limit windows
+    rid: str = ""  # the hold's id, for settle
+    hold_until: float = 0.0
+    exhausted_alert: str = ""  # the alert threshold claimed by the first "spent for good" refusal
+    breakers: Sequence[str] = ()  # models whose breaker state to read
+
+
+@dataclass(frozen=True)
+class Outcome:
     ok: bool
-    failed: int = -1  # index of the refusing line
-    exhausted: bool = False  # a budget line (not a request line) refused
+    stage: str = ""  # "gate" | "request" | "hold": which part refused
+    failed: int = -1  # index of the refusing line in that part
+    busy: bool = False  # a hold refused only because of others' live holds: room may come back soon
     retry_after: float = 0.0
-    remaining: tuple[int, ...] = ()
-    newly_exhausted: bool = False  # this refusal was the first to find the budget spent for good
+    remaining: tuple[int, ...] = ()  # per request limit, after this request
+    newly_exhausted: bool = False
     spent: int = 0
+    breakers: dict[str, float | None] = field(default_factory=dict)  # model -> open_until (None: closed)
 
 
 @dataclass(frozen=True)
@@ -60,20 +89,12 @@ class StorageUnavailable(Exception):
 
 
 class Store(Protocol):
-    def admit(self, requests: Sequence[Line], budgets: Sequence[Line], member: str, now: float) -> Admission:
-        """Refuse when a budget is spent or a request limit is full; else count the request in all."""
+    def begin(self, step: Begin, now: float) -> Outcome: ...
 
-    def reserve(self, lines: Sequence[Line], rid: str, hold_until: float, now: float,
-                exhausted_alert: str = "") -> Admission:
-        """Reserve ``amount`` on every line, or nothing when any line lacks the room.
-
-        A refusal that settled spend alone explains (not others' holds) marks the budget exhausted
-        at its current limit, so admission refuses at once until the period ends or the limit is
-        raised; the first such mark also claims the ``exhausted_alert`` threshold's alert.
-        """
-
-    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float) -> list[Crossed]:
-        """Replace the reservation by the real amount; report alert thresholds crossed first here."""
+    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
+               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+        """Replace the hold by the real amount; report alert thresholds crossed first here; record
+        ``success`` on that model's breaker."""
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         """(spent, reserved) for each budget key."""
@@ -85,8 +106,7 @@ class Store(Protocol):
 
     def breaker_allow(self, key: str, now: float, cooldown: float) -> bool: ...
 
-    def breaker_record(self, key: str, ok: bool, now: float, min_calls: int, rate: float, window: float,
-                       cooldown: float) -> bool: ...
+    def breaker_record(self, key: str, ok: bool, now: float, params: BreakerParams) -> bool: ...
 
     def breaker_state(self, key: str, now: float) -> str: ...
 
@@ -99,14 +119,19 @@ class _Budget:
     spent: int = 0
     expires_at: float = 0.0
     exhausted_at_limit: int | None = None
-    holds: dict[str, tuple[int, float]] | None = None  # rid -> (amount, hold_until)
+    holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # rid -> (amount, hold_until)
 
     def live_reserved(self, now: float) -> int:
-        if not self.holds:
-            return 0
         for rid in [r for r, (_, until) in self.holds.items() if until <= now]:
             del self.holds[rid]  # a worker that died mid-call releases its hold here
         return sum(amount for amount, _ in self.holds.values())
+
+
+@dataclass
+class _Breaker:
+    open_until: float | None = None
+    probe_since: float | None = None
+    buckets: dict[int, list[int]] = field(default_factory=dict)  # bucket -> [calls, failures]
 
 
 class MemoryStore:
@@ -117,68 +142,71 @@ class MemoryStore:
         self._budgets: dict[str, _Budget] = {}
         self._windows: dict[str, deque[float]] = {}
         self._alerts: dict[str, float] = {}
-        self._breakers: dict[str, dict[str, Any]] = {}
+        self._breakers: dict[str, _Breaker] = {}
         self._records: dict[str, str] = {}
 
     def _budget(self, key: str, expires_at: float, now: float) -> _Budget:
         budget = self._budgets.get(key)
         if budget is None or budget.expires_at <= now:
-            budget = self._budgets[key] = _Budget(expires_at=expires_at, holds={})
+            budget = self._budgets[key] = _Budget(expires_at=expires_at)
         return budget
 
-    def admit(self, requests: Sequence[Line], budgets: Sequence[Line], member: str, now: float) -> Admission:
+    def _claim_alert(self, key: str, threshold: str, until: float, now: float) -> bool:
+        alert_key = f"{key}|{threshold}"
+        if self._alerts.get(alert_key, 0) > now:
+            return False
+        self._alerts[alert_key] = until
+        return True
+
+    def begin(self, step: Begin, now: float) -> Outcome:
         with self._lock:
-            for i, line in enumerate(budgets):
+            for i, line in enumerate(step.gates):
                 budget = self._budget(line.key, line.expires_at, now)
                 if budget.spent >= line.limit or budget.exhausted_at_limit == line.limit:
-                    return Admission(False, i, exhausted=True, retry_after=max(0.0, line.expires_at - now))
+                    return Outcome(False, "gate", i, retry_after=max(0.0, line.expires_at - now))
             remaining = []
-            for i, line in enumerate(requests):
+            for i, line in enumerate(step.requests):
                 hits = self._windows.setdefault(line.key, deque())
                 while hits and hits[0] <= now - line.expires_at:
                     hits.popleft()
                 if len(hits) + 1 > line.limit:
-                    return Admission(False, i, retry_after=max(0.0, hits[0] + line.expires_at - now))
+                    return Outcome(False, "request", i, retry_after=max(0.0, hits[0] + line.expires_at - now))
                 remaining.append(line.limit - len(hits) - 1)
-            for line in requests:
-                self._windows[line.key].append(now)
-            return Admission(True, remaining=tuple(remaining))
-
-    def reserve(self, lines: Sequence[Line], rid: str, hold_until: float, now: float,
-                exhausted_alert: str = "") -> Admission:
-        with self._lock:
-            budgets = [self._budget(line.key, line.expires_at, now) for line in lines]
-            for i, (line, budget) in enumerate(zip(lines, budgets, strict=True)):
+            budgets = [self._budget(line.key, line.expires_at, now) for line in step.holds]
+            for i, (line, budget) in enumerate(zip(step.holds, budgets, strict=True)):
                 if budget.spent + budget.live_reserved(now) + line.amount > line.limit:
+                    busy = budget.spent + line.amount <= line.limit
                     first = False
-                    if budget.spent + line.amount > line.limit and budget.exhausted_at_limit != line.limit:
+                    if not busy and budget.exhausted_at_limit != line.limit:
                         budget.exhausted_at_limit = line.limit
-                        alert_key = f"{line.key}|{exhausted_alert}"
-                        if exhausted_alert and self._alerts.get(alert_key, 0) <= now:
-                            self._alerts[alert_key] = line.expires_at
-                            first = True
-                    return Admission(False, i, exhausted=True, retry_after=max(0.0, line.expires_at - now),
-                                     newly_exhausted=first, spent=budget.spent)
-            for line, budget in zip(lines, budgets, strict=True):
-                assert budget.holds is not None
-                budget.holds[rid] = (line.amount, hold_until)
-            return Admission(True)
+                        first = bool(step.exhausted_alert) and self._claim_alert(
+                            line.key, step.exhausted_alert, line.expires_at, now)
+                    retry = 1.0 if busy else max(0.0, line.expires_at - now)
+                    return Outcome(False, "hold", i, busy=busy, retry_after=retry, newly_exhausted=first,
+                                   spent=budget.spent)
+            for line in step.requests:
+                self._windows[line.key].append(now)
+            for line, budget in zip(step.holds, budgets, strict=True):
+                budget.holds[step.rid] = (line.amount, step.hold_until)
+            breakers = {m: (b.open_until if (b := self._breakers.get(m)) else None) for m in step.breakers}
+            return Outcome(True, remaining=tuple(remaining), breakers=breakers)
 
-    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float) -> list[Crossed]:
+    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
+               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
         crossed = []
         with self._lock:
             for line in lines:
                 budget = self._budget(line.key, line.expires_at, now)
                 before = budget.spent
-                if budget.holds:
-                    budget.holds.pop(rid, None)
+                budget.holds.pop(rid, None)
                 budget.spent += line.amount
                 for threshold in thresholds:
                     mark = threshold * line.limit
-                    alert_key = f"{line.key}|{threshold!r}"
-                    if before < mark <= budget.spent and self._alerts.get(alert_key, 0) <= now:
-                        self._alerts[alert_key] = line.expires_at
+                    if before < mark <= budget.spent and self._claim_alert(line.key, repr(threshold),
+                                                                           line.expires_at, now):
                         crossed.append(Crossed(line.key, threshold, budget.spent, line.limit))
+            if success is not None and breaker is not None:
+                self._record(success, True, now, breaker)
         return crossed
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
@@ -202,54 +230,63 @@ class MemoryStore:
 
     def breaker_allow(self, key: str, now: float, cooldown: float) -> bool:
         with self._lock:
-            state = self._breakers.get(key)
-            if not state or state.get("open_until") is None:
+            b = self._breakers.get(key)
+            if b is None or b.open_until is None:
                 return True
-            if now < state["open_until"]:
+            if now < b.open_until:
                 return False
-            probe = state.get("probe_since")
-            if probe is not None and now < probe + cooldown:
+            if b.probe_since is not None and now < b.probe_since + cooldown:
                 return False
-            state["probe_since"] = now
+            b.probe_since = now  # half-open: this caller is the one probe
             return True
 
-    def breaker_record(self, key: str, ok: bool, now: float, min_calls: int, rate: float, window: float,
-                       cooldown: float) -> bool:
+    def breaker_record(self, key: str, ok: bool, now: float, params: BreakerParams) -> bool:
         with self._lock:
-            state = self._breakers.setdefault(key, {"outcomes": deque(), "open_until": None, "probe_since": None})
-            if state["open_until"] is not None:
-                if state["probe_since"] is None:
-                    return False
-                state["probe_since"] = None
-                if ok:
-                    state["open_until"] = None
-                    state["outcomes"].clear()
-                    return False
-                state["open_until"] = now + cooldown
-                return True
-            outcomes: deque[tuple[float, bool]] = state["outcomes"]
-            outcomes.append((now, ok))
-            while outcomes and outcomes[0][0] < now - window:
-                outcomes.popleft()
-            failures = sum(1 for _, good in outcomes if not good)
-            if not ok and len(outcomes) >= min_calls and failures / len(outcomes) >= rate:
-                state["open_until"] = now + cooldown
-                outcomes.clear()
-                return True
+            return self._record(key, ok, now, params)
+
+    def _record(self, key: str, ok: bool, now: float, params: BreakerParams) -> bool:
+        b = self._breakers.setdefault(key, _Breaker())
+        if b.open_until is not None:
+            if b.probe_since is None:
+                return False
+            b.probe_since = None
+            if ok:
+                self._breakers[key] = _Breaker()
+                return False
+            b.open_until = now + params.cooldown
+            return True
+        width = params.window / BREAKER_BUCKETS
+        bucket = math.floor(now / width)
+        counts = b.buckets.setdefault(bucket, [0, 0])
+        counts[0] += 1
+        counts[1] += 0 if ok else 1
+        if len(b.buckets) > BREAKER_BUCKETS:
+            for old in [k for k in b.buckets if k <= bucket - BREAKER_BUCKETS]:
+                del b.buckets[old]
+        if ok:
             return False
+        window = [b.buckets.get(i, (0, 0)) for i in range(bucket - BREAKER_BUCKETS + 1, bucket + 1)]
+        calls = sum(c for c, _ in window)
+        failures = sum(f for _, f in window)
+        if calls >= params.min_calls and failures / calls >= params.failure_rate:
+            self._breakers[key] = _Breaker(open_until=now + params.cooldown)
+            return True
+        return False
 
     def breaker_state(self, key: str, now: float) -> str:
         with self._lock:
-            state = self._breakers.get(key)
-            if not state or state["open_until"] is None:
+            b = self._breakers.get(key)
+            if b is None or b.open_until is None:
                 return "closed"
-            return "open" if now < state["open_until"] else "half_open"
+            return "open" if now < b.open_until else "half_open"
 
 
 # --- Redis ----------------------------------------------------------------------------------
 
-# Budgets: a hash per budget key: "spent" and one "r:<rid>" field per live hold ("amount until").
-_LUA_COMMON = """
+# Budgets: a hash per budget key: "spent", "exhausted" (the limit it was found spent at) and one
+# "r:<rid>" field per live hold ("amount until"). Breakers: a hash per model: "open_until",
+# "probe_since", and "c:<bucket>" / "f:<bucket>" call and failure counts.
+_LUA_FUNCTIONS = """
 local function live_reserved(key, now)
   local total = 0
   local fields = redis.call('HGETALL', key)
@@ -266,78 +303,122 @@ local function live_reserved(key, now)
   end
   return total
 end
-"""
 
-# KEYS: budget keys..., request keys...; ARGV: now, nb, nr, member, then per budget (limit, expires_at),
-# then per request (limit, window)
-_LUA_ADMIT = _LUA_COMMON + """
-local now = tonumber(ARGV[1]); local nb = tonumber(ARGV[2]); local nr = tonumber(ARGV[3]); local member = ARGV[4]
-local a = 5
-for i = 1, nb do
-  local limit = tonumber(ARGV[a]); local expires = tonumber(ARGV[a + 1]); a = a + 2
+local function claim_alert(key, threshold, expires, now)
+  if threshold == '' then return false end
+  return redis.call('SET', key .. '|alert|' .. threshold, '1', 'NX', 'EXAT', math.ceil(expires) + 1) ~= false
+end
+
+local function record_outcome(key, ok, now, min_calls, rate, window, cooldown)
+  local state = redis.call('HMGET', key, 'open_until', 'probe_since')
+  if state[1] then
+    if not state[2] then return 0 end
+    if ok then redis.call('DEL', key); return 0 end
+    redis.call('HDEL', key, 'probe_since')
+    redis.call('HSET', key, 'open_until', tostring(now + cooldown))
+    return 1
+  end
+  local width = window / BUCKETS
+  local b = math.floor(now / width)
+  redis.call('HINCRBY', key, 'c:' .. b, 1)
+  if not ok then redis.call('HINCRBY', key, 'f:' .. b, 1) end
+  redis.call('HDEL', key, 'c:' .. (b - BUCKETS), 'f:' .. (b - BUCKETS))
+  redis.call('EXPIRE', key, math.ceil(window + cooldown) + 60)
+  if ok then return 0 end
+  local fields = {}
+  for i = b - BUCKETS + 1, b do
+    table.insert(fields, 'c:' .. i); table.insert(fields, 'f:' .. i)
+  end
+  local values = redis.call('HMGET', key, unpack(fields))
+  local calls, failures = 0, 0
+  for i = 1, #values, 2 do
+    calls = calls + tonumber(values[i] or '0'); failures = failures + tonumber(values[i + 1] or '0')
+  end
+  if calls >= min_calls and failures / calls >= rate then
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'open_until', tostring(now + cooldown))
+    redis.call('EXPIRE', key, math.ceil(cooldown) + 3600)
+    return 1
+  end
+  return 0
+end
+""".replace("BUCKETS", str(BREAKER_BUCKETS))
+
+# KEYS: gates, requests, holds, breakers. ARGV: now, ng, nr, nh, nb, member, rid, hold_until,
+# alert, then per gate (limit, expires), per request (limit, window), per hold (limit, amount, expires).
+# Returns {ok, stage, failed, retry, newly, spent, busy, remaining..., open_until per breaker ('' = closed)}.
+_LUA_BEGIN = _LUA_FUNCTIONS + """
+local now = tonumber(ARGV[1])
+local ng, nr, nh, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local member, rid, hold, alert = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local a = 10
+for i = 1, ng do
+  local limit, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
   local state = redis.call('HMGET', KEYS[i], 'spent', 'exhausted')
-  local spent = tonumber(state[1] or '0')
-  if spent >= limit or tonumber(state[2] or '-1') == limit then
-    return {0, i - 1, 1, tostring(math.max(0, expires - now))}
+  if tonumber(state[1] or '0') >= limit or tonumber(state[2] or '-1') == limit then
+    return {0, 'gate', i - 1, tostring(math.max(0, expires - now)), 0, 0, 0}
   end
 end
 local remaining = {}
 for j = 1, nr do
-  local key = KEYS[nb + j]
-  local limit = tonumber(ARGV[a]); local window = tonumber(ARGV[a + 1]); a = a + 2
+  local key = KEYS[ng + j]
+  local limit, window = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local count = redis.call('ZCARD', key)
   if count + 1 > limit then
     local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-    return {0, j - 1, 0, tostring(math.max(0, tonumber(oldest[2]) + window - now))}
+    return {0, 'request', j - 1, tostring(math.max(0, tonumber(oldest[2]) + window - now)), 0, 0, 0}
   end
   remaining[j] = limit - count - 1
 end
-a = 5 + 2 * nb
+local hold_args = a
+for k = 1, nh do
+  local key = KEYS[ng + nr + k]
+  local limit, amount, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]); a = a + 3
+  local spent = tonumber(redis.call('HGET', key, 'spent') or '0')
+  if spent + live_reserved(key, now) + amount > limit then
+    if spent + amount <= limit then
+      return {0, 'hold', k - 1, '1', 0, spent, 1}
+    end
+    local first = 0
+    if tonumber(redis.call('HGET', key, 'exhausted') or '-1') ~= limit then
+      redis.call('HSET', key, 'exhausted', limit)
+      redis.call('EXPIREAT', key, math.ceil(expires) + 86400)
+      if claim_alert(key, alert, expires, now) then first = 1 end
+    end
+    return {0, 'hold', k - 1, tostring(math.max(0, expires - now)), first, spent, 0}
+  end
+end
+a = 10 + 2 * ng
 for j = 1, nr do
-  local key = KEYS[nb + j]
+  local key = KEYS[ng + j]
   local window = tonumber(ARGV[a + 1]); a = a + 2
   redis.call('ZADD', key, now, member)
   redis.call('EXPIRE', key, math.ceil(window) + 1)
 end
-return {1, -1, 0, '0', unpack(remaining)}
+a = hold_args
+for k = 1, nh do
+  local key = KEYS[ng + nr + k]
+  local amount, expires = ARGV[a + 1], tonumber(ARGV[a + 2]); a = a + 3
+  redis.call('HSET', key, 'r:' .. rid, amount .. ' ' .. hold)
+  redis.call('EXPIREAT', key, math.ceil(expires) + 86400)
+end
+local out = {1, '', -1, '0', 0, 0, 0}
+for j = 1, nr do table.insert(out, remaining[j]) end
+for m = 1, nb do
+  table.insert(out, redis.call('HGET', KEYS[ng + nr + nh + m], 'open_until') or '')
+end
+return out
 """
 
-# KEYS: budget keys; ARGV: now, rid, hold_until, exhausted_alert, then per key (limit, amount, expires_at)
-_LUA_RESERVE = _LUA_COMMON + """
-local now = tonumber(ARGV[1]); local rid = ARGV[2]; local hold = ARGV[3]; local alert = ARGV[4]
-for i = 1, #KEYS do
-  local limit = tonumber(ARGV[2 + 3 * i]); local amount = tonumber(ARGV[3 + 3 * i])
-  local expires = tonumber(ARGV[4 + 3 * i])
-  local spent = tonumber(redis.call('HGET', KEYS[i], 'spent') or '0')
-  if spent + live_reserved(KEYS[i], now) + amount > limit then
-    local first = 0
-    if spent + amount > limit and tonumber(redis.call('HGET', KEYS[i], 'exhausted') or '-1') ~= limit then
-      redis.call('HSET', KEYS[i], 'exhausted', limit)
-      redis.call('EXPIREAT', KEYS[i], math.ceil(expires) + 86400)
-      local claimed = alert ~= '' and
-        redis.call('SET', KEYS[i] .. '|alert|' .. alert, '1', 'NX', 'EXAT', math.ceil(expires) + 1)
-      if claimed then
-        first = 1
-      end
-    end
-    return {0, i - 1, tostring(math.max(0, expires - now)), first, spent}
-  end
-end
-for i = 1, #KEYS do
-  local amount = ARGV[3 + 3 * i]; local expires = tonumber(ARGV[4 + 3 * i])
-  redis.call('HSET', KEYS[i], 'r:' .. rid, amount .. ' ' .. hold)
-  redis.call('EXPIREAT', KEYS[i], math.ceil(expires) + 86400)
-end
-return {1, -1, '0'}
-"""
-
-# KEYS: budget keys; ARGV: now, rid, nthresholds, thresholds..., then per key (limit, amount, expires_at)
-_LUA_SETTLE = """
+# KEYS: budget keys, then the success model's breaker key if any. ARGV: now, rid, nt, thresholds...,
+# nl, per line (limit, amount, expires), then (min_calls, rate, window, cooldown) when recording.
+_LUA_SETTLE = _LUA_FUNCTIONS + """
 local now = tonumber(ARGV[1]); local rid = ARGV[2]; local nt = tonumber(ARGV[3])
-local base = 3 + nt
+local nl = tonumber(ARGV[4 + nt])
+local base = 4 + nt
 local crossed = {}
-for i = 1, #KEYS do
+for i = 1, nl do
   local limit = tonumber(ARGV[base + 3 * i - 2]); local amount = tonumber(ARGV[base + 3 * i - 1])
   local expires = tonumber(ARGV[base + 3 * i])
   redis.call('HDEL', KEYS[i], 'r:' .. rid)
@@ -346,54 +427,32 @@ for i = 1, #KEYS do
   local before = spent - amount
   for t = 1, nt do
     local mark = tonumber(ARGV[3 + t]) * limit
-    if before < mark and mark <= spent then
-      if redis.call('SET', KEYS[i] .. '|alert|' .. ARGV[3 + t], '1', 'NX', 'EXAT', math.ceil(expires) + 1) then
-        table.insert(crossed, {i - 1, ARGV[3 + t], spent})
-      end
+    if before < mark and mark <= spent and claim_alert(KEYS[i], ARGV[3 + t], expires, now) then
+      table.insert(crossed, {i - 1, ARGV[3 + t], spent})
     end
   end
+end
+if #KEYS > nl then
+  local p = base + 3 * nl
+  record_outcome(KEYS[nl + 1], true, now, tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]),
+                 tonumber(ARGV[p + 4]))
 end
 return crossed
 """
 
 _LUA_BREAKER_ALLOW = """
 local now = tonumber(ARGV[1]); local cooldown = tonumber(ARGV[2])
-local open_until = redis.call('HGET', KEYS[1], 'open_until')
-if not open_until then return 1 end
-if now < tonumber(open_until) then return 0 end
-local probe = redis.call('HGET', KEYS[1], 'probe_since')
-if probe and now < tonumber(probe) + cooldown then return 0 end
+local state = redis.call('HMGET', KEYS[1], 'open_until', 'probe_since')
+if not state[1] then return 1 end
+if now < tonumber(state[1]) then return 0 end
+if state[2] and now < tonumber(state[2]) + cooldown then return 0 end
 redis.call('HSET', KEYS[1], 'probe_since', ARGV[1])
 return 1
 """
 
-# KEYS: state hash, outcomes zset; ARGV: now, ok, min_calls, rate, window, cooldown, member
-_LUA_BREAKER_RECORD = """
-local now = tonumber(ARGV[1]); local ok = ARGV[2] == '1'
-local min_calls = tonumber(ARGV[3]); local rate = tonumber(ARGV[4])
-local window = tonumber(ARGV[5]); local cooldown = tonumber(ARGV[6])
-local open_until = redis.call('HGET', KEYS[1], 'open_until')
-if open_until then
-  if not redis.call('HGET', KEYS[1], 'probe_since') then return 0 end
-  redis.call('HDEL', KEYS[1], 'probe_since')
-  if ok then
-    redis.call('HDEL', KEYS[1], 'open_until'); redis.call('DEL', KEYS[2]); return 0
-  end
-  redis.call('HSET', KEYS[1], 'open_until', tostring(now + cooldown)); return 1
-end
-redis.call('ZADD', KEYS[2], now, (ok and 'ok:' or 'fail:') .. ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. tostring(now - window))
-redis.call('EXPIRE', KEYS[2], math.ceil(window) + 1)
-if ok then return 0 end
-local all = redis.call('ZRANGE', KEYS[2], 0, -1)
-local failures = 0
-for _, m in ipairs(all) do if string.sub(m, 1, 5) == 'fail:' then failures = failures + 1 end end
-if #all >= min_calls and failures / #all >= rate then
-  redis.call('HSET', KEYS[1], 'open_until', tostring(now + cooldown))
-  redis.call('DEL', KEYS[2])
-  return 1
-end
-return 0
+_LUA_BREAKER_RECORD = _LUA_FUNCTIONS + """
+return record_outcome(KEYS[1], ARGV[2] == '1', tonumber(ARGV[1]), tonumber(ARGV[3]), tonumber(ARGV[4]),
+                      tonumber(ARGV[5]), tonumber(ARGV[6]))
 """
 
 
@@ -401,6 +460,7 @@ class RedisStore:
     """The shared store: every operation is one Lua script, so one round trip and atomic."""
 
     def __init__(self, uri: str, *, prefix: str, socket_timeout: float) -> None:
+        import redis
         from limits.storage import storage_from_string
 
         options: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
@@ -409,8 +469,8 @@ class RedisStore:
         self._limits_storage = storage_from_string(uri, **options)
         self.client: Any = self._limits_storage.storage  # type: ignore[union-attr]
         self.tag = f"{{fc:{prefix}}}"
-        self._admit = self.client.register_script(_LUA_ADMIT)
-        self._reserve = self.client.register_script(_LUA_RESERVE)
+        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+        self._begin = self.client.register_script(_LUA_BEGIN)
         self._settle = self.client.register_script(_LUA_SETTLE)
         self._allow = self.client.register_script(_LUA_BREAKER_ALLOW)
         self._record = self.client.register_script(_LUA_BREAKER_RECORD)
@@ -418,97 +478,80 @@ class RedisStore:
     def _k(self, key: str) -> str:
         return f"{self.tag}:{key}"
 
-    def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
-        import redis
+    def _b(self, model: str) -> str:
+        return f"{self.tag}:breaker:{model}"
 
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return script(keys=keys, args=args)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
             raise StorageUnavailable(type(exc).__name__) from exc
 
-    def admit(self, requests: Sequence[Line], budgets: Sequence[Line], member: str, now: float) -> Admission:
-        keys = [self._k(b.key) for b in budgets] + [self._k(r.key) for r in requests]
-        args: list[Any] = [repr(now), len(budgets), len(requests), member]
-        for b in budgets:
-            args += [b.limit, repr(b.expires_at)]
-        for r in requests:
-            args += [r.limit, repr(r.expires_at)]
-        res = self._run(self._admit, keys, args)
-        ok, failed, exhausted, retry = int(res[0]), int(res[1]), int(res[2]), float(res[3])
-        return Admission(bool(ok), failed, exhausted=bool(exhausted), retry_after=retry,
-                         remaining=tuple(int(x) for x in res[4:]))
+    def begin(self, step: Begin, now: float) -> Outcome:
+        keys = ([self._k(line.key) for line in (*step.gates, *step.requests, *step.holds)]
+                + [self._b(m) for m in step.breakers])
+        args: list[Any] = [repr(now), len(step.gates), len(step.requests), len(step.holds), len(step.breakers),
+                           step.member, step.rid, repr(step.hold_until), step.exhausted_alert]
+        for line in step.gates:
+            args += [line.limit, repr(line.expires_at)]
+        for line in step.requests:
+            args += [line.limit, repr(line.expires_at)]
+        for line in step.holds:
+            args += [line.limit, line.amount, repr(line.expires_at)]
+        res = self._call(self._begin, keys=keys, args=args)
+        ok = bool(int(res[0]))
+        stage = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
+        if not ok:
+            return Outcome(False, stage, int(res[2]), busy=bool(int(res[6])), retry_after=float(res[3]),
+                           newly_exhausted=bool(int(res[4])), spent=int(res[5]))
+        nr = len(step.requests)
+        remaining = tuple(int(x) for x in res[7:7 + nr])
+        opens = res[7 + nr:]
+        breakers = {m: (float(v) if v not in (b"", "") else None) for m, v in zip(step.breakers, opens, strict=True)}
+        return Outcome(True, remaining=remaining, breakers=breakers)
 
-    def reserve(self, lines: Sequence[Line], rid: str, hold_until: float, now: float,
-                exhausted_alert: str = "") -> Admission:
-        args: list[Any] = [repr(now), rid, repr(hold_until), exhausted_alert]
+    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
+               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+        keys = [self._k(line.key) for line in lines]
+        args: list[Any] = [repr(now), rid, len(thresholds), *(repr(t) for t in thresholds), len(lines)]
         for line in lines:
             args += [line.limit, line.amount, repr(line.expires_at)]
-        res = self._run(self._reserve, [self._k(line.key) for line in lines], args)
-        return Admission(bool(int(res[0])), int(res[1]), exhausted=True, retry_after=float(res[2]),
-                         newly_exhausted=len(res) > 3 and bool(int(res[3])),
-                         spent=int(res[4]) if len(res) > 4 else 0)
-
-    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float) -> list[Crossed]:
-        args: list[Any] = [repr(now), rid, len(thresholds), *(repr(t) for t in thresholds)]
-        for line in lines:
-            args += [line.limit, line.amount, repr(line.expires_at)]
-        res = self._run(self._settle, [self._k(line.key) for line in lines], args)
+        if success is not None and breaker is not None:
+            keys.append(self._b(success))
+            args += [breaker.min_calls, repr(breaker.failure_rate), repr(breaker.window), repr(breaker.cooldown)]
+        res = self._call(self._settle, keys=keys, args=args)
         return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
-        import redis
-
         out = []
-        try:
-            for key in keys:
-                fields = self.client.hgetall(self._k(key))
-                spent = int(fields.get(b"spent", 0))
-                reserved = 0
-                for field, value in fields.items():
-                    if field.startswith(b"r:"):
-                        amount, until = value.split()
-                        if float(until) > now:
-                            reserved += int(amount)
-                out.append((spent, reserved))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise StorageUnavailable(type(exc).__name__) from exc
+        for key in keys:
+            fields = self._call(self.client.hgetall, self._k(key))
+            reserved = 0
+            for name, value in fields.items():
+                if name.startswith(b"r:"):
+                    amount, until = value.split()
+                    if float(until) > now:
+                        reserved += int(amount)
+            out.append((int(fields.get(b"spent", 0)), reserved))
         return out
 
     def put_record(self, key: str, value: str, ttl: float) -> None:
-        import redis
-
-        try:
-            self.client.set(self._k(f"record:{key}"), value, ex=max(1, math.ceil(ttl)))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise StorageUnavailable(type(exc).__name__) from exc
+        self._call(self.client.set, self._k(f"record:{key}"), value, ex=max(1, math.ceil(ttl)))
 
     def get_record(self, key: str) -> str | None:
-        import redis
-
-        try:
-            value = self.client.get(self._k(f"record:{key}"))
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise StorageUnavailable(type(exc).__name__) from exc
+        value = self._call(self.client.get, self._k(f"record:{key}"))
         return None if value is None else value.decode()
 
     def breaker_allow(self, key: str, now: float, cooldown: float) -> bool:
-        return bool(self._run(self._allow, [self._k(f"breaker:{key}")], [repr(now), repr(cooldown)]))
+        return bool(self._call(self._allow, keys=[self._b(key)], args=[repr(now), repr(cooldown)]))
 
-    def breaker_record(self, key: str, ok: bool, now: float, min_calls: int, rate: float, window: float,
-                       cooldown: float) -> bool:
-        import uuid
-
-        keys = [self._k(f"breaker:{key}"), self._k(f"breaker:{key}:outcomes")]
-        args = [repr(now), "1" if ok else "0", min_calls, repr(rate), repr(window), repr(cooldown), uuid.uuid4().hex]
-        return bool(self._run(self._record, keys, args))
+    def breaker_record(self, key: str, ok: bool, now: float, params: BreakerParams) -> bool:
+        args = [repr(now), "1" if ok else "0", params.min_calls, repr(params.failure_rate), repr(params.window),
+                repr(params.cooldown)]
+        return bool(self._call(self._record, keys=[self._b(key)], args=args))
 
     def breaker_state(self, key: str, now: float) -> str:
-        import redis
-
-        try:
-            open_until = self.client.hget(self._k(f"breaker:{key}"), "open_until")
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
-            raise StorageUnavailable(type(exc).__name__) from exc
+        open_until = self._call(self.client.hget, self._b(key), "open_until")
         if open_until is None:
             return "closed"
         return "open" if now < float(open_until) else "half_open"
