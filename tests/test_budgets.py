@@ -178,9 +178,12 @@ def test_leaked_reservation_of_a_dead_worker_is_released(storage_uri: str, sim: 
     state = app.extensions["claude"]
     scope = CallScope(feature="ask", user="ghost")
     params = {"messages": [{"role": "user", "content": "x" * 300}]}
-    held = state.budgets.reserve(scope, ["claude-haiku-4-5"], params, 300)  # the worker "dies" here
+    held, _ = state.budgets.begin(scope, ["claude-haiku-4-5"], params, 300)  # the worker "dies" here
     assert held is not None
-    assert app.test_client().post("/ask").headers.get("X-Claude-Degraded") == "budget_exhausted"
+    busy = app.test_client().post("/ask")
+    # the room is held, not spent: "busy" with a short Retry-After, after waiting CLAUDE_BUDGET_WAIT
+    assert busy.headers.get("X-Claude-Degraded") == "budget_busy" and busy.headers["Retry-After"] == "1"
+    assert 1.5 <= sum(clock.sleeps) <= 2.5
     clock.advance(10 + 31)  # past the deadline and the grace period
     assert app.test_client().post("/ask").status_code == 200
 
@@ -283,3 +286,36 @@ def test_raw_user_keys_never_reach_logs_alerts_or_redis_keys(redis_url: str, red
     assert keys and not any("ann" in k for k in keys)
     # per-user budgets refuse quietly: only app-wide budgets raise alerts
     assert all(a["budget"].startswith(("global", "feature")) for a in claude_log.events("budget_alert"))
+
+
+def test_a_guarded_request_costs_two_redis_round_trips(redis_url: str, redis_server: RedisServer,
+                                                       sim: Simulator) -> None:
+    """Admission, reservation and breaker read in one script; settlement and breaker record in another."""
+    app = budget_app(sim, None, redis_url, budget=budgeted(requests="100/minute", tokens="1000000/day",
+                                                           usd="5/day"), CLAUDE_DAILY_BUDGET_USD=50,
+                     CLAUDE_FEATURE_BUDGETS_USD={"ask": 10})
+    c = app.test_client()
+    assert c.post("/ask").status_code == 200  # warm-up: scripts are loaded
+
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def watch() -> None:
+        with redis_server.client.monitor() as monitor:
+            ready.set()
+            for command in monitor.listen():
+                if command["command"] == "ECHO end-of-test":
+                    return
+                seen.append(command)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    ready.wait(5)
+    redis_server.client.echo("start")  # MONITOR is live once it has seen a command
+    for _ in range(10):
+        assert c.post("/ask").status_code == 200
+    redis_server.client.echo("end-of-test")
+    watcher.join(10)
+    from_clients = [cmd["command"].split()[0] for cmd in seen
+                    if cmd.get("client_type") != "lua" and not cmd["command"].startswith("ECHO")]
+    assert from_clients == ["EVALSHA"] * 20, from_clients
