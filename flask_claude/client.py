@@ -92,6 +92,7 @@ class GuardedMessages:
 
         self._state = state
         self.batches = GuardedBatches(self)
+        self._skip_logged_until: dict[str, float] = {}  # model -> when to log "skipped, circuit open" again
 
     # --- public API -------------------------------------------------------------------------
 
@@ -265,11 +266,20 @@ class GuardedMessages:
             call.fallback_from = call.chain[0]
             fields: dict[str, Any] = {"feature": call.scope.feature, "route": call.scope.route, "from_model": model,
                       "to_model": next_model, "reason": failure.error_type, "status_code": failure.status_code}
-            state.events.emit("model_fallback", fields, level="WARNING")
+            if failure.kind != "circuit_open" or self._log_skip(model):
+                state.events.emit("model_fallback", fields, level="WARNING")
             model_fallback.send(state.app, **fields)
         if last_exc is not None:
             raise last_exc
         raise UpstreamUnavailable("no model in the chain could be reached", reason="upstream_unavailable")
+
+    def _log_skip(self, model: str) -> bool:
+        """While a breaker is open every call skips its model: log that every few seconds, not per call."""
+        now = time.monotonic()
+        if now < self._skip_logged_until.get(model, 0.0):
+            return False
+        self._skip_logged_until[model] = now + 5.0
+        return True
 
     def _record_outcome(self, model: str, *, ok: bool) -> None:
         state = self._state

@@ -31,6 +31,15 @@ CALL_FIELDS = (
 )
 ERROR_FIELDS = (*CALL_FIELDS, "error_type", "status_code")
 
+# Fields whose values flask-claude itself produces (ids, model names, hashes, enums): scrubbing them
+# would cost seven regexes per field per line and could only ever find nothing.
+_OUR_FIELDS = frozenset({
+    "ts", "event", "request_id", "feature", "route", "model", "requested_model", "fallback_from", "stop_reason",
+    "system_prompt_hash", "error_type", "batch_id", "from_model", "to_model", "reason", "unit", "policy",
+    "user",  # already hashed, or scrubbed by EventLog.user
+    "budget",  # names built from hashed subjects
+})
+
 _SCRUBBERS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}"), "[api-key]"),
     (re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"), "[api-key]"),
@@ -92,12 +101,21 @@ _sinks: dict[str, list[int]] = {}  # destination -> [loguru handler id, number o
 _sinks_lock = threading.Lock()
 
 
+_released: list[str] = []  # destinations whose EventLog was collected, handled at the next install
+
+
 def _release_sink(destination: str) -> None:
-    """The last app logging to a destination is gone: remove its handler so handlers do not pile up."""
-    with _sinks_lock:
+    """Called by the garbage collector, at any point of any thread: so only note it, take no lock."""
+    _released.append(destination)
+
+
+def _drain_released() -> None:
+    """Remove handlers no app uses any more, so they do not pile up (called with ``_sinks_lock`` held)."""
+    while _released:
+        destination = _released.pop()
         entry = _sinks.get(destination)
         if entry is None:
-            return
+            continue
         entry[1] -= 1
         if entry[1] <= 0:
             del _sinks[destination]
@@ -107,6 +125,7 @@ def _release_sink(destination: str) -> None:
 def _install_sink(destination: str) -> None:
     """One loguru sink per destination, shared by every app that logs there (no duplicate lines)."""
     with _sinks_lock:
+        _drain_released()
         if destination in _sinks:
             _sinks[destination][1] += 1
             return
@@ -157,7 +176,7 @@ class EventLog:
                                   "event": event}
         for key, value in fields.items():
             if key not in record:
-                record[key] = _scrub_value(value, self.secrets)
+                record[key] = value if key in _OUR_FIELDS or value is None else _scrub_value(value, self.secrets)
         # The message is the fixed event name: untrusted text is bound, never formatted.
         logger.bind(claude_event=event, claude_sink=self.destination, claude_fields=record).log(level, event)
         return record
