@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,3 +159,42 @@ def storage_uri(request: pytest.FixtureRequest) -> str:
     server: RedisServer = request.getfixturevalue("redis_server")
     server.flush()
     return server.url
+
+
+# --- the example app (tests/test_example_app.py and tests/test_browser.py) -------------------------
+
+EXAMPLE_ENV_TO_CLEAR = ("REDIS_URL", "EXAMPLE_FLAGS_FILE", "AI_KILL_SWITCH", "TRUSTED_PROXIES")
+
+
+@pytest.fixture
+def flags_file(tmp_path: Path) -> Path:
+    import shutil
+
+    from example_app import DEFAULT_FLAGS_FILE
+
+    path = tmp_path / "flags.json"
+    shutil.copy(DEFAULT_FLAGS_FILE, path)
+    return path
+
+
+@pytest.fixture
+def make_example(tmp_path: Path, flags_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Flask]]:
+    for name in list(os.environ):
+        if name.startswith(("ANTHROPIC_", "CLAUDE_", "LAUNCHDARKLY_")) or name in EXAMPLE_ENV_TO_CLEAR:
+            monkeypatch.delenv(name, raising=False)
+    apps: list[Flask] = []
+
+    def factory(**config: Any) -> Flask:
+        from example_app import create_app
+
+        app = create_app({"EXAMPLE_FLAGS_FILE": str(flags_file),
+                          "CLAUDE_LOG_PATH": str(tmp_path / "claude-calls.jsonl"), **config})
+        app.testing = True
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:  # stop each flag file poller
+        app.extensions["claude"].flags.close()
+
+

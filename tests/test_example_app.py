@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,35 +17,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from example_app import DEFAULT_FLAGS_FILE, create_app
-
 ENV_TO_CLEAR = ("REDIS_URL", "EXAMPLE_FLAGS_FILE", "AI_KILL_SWITCH", "TRUSTED_PROXIES")
-
-
-@pytest.fixture
-def flags_file(tmp_path: Path) -> Path:
-    path = tmp_path / "flags.json"
-    shutil.copy(DEFAULT_FLAGS_FILE, path)
-    return path
-
-
-@pytest.fixture
-def make_example(tmp_path: Path, flags_file: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Flask]]:
-    for name in list(os.environ):
-        if name.startswith(("ANTHROPIC_", "CLAUDE_", "LAUNCHDARKLY_")) or name in ENV_TO_CLEAR:
-            monkeypatch.delenv(name, raising=False)
-    apps: list[Flask] = []
-
-    def factory(**config: Any) -> Flask:
-        app = create_app({"EXAMPLE_FLAGS_FILE": str(flags_file),
-                          "CLAUDE_LOG_PATH": str(tmp_path / "claude-calls.jsonl"), **config})
-        app.testing = True
-        apps.append(app)
-        return app
-
-    yield factory
-    for app in apps:  # stop each flag file poller
-        app.extensions["claude"].flags.close()
 
 
 @pytest.fixture
