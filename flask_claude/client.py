@@ -75,6 +75,13 @@ def _system_hash(system: Any) -> str | None:
     return hash_text(text)
 
 
+def _deadline(configured: float, timeout: Any) -> float:
+    """A caller's ``timeout=`` (a number) shortens the call's total deadline; it never lengthens it."""
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+        return min(configured, float(timeout))
+    return configured
+
+
 def _usage_dict(usage: Any) -> dict[str, Any]:
     if usage is None:
         return {}
@@ -193,7 +200,8 @@ class GuardedMessages:
         requested_max = params.get("max_tokens")
         max_tokens = cap if requested_max is None else min(int(requested_max), cap)
         call = _Call(params={**params, "max_tokens": max_tokens}, scope=scope, chain=chain,
-                     requested_model=requested, deadline=Deadline.after(state.clock, settings.deadline),
+                     requested_model=requested, deadline=Deadline.after(state.clock, _deadline(settings.deadline,
+                                                                                              params.get("timeout"))),
                      started=time.perf_counter(), input_estimate=input_estimate,
                      system_prompt_hash=_system_hash(params.get("system")),
                      max_tokens_requested=requested_max)

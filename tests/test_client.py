@@ -246,3 +246,12 @@ def test_real_network_path_never_logs_the_key(tmp_path: Any, sim: Simulator) -> 
     assert [line["event"] for line in lines] == ["claude_api_call", "claude_api_error"]
     assert lines[0]["request_id"].startswith("req_")
     assert all(SECRET_KEY not in json.dumps(r.headers) for r in sim.requests)
+
+
+def test_a_callers_timeout_shortens_the_deadline(make_app, sim: Simulator) -> None:
+    app = make_app(use_clock=False, CLAUDE_DEADLINE=30, CLAUDE_MODELS=["claude-haiku-4-5"])
+    sim.trickle(0.1, chunks=40)
+    started = time.monotonic()
+    with pytest.raises(UpstreamUnavailable):
+        create(app, timeout=0.4)
+    assert time.monotonic() - started < 0.9
