@@ -22,6 +22,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+
+# The checkout's HEAD when the benchmark started: another session may commit while it runs.
+HEAD_AT_START = _git("log", "-1", "--format=%h %s")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -116,18 +124,35 @@ def machine_description(redis_version: str | None = None) -> str:
         redis_version = (subprocess.run([binary, "--version"], capture_output=True, text=True).stdout.split()[2]
                          .removeprefix("v=") if binary else "not installed")
     cores = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
-    git = ["git", "-C", str(ROOT)]
-    commit = subprocess.run([*git, "log", "-1", "--format=%h %s"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--short", "--", "flask_claude"], capture_output=True,
-                           text=True).stdout.split()[1::2]
     return "\n".join([
-        f"code:    flask-claude at {commit[:90]}"
-        + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else ""),
+        f"code:    {code_description()}",
         f"machine: {cores} cores (nproc), {_cpu_model()}, {platform.system()} {platform.release()}",
         f"python:  {sys.version.split()[0]} ({platform.python_implementation()})",
         f"redis:   {redis_version} (own redis-server on 127.0.0.1, no persistence)",
         f"packages: {', '.join(versions)}",
     ])
+
+
+def code_description() -> str:
+    """Which flask_claude this process imported: the checkout, or a ``git archive`` snapshot of one commit.
+
+    A snapshot (``PYTHONPATH=/tmp/fc-snap/<sha>``, see RESULTS.md) keeps the measured code fixed while
+    the checkout moves; its ``.commit`` file (``git log -1 --format='%h %s'``) names the commit.
+    """
+    import flask_claude
+
+    origin = Path(flask_claude.__file__).resolve().parent.parent
+    if origin != ROOT:
+        marker = origin / ".commit"
+        label = marker.read_text().strip() if marker.exists() else "unknown commit"
+        return f"flask-claude at {label[:90]} (git archive snapshot in {origin}; the checkout's HEAD: " \
+               f"{_git('log', '-1', '--format=%h')})"
+    commit = _git("log", "-1", "--format=%h %s")
+    dirty = _git("status", "--short", "--", "flask_claude").split()[1::2]
+    text = f"flask-claude at {commit[:90]}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
+    if commit != HEAD_AT_START:
+        text += f" (WARNING: HEAD was {HEAD_AT_START[:60]} when the run started)"
+    return text
 
 
 class Gunicorn:
@@ -219,8 +244,10 @@ class LoadMeter:
                 f"{mine:.0f}%, other processes ~{max(0.0, machine - mine):.0f}%")
 
 
-def wait_for_quiet(max_wait: float = 60.0, threshold: float = 20.0) -> str:
-    """Wait (bounded) until the machine is mostly idle for one second, so timings are ours alone."""
+def wait_for_quiet(max_wait: float | None = None, threshold: float = 20.0) -> str:
+    """Wait (bounded: BENCH_QUIET_WAIT s, default 60) until the machine is mostly idle for one second."""
+    if max_wait is None:
+        max_wait = float(os.environ.get("BENCH_QUIET_WAIT", "60"))
     started = time.monotonic()
     while True:
         busy0, total0 = _machine_ticks()

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _common import Gunicorn, RedisServer, machine_description, table
+from _common import Gunicorn, LoadMeter, RedisServer, machine_description, percentile, table, wait_for_quiet
 
 BUDGET_USD = float(os.environ.get("BENCH_BUDGET_USD", "0.05"))
 LATENCY = float(os.environ.get("BENCH_SIM_LATENCY", "0.05"))
@@ -76,6 +76,13 @@ def _ts(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(ts)).timestamp() if ts else 0.0
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def run_mode(mode: str, redis_server: RedisServer, tmp: Path) -> dict[str, Any]:
     redis_server.client.flushall()
     log_path = tmp / f"{mode}.jsonl"
@@ -88,23 +95,30 @@ def run_mode(mode: str, redis_server: RedisServer, tmp: Path) -> dict[str, Any]:
         lock = threading.Lock()
         statuses: Counter[int] = Counter()
         retry_after: list[int] = []
+        latency: dict[int, list[float]] = {}
 
         def client() -> None:
             while True:
                 with lock:
                     if next(remaining, None) is None:
                         return
+                t0 = time.perf_counter()
                 status, wait = post(server.base)
+                elapsed_ms = (time.perf_counter() - t0) * 1000
                 with lock:
                     statuses[status] += 1
+                    latency.setdefault(status, []).append(elapsed_ms)
                     if wait is not None:
                         retry_after.append(wait)
 
+        quiet = wait_for_quiet()
+        meter = LoadMeter([redis_server.process.pid, server.process.pid, *_children(server.process.pid)])
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=CLIENTS) as pool:
             for future in [pool.submit(client) for _ in range(CLIENTS)]:
                 future.result()
         elapsed = time.monotonic() - started
+        load_report = meter.report()
         burst_lines = len(log_path.read_text().splitlines()) if log_path.exists() else 0
         # Drain: once every hold has settled, one client alone, until the first refusal (bounded).
         time.sleep(LATENCY * 4 + 0.5)
@@ -133,7 +147,7 @@ def run_mode(mode: str, redis_server: RedisServer, tmp: Path) -> dict[str, Any]:
     return {"mode": mode, "spent": spent, "burst_spent": burst_spent, "drained": drained, "calls": len(calls),
             "statuses": statuses, "elapsed": elapsed,
             "cost_per_call": costs[len(costs) // 2] if costs else 0.0, "degraded": degraded,
-            "early": early, "retry_after": retry_after,
+            "early": early, "retry_after": retry_after, "latency": latency, "quiet": quiet, "load": load_report,
             "alerts": Counter(e.get("threshold") for e in events if e["event"] == "budget_alert")}
 
 
@@ -182,6 +196,10 @@ def main() -> None:
         if ra:
             print(f"{r['mode']}: Retry-After on 503 refusals: min {ra[0]} s, median {ra[len(ra) // 2]} s, "
                   f"max {ra[-1]} s ({len(ra)} refusals with the header)")
+    for r in results:
+        parts = [f"{code}: p50 {percentile(v, 50):.0f} / p95 {percentile(v, 95):.0f} / max {max(v):.0f} ms "
+                 f"({len(v)})" for code, v in sorted(r["latency"].items())]
+        print(f"{r['mode']}: burst latency by status: " + "; ".join(parts))
     per_call = results[0]["cost_per_call"] or results[1]["cost_per_call"]
     print(f"\none call: real cost ${per_call:.6f} (median), reserved worst case ${worst:.6f} "
           f"({MODEL}, max_tokens={MAX_TOKENS})")
@@ -197,6 +215,8 @@ def main() -> None:
 
     print("\n== machine ==")
     print(machine_description(version))
+    for r in results:
+        print(f"{r['mode']} burst: {r['quiet']}; {r['load']}")
     print(f"command: {sys.executable} bench/budget_race.py  (BENCH_BUDGET_USD={BUDGET_USD} "
           f"BENCH_SIM_LATENCY={LATENCY} BENCH_CLIENTS={CLIENTS} BENCH_REQUESTS={REQUESTS})")
 

@@ -190,9 +190,14 @@ class RoundTrips:
 def script_names(guarded: Flask, limited: Flask) -> dict[str, str]:
     names = {}
     store = guarded.extensions["claude"].store
-    for attr in ("_admit", "_reserve", "_settle", "_allow", "_record"):
-        names[getattr(store, attr).sha] = {"_admit": "admit", "_reserve": "reserve", "_settle": "settle",
-                                           "_allow": "breaker_allow", "_record": "breaker_record"}[attr]
+    # RedisStore's registered scripts: _begin/_settle/_allow/_record since a00f12d (one "begin" script
+    # for admission + reservation + breaker read, one "settle" for settlement + breaker success);
+    # _admit/_reserve before it. Whichever this checkout has are named.
+    for attr, label in (("_begin", "begin"), ("_settle", "settle"), ("_allow", "breaker_allow"),
+                        ("_record", "breaker_record"), ("_admit", "admit"), ("_reserve", "reserve")):
+        script = getattr(store, attr, None)
+        if script is not None and hasattr(script, "sha"):
+            names[script.sha] = label
     storage = limited.extensions["limiter"]
     for limiter in (storage if isinstance(storage, set) else [storage]):
         lim_storage = getattr(limiter, "_storage", None) or getattr(limiter, "storage", None)

@@ -1,14 +1,21 @@
 """Where flask-claude's per-request time goes: a step breakdown, a cProfile, and two growth curves.
 
-1. Step breakdown: the steps of one guarded request (admission, flags, reservation, breaker,
-   settlement, log line, signal, the SDK call itself...) are wrapped at run time in this process
-   only (instance and module attributes; no file of flask_claude/ is changed) and timed,
-   inclusive, over N requests of variants (b) memory and (c) Redis.
+1. Step breakdown: the steps of one guarded request (admission, flags, the "begin" storage step
+   = admission + reservation + breaker read, settlement + breaker success, log line, signal, the
+   SDK call itself...) are wrapped at run time in this process only (instance and module
+   attributes; no file of flask_claude/ is changed) and timed, inclusive, over N requests of
+   variants (b) memory and (c) Redis. Steps a checkout does not have are skipped (the script ran
+   against 414aa1a, whose steps were admit/reserve/breaker.allow/breaker.record/settle, and
+   against the two-round-trip storage of a00f12d and later).
+   Then an exclusive accounting of (b) against (a): class-level wrappers (removed afterwards) that
+   charge each function only its own time, so the rows add up to the request, and show that the
+   SDK's own code is slower inside (b) than in (a) (no flask-claude line runs there).
 2. cProfile of N requests of (b), the flask_claude functions by own time and by cumulative time.
-3. The in-memory breaker's cost per successful call as its 30 s window fills (MemoryStore keeps
-   one deque entry per call and re-counts failures over the whole deque on every record).
-4. The Redis breaker script's cost per *failed* call as its outcomes zset fills (one member per
-   call in the window; a failure reads them all back with ZRANGE 0 -1 and loops over them in Lua).
+3. The in-memory breaker's cost per record as its 30 s window fills (414aa1a kept one deque entry
+   per call and re-counted the whole deque; since a00f12d it counts in BREAKER_BUCKETS time buckets).
+4. The Redis breaker script's server time per ok / failed record as its window fills (414aa1a: one
+   zset member per call, read back whole on a failure; since a00f12d: per-bucket counters in a hash,
+   seeded here directly as the counts n calls spread over the window leave).
 
 Run: /work/venv/bin/python bench/profile_overhead.py  (about 40 s)
 """
@@ -33,7 +40,7 @@ from overhead import Caller, app_a, app_guarded
 import flask_claude.budget as fc_budget
 import flask_claude.client as fc_client
 import flask_claude.pipeline as fc_pipeline
-from flask_claude.storage import MemoryStore, RedisStore
+from flask_claude.storage import BREAKER_BUCKETS, BreakerParams, MemoryStore, RedisStore
 
 N = int(os.environ.get("BENCH_PROFILE_N", "1500"))
 
@@ -57,19 +64,25 @@ def instrument(app: Any) -> None:
     """Wrap the steps of this app's pipeline (instance attributes shadow the class methods)."""
     state = app.extensions["claude"]
     for obj, attr, name in [
-        (state.budgets, "admit", "2-3 admit (flags' budget + request limit)"),
-        (state.budgets, "reserve", "4 reserve (worst case, all budgets)"),
-        (state.budgets, "budget_lines", "   budget_lines (keys, periods; in admit+reserve)"),
-        (state.budgets, "settle", "4 settle (real cost, alerts)"),
-        (state.breaker, "allow", "4 breaker.allow"),
-        (state.breaker, "record", "4 breaker.record"),
+        (state.budgets, "admit", "2-3 admit (prepares gates + request limits; no storage since a00f12d)"),
+        (state.budgets, "begin", "4 budgets.begin (worst case; admission+reservation+breaker read)"),
+        (state.store, "begin", "   store.begin (the one storage step before the call)"),
+        (state.budgets, "reserve", "4 reserve (414aa1a: worst case, all budgets)"),
+        (state.budgets, "finish_admission", "4 finish_admission (views without a call)"),
+        (state.budgets, "budget_lines", "   budget_lines (keys, periods; in admit+begin)"),
+        (state.budgets, "settle", "4 settle (real cost, alerts, breaker success)"),
+        (state.store, "settle", "   store.settle (the storage step after the call)"),
+        (state.breaker, "allow", "4 breaker.allow (own round trip; 0/req when read in begin)"),
+        (state.breaker, "record", "4 breaker.record (own round trip; 0/req when done in settle)"),
         (state.events, "emit", "4 log line (events.emit: json + loguru + write)"),
         (state.flags, "enabled", "2 flags.enabled (x2)"),
-        (state.flags, "value", "   flags.value (budget flag, in admit+reserve)"),
+        (state.flags, "value", "   flags.value (budget flag, in admit+begin)"),
         (state.client.messages, "create", "4 SDK messages.create (incl. simulator)"),
         (state.prices, "cost", "4 prices.cost"),
+        (state.prices, "worst_case_usd", "   prices.worst_case_usd (in begin)"),
     ]:
-        setattr(obj, attr, timed(name, getattr(obj, attr)))
+        if hasattr(obj, attr):
+            setattr(obj, attr, timed(name, getattr(obj, attr)))
 
 
 def instrument_modules() -> None:
@@ -78,8 +91,13 @@ def instrument_modules() -> None:
     fc_pipeline.make_response = timed("4 make_response (view's dict -> Response)", fc_pipeline.make_response)
     fc_client.with_auto_cache = timed("4 with_auto_cache", fc_client.with_auto_cache)
     fc_client.estimate_input_tokens = timed("4 estimate_input_tokens", fc_client.estimate_input_tokens)
-    fc_budget.upper_bound_tokens = timed("4 upper_bound_tokens (in reserve)", fc_budget.upper_bound_tokens)
-    fc_budget.uuid.uuid4 = timed("   uuid4 (every caller in the process)", fc_budget.uuid.uuid4)
+    fc_budget.upper_bound_tokens = timed("   upper_bound_tokens (in begin)", fc_budget.upper_bound_tokens)
+    if hasattr(fc_budget, "_new_id"):  # since a00f12d: a counter, not uuid4
+        fc_budget._new_id = timed("   _new_id (hold id + window member)", fc_budget._new_id)
+    if hasattr(fc_budget, "has_cache_control"):
+        fc_budget.has_cache_control = timed("   has_cache_control (in begin)", fc_budget.has_cache_control)
+    if hasattr(fc_budget, "uuid"):
+        fc_budget.uuid.uuid4 = timed("   uuid4 (every caller in the process)", fc_budget.uuid.uuid4)
     # A module-level signal the client looks up at call time (one object shared by all apps).
     fc_client.claude_called.send = timed("4 claude_called.send (blinker)", fc_client.claude_called.send)
 
@@ -112,6 +130,89 @@ def breakdown(label: str, caller: Caller, base: Caller) -> None:
                        "mean us/req"]))
 
 
+def exclusive_accounting(tmp: str) -> None:
+    """(a) and (b) interleaved in 4 rounds; each wrapped function is charged its own time only."""
+    import anthropic.resources.messages.messages as sdk_messages
+
+    import flask_claude.events as fc_events
+    import flask_claude.pricing as fc_pricing
+    import flask_claude.resilience as fc_resilience
+    import flask_claude.simulator as fc_simulator
+    from flask_claude.simulator import Simulator
+
+    spent: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    stack: list[int] = []
+    perf = time.perf_counter_ns
+    originals: list[tuple[Any, str, Any]] = []
+
+    def wrap(owner: Any, attr: str, name: str) -> None:
+        fn = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+        originals.append((owner, attr, fn))
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = perf()
+            stack.append(0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                children = stack.pop()
+                total = perf() - t0
+                spent[name].append((total / 1000.0, (total - children) / 1000.0))
+                if stack:
+                    stack[-1] += total
+        setattr(owner, attr, wrapper)
+
+    wrap(sdk_messages.Messages, "create", "anthropic SDK Messages.create (own code, not its transport)")
+    wrap(fc_simulator.SimulatorTransport, "handle_request", "simulator transport (the fake API)")
+    wrap(fc_resilience.DeadlineTransport, "handle_request", "DeadlineTransport.handle_request")
+    wrap(fc_pipeline, "run", "pipeline.run (own: scope, flags; the view's body, as in (a))")
+    wrap(fc_pipeline, "make_response", "make_response (in (a) Flask makes it, outside the rows)")
+    wrap(fc_pipeline, "resolve_user", "resolve_user")
+    for attr in ("create", "_begin", "_run_chain", "_finish"):
+        wrap(fc_client.GuardedMessages, attr, f"GuardedMessages.{attr} (own)")
+    for attr in ("admit", "begin", "reserve", "settle"):
+        if attr in fc_budget.Budgets.__dict__:
+            wrap(fc_budget.Budgets, attr, f"Budgets.{attr}")
+    wrap(fc_events.EventLog, "emit", "EventLog.emit (the log line)")
+    wrap(fc_pricing.PriceTable, "cost", "PriceTable.cost")
+    try:
+        callers = {"a": Caller(app_a(Simulator())),
+                   "b": Caller(app_guarded("memory://", os.path.join(tmp, "claude.jsonl"), "acct_b"))}
+        for caller in callers.values():
+            for _ in range(200):
+                caller()
+        totals: dict[str, list[float]] = {"a": [], "b": []}
+        rows_by: dict[str, dict[str, list[tuple[float, float]]]] = {"a": defaultdict(list), "b": defaultdict(list)}
+        for _ in range(4):
+            for label, caller in callers.items():
+                spent.clear()
+                for _ in range(N // 4):
+                    t0 = perf()
+                    caller()
+                    totals[label].append((perf() - t0) / 1000.0)
+                for name, values in spent.items():
+                    rows_by[label][name].extend(values)
+                if "claude" in caller.app.extensions:
+                    caller.app.extensions["claude"].simulator.clear_requests()
+    finally:
+        for owner, attr, fn in reversed(originals):
+            setattr(owner, attr, fn)
+    n = {k: len(v) for k, v in totals.items()}
+    names = sorted(set(rows_by["a"]) | set(rows_by["b"]),
+                   key=lambda k: -sum(e for _, e in rows_by["b"].get(k, [])))
+    rows = []
+    for name in names:
+        a_own = sum(e for _, e in rows_by["a"].get(name, [])) / n["a"]
+        b_own = sum(e for _, e in rows_by["b"].get(name, [])) / n["b"]
+        rows.append([name, f"{a_own:.1f}" if name in rows_by["a"] else "-", f"{b_own:.1f}", f"{b_own - a_own:+.1f}"])
+    mean_a, mean_b = sum(totals["a"]) / n["a"], sum(totals["b"]) / n["b"]
+    rows.append(["whole request (mean)", f"{mean_a:.0f}", f"{mean_b:.0f}", f"{mean_b - mean_a:+.0f}"])
+    print(f"\n-- exclusive accounting: {N} requests each of (a) and (b) on memory://, interleaved; own time per "
+          "request (mean us), largest in (b) first; what is not in a row is Flask/Werkzeug and the wrappers --")
+    print(table(rows, ["function (own time only)", "(a) us/req", "(b) us/req", "(b) - (a)"]))
+
+
 def cprofile(caller: Caller) -> None:
     for _ in range(200):
         caller()
@@ -137,8 +238,11 @@ def log_line_parts() -> None:
     import json
     from datetime import UTC, datetime
 
+    from flask_claude import events as fc_events
     from flask_claude.budget import period_bounds
     from flask_claude.events import _SCRUBBERS, EventLog, _scrub_value, scrub
+
+    ours: frozenset[str] = getattr(fc_events, "_OUR_FIELDS", frozenset())
 
     record = {"ts": "2026-11-22T01:02:03.000+00:00", "event": "claude_api_call",
               "request_id": "req_sim_abcdef0123456789abcdef01", "feature": "ask", "route": "/ask",
@@ -158,8 +262,11 @@ def log_line_parts() -> None:
     now = time.time()
     parts = [
         ("EventLog.emit('claude_api_call', fields): the whole step", lambda: log.emit("claude_api_call", fields)),
-        ("  _scrub_value on every field (10 strings x 7 regexes)",
+        ("  _scrub_value on every field (414aa1a: 10 strings x 7 regexes)",
          lambda: {k: _scrub_value(v, ("sk-x",)) for k, v in record.items()}),
+        (f"  the fields emit() still scrubs ({sum(1 for k, v in record.items() if k not in ours and v is not None)}"
+         " not ours/None; since d2ea3b4)",
+         lambda: {k: (v if k in ours or v is None else _scrub_value(v, ("sk-x",))) for k, v in record.items()}),
         ("    scrub('claude-sonnet-4-6'): one short string", lambda: scrub("claude-sonnet-4-6")),
         ("  logger.bind(...).log(...) with one sink whose filter says no",
          lambda: logger.bind(claude_event="x", claude_sink="nowhere", claude_fields=record).log("INFO", "x")),
@@ -201,45 +308,58 @@ def log_line_parts() -> None:
     print(table(rows, ["part", "us per call"]))
 
 
+PARAMS = BreakerParams(min_calls=5, failure_rate=0.5, window=30.0, cooldown=30.0)
+
+
 def memory_breaker_curve() -> None:
-    print("\n-- MemoryStore.breaker_record(ok=True) cost vs successful calls already in its 30 s window --")
+    print("\n-- MemoryStore.breaker_record cost vs calls already in its 30 s window "
+          f"({BREAKER_BUCKETS} time buckets) --")
     rows = []
-    now = time.time()
     for n in (0, 1_000, 3_000, 10_000, 30_000):
         store = MemoryStore()
-        for _ in range(n):
-            store.breaker_record("m", True, now, 5, 0.5, 30.0, 30.0)
+        start = time.time()
+        for i in range(n):  # spread over the window, as n calls in 30 s would be
+            store.breaker_record("m", True, start - PARAMS.window + PARAMS.window * (i + 1) / (n + 1), PARAMS)
+        now = start
         t0 = time.perf_counter()
         for _ in range(100):
-            store.breaker_record("m", True, now, 5, 0.5, 30.0, 30.0)
-        per = (time.perf_counter() - t0) / 100 * 1e6
-        rows.append([f"{n}", f"{n / 30:.0f} req/s", f"{per:.1f}"])
-    print(table(rows, ["calls in window", "= sustained rate", "us per record (under the store lock)"]))
+            store.breaker_record("m", True, now, PARAMS)
+        ok_per = (time.perf_counter() - t0) / 100 * 1e6
+        # failures: a few, so the failure rate stays under 50% once n >= 10 (the circuit stays closed)
+        t0 = time.perf_counter()
+        for _ in range(4):
+            store.breaker_record("m", False, now, PARAMS)
+        fail_per = (time.perf_counter() - t0) / 4 * 1e6
+        rows.append([f"{n}", f"{n / 30:.0f} req/s", f"{ok_per:.1f}", f"{fail_per:.1f}"])
+    print(table(rows, ["calls in window", "= sustained rate", "ok: us per record (under the store lock)",
+                       "failure: us per record"]))
 
 
 def redis_breaker_curve(redis_server: RedisServer) -> None:
-    print("\n-- RedisStore.breaker_record: server time per call vs members in the outcomes zset --")
+    print("\n-- RedisStore.breaker_record: server time per call vs calls in the window "
+          f"(per-bucket counters, {BREAKER_BUCKETS} buckets, in the breaker's hash) --")
     store = RedisStore(redis_server.url, prefix="bench_curve", socket_timeout=2.0)
     rows = []
+    width = PARAMS.window / BREAKER_BUCKETS
     for n in (0, 1_000, 10_000, 30_000):
         redis_server.client.flushall()
         now = time.time()
-        pipe = redis_server.client.pipeline(transaction=False)
-        key = f"{store.tag}:breaker:m:outcomes"
-        for i in range(n):
-            pipe.zadd(key, {f"ok:{i}": now})
-        pipe.execute()
+        bucket = int(now // width)
+        key = f"{store.tag}:breaker:m"
+        if n:  # the counters n successful calls spread over the window leave (what n EVALSHAs would write)
+            redis_server.client.hset(key, mapping={f"c:{b}": n // BREAKER_BUCKETS
+                                                   for b in range(bucket - BREAKER_BUCKETS + 1, bucket + 1)})
         redis_server.client.config_resetstat()
         for _ in range(20):
-            store.breaker_record("m", True, now, 5, 0.5, 30.0, 30.0)
+            store.breaker_record("m", True, now, PARAMS)
         ok_us = redis_server.client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
-        # failures: keep the failure rate under 50% so the circuit does not open and DEL the zset
+        # failures: keep the failure rate under 50% (when n > 0) so the circuit does not open
         redis_server.client.config_resetstat()
         for _ in range(5):
-            store.breaker_record("m", False, now, 5, 0.5, 30.0, 30.0)
+            store.breaker_record("m", False, now, PARAMS)
         fail_us = redis_server.client.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]
         rows.append([f"{n}", f"{ok_us:.0f}", f"{fail_us:.0f}"])
-    print(table(rows, ["members (calls in window)", "ok: us/call (server)", "failure: us/call (server)"]))
+    print(table(rows, ["calls in window", "ok: us/call (server)", "failure: us/call (server)"]))
     print("(server time from INFO commandstats usec_per_call of EVALSHA; Redis runs one script at a time)")
 
 
@@ -252,13 +372,15 @@ def main() -> None:
 
         quiet = wait_for_quiet()
         meter = LoadMeter([redis_server.process.pid])
+        print("== where (b)'s added time goes ==")
+        exclusive_accounting(tmp)
         instrument_modules()
         base = Caller(app_a(Simulator()))
         mem = app_guarded("memory://", os.path.join(tmp, "claude.jsonl"), "prof_b")
         red = app_guarded(redis_server.url, os.path.join(tmp, "claude.jsonl"), "prof_c")
         instrument(mem)
         instrument(red)
-        print("== step breakdown (run-time wrappers in this process only) ==")
+        print("\n== step breakdown (run-time wrappers in this process only) ==")
         breakdown("(b) flask-claude on memory://", Caller(mem), base)
         breakdown("(c) flask-claude on Redis", Caller(red), base)
         cprofile(Caller(app_guarded("memory://", os.path.join(tmp, "claude.jsonl"), "prof_b2")))
