@@ -139,6 +139,18 @@ class Budgets:
     def budget_lines(self, scope: CallScope, options: BudgetOptions | None, *, usd: int, tokens: int,
                      now: float) -> tuple[list[Line], list[int], set[int]]:
         """Every budget a call of this scope counts against; which are in USD; which are app-wide."""
+        templates, usd_idx, app_wide = self._templates(scope, options, now)
+        lines = [Line(t.key, t.limit, usd if i in usd_idx else tokens, t.expires_at, t.name)
+                 for i, t in enumerate(templates)]
+        return lines, usd_idx, app_wide
+
+    def _templates(self, scope: CallScope, options: BudgetOptions | None,
+                   now: float) -> tuple[list[Line], list[int], set[int]]:
+        """The budgets of a scope, built once per request (admission and every call reuse them)."""
+        memo_key = f"budgets:{id(options)}"
+        cached = scope.memo.get(memo_key)
+        if cached is not None and now < cached[3]:
+            return cached[0], cached[1], cached[2]
         lines: list[Line] = []
         usd_idx: list[int] = []
         app_wide: set[int] = set()
@@ -147,26 +159,28 @@ class Budgets:
             subject = self._subject(scope, options)
             for item in options.tokens:
                 pid, end = self._period(_granularity(item), item.multiples, now)
-                lines.append(Line(f"tok:{feature}:{subject}:{item}:{pid}", item.amount, tokens, end,
+                lines.append(Line(f"tok:{feature}:{subject}:{item}:{pid}", item.amount, 0, end,
                                   name=f"{subject} tokens {item}"))
             for amount, period in options.usd:
                 pid, end = self._period(period, 1, now)
                 usd_idx.append(len(lines))
-                lines.append(Line(f"usd:{feature}:{subject}:{period}:{pid}", round(amount * MICRO), usd, end,
+                lines.append(Line(f"usd:{feature}:{subject}:{period}:{pid}", round(amount * MICRO), 0, end,
                                   name=f"{subject} usd {amount}/{period}"))
         pid, end = self._period("day", 1, now)
         feature_limit = self.settings.feature_budgets_usd.get(scope.feature or "")
         if feature_limit is not None:
             usd_idx.append(len(lines))
             app_wide.add(len(lines))
-            lines.append(Line(f"usd:feature:{feature}:day:{pid}", round(feature_limit * MICRO), usd, end,
+            lines.append(Line(f"usd:feature:{feature}:day:{pid}", round(feature_limit * MICRO), 0, end,
                               name=f"feature {feature} daily budget"))
         global_limit = self._global_limit_usd(scope)
         if global_limit is not None:
             usd_idx.append(len(lines))
             app_wide.add(len(lines))
-            lines.append(Line(f"usd:global:day:{pid}", round(global_limit * MICRO), usd, end,
+            lines.append(Line(f"usd:global:day:{pid}", round(global_limit * MICRO), 0, end,
                               name="global daily budget"))
+        valid_until = min([line.expires_at for line in lines], default=float("inf"))
+        scope.memo[memo_key] = (lines, usd_idx, app_wide, valid_until)
         return lines, usd_idx, app_wide
 
     # --- pipeline steps 2-3: admission, done with the first call's reservation --------------

@@ -342,7 +342,8 @@ class GuardedMessages:
         else:
             fields.update(error_type=error.error_type, status_code=error.status_code)
             state.events.emit("claude_api_error", fields, level="ERROR")
-        claude_called.send(state.app, **fields)
+        if claude_called.receivers:
+            claude_called.send(state.app, **fields)
         if enforce_complete and error is None:
             self._check_output(call, stop_reason, message)
 

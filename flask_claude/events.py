@@ -175,8 +175,11 @@ class EventLog:
         record: dict[str, Any] = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
                                   "event": event}
         for key, value in fields.items():
-            if key not in record:
-                record[key] = value if key in _OUR_FIELDS or value is None else _scrub_value(value, self.secrets)
+            if key in record:
+                continue
+            if key not in _OUR_FIELDS and isinstance(value, (str, Mapping, list, tuple)):
+                value = _scrub_value(value, self.secrets)  # numbers and None need no scrubbing
+            record[key] = value
         # The message is the fixed event name: untrusted text is bound, never formatted.
         logger.bind(claude_event=event, claude_sink=self.destination, claude_fields=record).log(level, event)
         return record

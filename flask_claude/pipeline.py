@@ -75,7 +75,8 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
         return degrade(state, spec, scope, UpstreamUnavailable(type(exc).__name__), args, kwargs)
     if spec.fallback is not None and spec.fallback.cache:
         remember(state, spec, scope, response, args, kwargs)
-    response.headers.update(scope.rate_headers)
+    if scope.rate_headers:
+        response.headers.update(scope.rate_headers)
     return response
 
 
