@@ -32,12 +32,23 @@ claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report and 
 @claude_cli.command("simulate")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (keep it on loopback).")
 @click.option("--port", default=8765, show_default=True, type=int, help="Port to listen on.")
-def simulate(host: str, port: int) -> None:
+@click.option("--fail", "fail_status", type=int, default=None, metavar="STATUS",
+              help="Answer this error status (e.g. 529 for an overload storm)...")
+@click.option("--fail-rate", type=float, default=None, help="...to this fraction of requests (default: all).")
+@click.option("--fail-model", default=None, help="...only for this model (default: every model).")
+@click.option("--latency", type=float, default=0.0, help="Seconds before each response starts.")
+def simulate(host: str, port: int, fail_status: int | None, fail_rate: float | None, fail_model: str | None,
+             latency: float) -> None:
     """Serve the offline Messages API; point CLAUDE_BASE_URL (or ANTHROPIC_BASE_URL) at it."""
-    from .simulator import run_server
+    from .simulator import Simulator, run_server
 
+    simulator = Simulator()
+    if latency:
+        simulator.latency(latency)
+    if fail_status is not None:
+        simulator.fail(fail_status, rate=fail_rate, model=fail_model)
     click.echo(f"flask-claude simulator on http://{host}:{port} (CLAUDE_BASE_URL=http://{host}:{port})")
-    run_server(host, port)
+    run_server(host, port, simulator=simulator)
 
 
 def _state() -> ClaudeState | None:
