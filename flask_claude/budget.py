@@ -209,8 +209,8 @@ class Budgets:
 
     # --- each Claude call: reserve (with admission and the breakers), settle ----------------
 
-    def begin(self, scope: CallScope, chain: list[str], params: Any,
-              max_tokens: int) -> tuple[Reservation | None, dict[str, float | None] | None]:
+    def begin(self, scope: CallScope, chain: list[str], params: Any, max_tokens: int, *,
+              call_seconds: float | None = None) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold one call's worst case (input bound + ``max_tokens`` at the dearest model's prices).
 
         The same round trip admits the request (if not yet done) and reads the chain's breakers,
@@ -220,7 +220,8 @@ class Budgets:
         cached = has_cache_control(params)
         worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens, cache_write=cached)
         return self.reserve_worst(scope, math.ceil(worst_usd * MICRO), input_bound + max_tokens,
-                                  hold_seconds=self.settings.deadline + 30.0, breakers=tuple(chain))
+                                  hold_seconds=(call_seconds or self.settings.deadline) + 30.0,
+                                  breakers=tuple(chain))
 
     def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *, hold_seconds: float,
                       breakers: tuple[str, ...] = ()) -> tuple[Reservation | None, dict[str, float | None] | None]:
@@ -299,6 +300,12 @@ class Budgets:
         now = self.state.clock.time()
         actual = [Line(line.key, line.limit, math.ceil(usd * MICRO) if i in reservation.usd_lines else tokens,
                        line.expires_at, line.name) for i, line in enumerate(reservation.lines)]
+        over = [(a.name, a.amount - h.amount) for a, h in zip(actual, reservation.lines, strict=True)
+                if a.amount > h.amount]
+        if over:  # the bound was wrong for this request (e.g. content we cannot size locally): say so
+            self.state.events.emit("reservation_exceeded", {"budgets": [name for name, _ in over],
+                                                            "excess": [amount for _, amount in over]},
+                                   level="WARNING")
         try:
             crossed = self.store.settle(actual, reservation.rid, self.settings.budget_alerts, now,
                                         success=success, breaker=self.state.breaker.params)

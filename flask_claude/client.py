@@ -106,7 +106,7 @@ class GuardedMessages:
     def create(self, **params: Any) -> Any:
         """``client.messages.create(...)`` guarded; ``stream=True`` returns a guarded raw stream."""
         streaming = bool(params.get("stream"))
-        call = self._begin(params)
+        call = self._begin(params, streaming=streaming)
         try:
             result = self._run_chain(call, lambda model, timeout: self._send_create(call, model, timeout))
         except BaseException as exc:
@@ -149,7 +149,7 @@ class GuardedMessages:
 
     # --- the steps of a call ------------------------------------------------------------------
 
-    def _begin(self, params: Mapping[str, Any]) -> _Call:
+    def _begin(self, params: Mapping[str, Any], *, streaming: bool = False) -> _Call:
         state = self._state
         settings = state.settings
         scope = current_scope()
@@ -200,8 +200,9 @@ class GuardedMessages:
         requested_max = params.get("max_tokens")
         max_tokens = cap if requested_max is None else min(int(requested_max), cap)
         call = _Call(params={**params, "max_tokens": max_tokens}, scope=scope, chain=chain,
-                     requested_model=requested, deadline=Deadline.after(state.clock, _deadline(settings.deadline,
-                                                                                              params.get("timeout"))),
+                     requested_model=requested,
+                     deadline=Deadline.after(state.clock, _deadline(
+                         settings.stream_deadline if streaming else settings.deadline, params.get("timeout"))),
                      started=time.perf_counter(), input_estimate=input_estimate,
                      system_prompt_hash=_system_hash(params.get("system")),
                      max_tokens_requested=requested_max)
@@ -212,7 +213,8 @@ class GuardedMessages:
         call.params.pop("timeout", None)
 
         # Reserve the worst case against every budget that applies, or refuse having reserved nothing.
-        call.reservation, call.breakers = state.budgets.begin(scope, chain, call.params, max_tokens)
+        call.reservation, call.breakers = state.budgets.begin(scope, chain, call.params, max_tokens,
+                                                              call_seconds=call.deadline.remaining())
         return call
 
     def _run_chain(self, call: _Call, send: Callable[[str, httpx2.Timeout], T]) -> T:
@@ -236,16 +238,19 @@ class GuardedMessages:
                 if remaining <= 0:
                     failure = Failure("deadline", None, "deadline_exceeded")
                     break
-                timeout = httpx2.Timeout(remaining, connect=min(state.settings.connect_timeout, remaining))
+                # Each read waits at most CLAUDE_ATTEMPT_TIMEOUT: a hung model leaves time for a retry or
+                # the next model; the deadline still bounds the whole call, trickling bodies included.
+                read = min(state.settings.attempt_timeout, remaining)
+                timeout = httpx2.Timeout(read, connect=min(state.settings.connect_timeout, read))
                 token = current_deadline.set(call.deadline)
                 try:
                     result = send(model, timeout)
                 except (anthropic.APIError, httpx2.HTTPError, json.JSONDecodeError) as exc:
                     last_exc = exc
                     failure = classify(exc)
+                    self._record_outcome(model, ok=not failure.counts_against_model)  # a hang is the model's
                     if call.deadline.expired and failure.kind == "timeout":
                         failure = Failure("deadline", None, "deadline_exceeded")
-                    self._record_outcome(model, ok=not failure.counts_against_model)
                     if not failure.retryable or attempt == policy.max_retries:
                         break
                     delay = policy.delay(attempt, failure)
@@ -406,7 +411,7 @@ class GuardedStreamManager:
         owner = self._owner
         if "task_budget" in self._params:
             raise ConfigError("task_budget works with claude.messages.create(); streams do not take it yet")
-        call = owner._begin(self._params)
+        call = owner._begin(self._params, streaming=True)
         client = owner._state.client
 
         def send(model: str, timeout: httpx2.Timeout) -> tuple[Any, Any]:
@@ -457,6 +462,8 @@ class GuardedMessageStream:
         except (anthropic.APIError, httpx2.HTTPError) as exc:
             failure = classify(exc)
             self._call.success_model = None  # the stream's start was fine; its end was not
+            if self._call.deadline.expired and failure.kind == "timeout":
+                failure = Failure("deadline", None, "deadline_exceeded")  # our limit, not the model's fault
             self._owner._record_outcome(self._call.model, ok=not failure.counts_against_model)
             self._settle(error=failure)
             raise UpstreamUnavailable(f"stream failed: {failure.error_type}") from None

@@ -145,10 +145,14 @@ def _parse_limits(name: str, value: str | None) -> list[RateLimitItem]:
     if value is None:
         return []
     try:
-        return list(parse_many(value))
+        items = list(parse_many(value))
     except ValueError:
         raise ConfigError(f"budgeted({name}=...) must be a limits string such as '20/minute' or "
                           f"'20/minute;500/day', got {value!r}") from None
+    if any(item.amount < 1 for item in items):
+        raise ConfigError(f"budgeted({name}=...) limits must allow at least 1, got {value!r}; "
+                          "to switch a feature off, use its flag")
+    return items
 
 
 def budgeted(*, requests: str | None = None, tokens: str | None = None, usd: str | float | None = None,

@@ -49,6 +49,12 @@ def handle_guard_error(exc: ClaudeGuardError) -> Response:
 
     state = current_app.extensions.get("claude")
     status = state.settings.degraded_status if state is not None and exc.status == 503 else exc.status
+    if state is not None:
+        from flask import request
+
+        state.events.emit("feature_degraded" if exc.status != 429 else "limit_exceeded",
+                          {"feature": None, "route": request.url_rule.rule if request.url_rule else request.path,
+                           "reason": exc.reason, "status": status, "detail": str(exc)[:200]}, level="WARNING")
     return decorate(jsonify(public_body(exc)), exc, status)
 
 

@@ -7,7 +7,6 @@ conversation, keep user-supplied text apart from instructions, validate output b
 from __future__ import annotations
 
 import html
-import json
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -128,6 +127,6 @@ def check_output(validate: Any, message: Any) -> str | None:
         return None
     try:
         verdict = validate(message)
-    except (ValueError, TypeError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # a validator that breaks on a strange reply has rejected it
         return f"{type(exc).__name__}: {str(exc)[:200]}"
     return "validator returned False" if verdict is False else None

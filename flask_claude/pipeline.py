@@ -62,6 +62,8 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
         # reservation (one storage round trip), or right after a view that made no call
         scope.budgets = spec.budget
         state.budgets.admit(scope, spec.budget)
+        if settings.admission == "before_view":
+            state.budgets.finish_admission(scope)  # one more round trip, before any side effect
 
         # 4. the view, its Claude calls guarded under this scope
         g.claude_scope = scope

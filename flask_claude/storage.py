@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 BREAKER_BUCKETS = 10  # the failure window is counted in this many time buckets: O(1) per record
+# A refused call marks its budget exhausted (the automatic kill switch) only if its worst case is a
+# typical share of the budget: one oversized request must not switch a feature off for everyone.
+KILL_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,8 @@ class MemoryStore:
                 if budget.spent + budget.live_reserved(now) + line.amount > line.limit:
                     busy = budget.spent + line.amount <= line.limit
                     first = False
-                    if not busy and budget.exhausted_at_limit != line.limit:
+                    if not busy and line.amount <= KILL_SHARE * line.limit \
+                            and budget.exhausted_at_limit != line.limit:
                         budget.exhausted_at_limit = line.limit
                         first = bool(step.exhausted_alert) and self._claim_alert(
                             line.key, step.exhausted_alert, line.expires_at, now)
@@ -342,7 +346,7 @@ local function record_outcome(key, ok, now, min_calls, rate, window, cooldown)
   end
   return 0
 end
-""".replace("BUCKETS", str(BREAKER_BUCKETS))
+""".replace("BUCKETS", str(BREAKER_BUCKETS)).replace("KILL_SHARE", repr(KILL_SHARE))
 
 # KEYS: gates, requests, holds, breakers. ARGV: now, ng, nr, nh, nb, member, rid, hold_until,
 # alert, then per gate (limit, expires), per request (limit, window), per hold (limit, amount, expires).
@@ -381,7 +385,7 @@ for k = 1, nh do
       return {0, 'hold', k - 1, '1', 0, spent, 1}
     end
     local first = 0
-    if tonumber(redis.call('HGET', key, 'exhausted') or '-1') ~= limit then
+    if amount <= KILL_SHARE * limit and tonumber(redis.call('HGET', key, 'exhausted') or '-1') ~= limit then
       redis.call('HSET', key, 'exhausted', limit)
       redis.call('EXPIREAT', key, math.ceil(expires) + 86400)
       if claim_alert(key, alert, expires, now) then first = 1 end
@@ -409,7 +413,7 @@ for m = 1, nb do
   table.insert(out, redis.call('HGET', KEYS[ng + nr + nh + m], 'open_until') or '')
 end
 return out
-"""
+""".replace("KILL_SHARE", repr(KILL_SHARE))
 
 # KEYS: budget keys, then the success model's breaker key if any. ARGV: now, rid, nt, thresholds...,
 # nl, per line (limit, amount, expires), then (min_calls, rate, window, cooldown) when recording.
@@ -469,7 +473,9 @@ class RedisStore:
         self._limits_storage = storage_from_string(uri, **options)
         self.client: Any = self._limits_storage.storage  # type: ignore[union-attr]
         self.tag = f"{{fc:{prefix}}}"
-        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+        # Any Redis error (OOM, READONLY during a failover, CLUSTERDOWN, a non-Redis peer) is an outage
+        # for CLAUDE_STORAGE_FAILURE to decide, never a 500.
+        self._errors = (redis.exceptions.RedisError, OSError)
         self._begin = self.client.register_script(_LUA_BEGIN)
         self._settle = self.client.register_script(_LUA_SETTLE)
         self._allow = self.client.register_script(_LUA_BREAKER_ALLOW)

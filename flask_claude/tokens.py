@@ -62,13 +62,36 @@ def estimate_input_tokens(params: Mapping[str, Any]) -> int:
     return framing + sum(estimate_tokens(t) for t in prompt_texts(params))
 
 
+# Content we cannot size locally: an image is at most about 1,600 tokens after the API resizes it;
+# a document's pages are unknown here, so its bound is a generous page count. A call that costs
+# more than its hold is still counted in full and logged as ``reservation_exceeded``.
+IMAGE_TOKENS_BOUND = 2_000
+DOCUMENT_TOKENS_BOUND = 30_000
+
+
+def _media_blocks(value: Any) -> Iterator[str]:
+    if isinstance(value, Mapping):
+        kind = value.get("type")
+        if kind in ("image", "document"):
+            yield str(kind)
+        for item in value.values():
+            if isinstance(item, (Mapping, list, tuple)):
+                yield from _media_blocks(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _media_blocks(item)
+
+
 def upper_bound_tokens(params: Mapping[str, Any]) -> int:
     """A bound no tokenizer should exceed, for budget reservations: spend must never pass a budget.
 
     ASCII text averages about 4 characters a token; we count 2. Other scripts (CJK, emoji) can
-    take more than one token per character; we count 2 per character.
+    take more than one token per character; we count 2 per character. Images and documents count
+    their bounds above.
     """
     total = 16 + 8 * len(params.get("messages") or ())
+    for kind in _media_blocks(params.get("messages")):
+        total += IMAGE_TOKENS_BOUND if kind == "image" else DOCUMENT_TOKENS_BOUND
     for text in prompt_texts(params):
         non_ascii = sum(1 for ch in text if ord(ch) > 127) if not text.isascii() else 0
         total += -(-(len(text) - non_ascii) // 2) + 2 * non_ascii

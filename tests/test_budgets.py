@@ -319,3 +319,54 @@ def test_a_guarded_request_costs_two_redis_round_trips(redis_url: str, redis_ser
     from_clients = [cmd["command"].split()[0] for cmd in seen
                     if cmd.get("client_type") != "lua" and not cmd["command"].startswith("ECHO")]
     assert from_clients == ["EVALSHA"] * 20, from_clients
+
+
+def test_one_oversized_request_does_not_switch_the_budget_off(storage_uri: str, sim: Simulator,
+                                                              claude_log: CallLog) -> None:
+    app = budget_app(sim, None, storage_uri, CLAUDE_DAILY_BUDGET_USD=0.05)
+    state = app.extensions["claude"]
+    with app.test_request_context("/"):
+        from flask import g
+
+        g.claude_scope = CallScope(feature="ask", user="mallory")
+        with pytest.raises(Exception, match="no room"):
+            state.messages.create(max_tokens=100, messages=[{"role": "user", "content": "x" * 200_000}])
+    assert app.test_client().post("/ask").status_code == 200  # everyone else still gets answers
+    assert not [a for a in claude_log.events("budget_alert") if a["threshold"] == 1.0]
+
+
+def test_redis_errors_other_than_connection_follow_the_policy(sim: Simulator) -> None:
+    server = RedisServer()
+    try:
+        for policy, expected in (("open", 200), ("closed", 503)):
+            server.flush()
+            app = budget_app(sim, None, server.url, budget=budgeted(requests="100/minute"),
+                             CLAUDE_DAILY_BUDGET_USD=5, CLAUDE_STORAGE_FAILURE=policy)
+            # a replica refuses writes with READONLY, as during a sentinel failover
+            server.client.execute_command("REPLICAOF", "127.0.0.1", "1")
+            try:
+                response = app.test_client().post("/ask")
+            finally:
+                server.client.execute_command("REPLICAOF", "NO", "ONE")
+            assert response.status_code == expected, (policy, response.status_code)
+    finally:
+        server.stop()
+
+
+def test_admission_before_view_keeps_refused_requests_out_of_the_view(sim: Simulator, clock: FakeClock) -> None:
+    ran: list[int] = []
+    app = Flask("before_view")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_FLAGS=StaticFlags(), CLAUDE_ADMISSION="before_view",
+                      CLAUDE_LOG_PATH=os.devnull)
+    claude = Claude(app, simulator=sim, clock=clock)
+
+    @app.post("/write")
+    @ai_feature("write")
+    @budgeted(requests="1/minute")
+    def write() -> str:
+        ran.append(1)  # a side effect before any Claude call
+        claude.messages.create(max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        return "ok"
+
+    assert [app.test_client().post("/write").status_code for _ in range(3)] == [200, 429, 429]
+    assert len(ran) == 1

@@ -255,3 +255,23 @@ def test_a_callers_timeout_shortens_the_deadline(make_app, sim: Simulator) -> No
     with pytest.raises(UpstreamUnavailable):
         create(app, timeout=0.4)
     assert time.monotonic() - started < 0.9
+
+
+def test_a_hung_model_times_out_per_attempt_counts_against_it_and_falls_back(tmp_path: Any,
+                                                                             clock: FakeClock,
+                                                                             claude_log: CallLog) -> None:
+    from flask import Flask
+
+    sim = Simulator(clock=clock)  # the simulator's waits run on the same fake clock
+    sim.latency(1000, model="claude-opus-4-7")
+    app = Flask("hung")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-opus-4-7", "claude-sonnet-4-6"],
+                      CLAUDE_MAX_RETRIES=0, CLAUDE_ATTEMPT_TIMEOUT=10, CLAUDE_DEADLINE=60,
+                      CLAUDE_BREAKER_MIN_CALLS=2, CLAUDE_LOG_PATH=str(tmp_path / "x.jsonl"))
+    Claude(app, simulator=sim, clock=clock)
+    for _ in range(2):
+        assert create(app).model == "claude-sonnet-4-6"
+    assert [e["model"] for e in claude_log.events("circuit_opened")] == ["claude-opus-4-7"]
+    before = len(sim.requests_for("claude-opus-4-7"))
+    assert create(app).model == "claude-sonnet-4-6"
+    assert len(sim.requests_for("claude-opus-4-7")) == before  # skipped while open
