@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -19,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from .budget import MICRO, Reservation
 from .context import current_scope
 from .errors import ConfigError
-from .resilience import Deadline
 from .storage import Line, StorageUnavailable
 from .tokens import upper_bound_tokens
 
@@ -37,8 +35,6 @@ class GuardedBatches:
 
     def create(self, *, requests: list[dict[str, Any]], **kwargs: Any) -> Any:
         """``client.messages.batches.create(requests=[{"custom_id", "params"}, ...])``, budgeted."""
-        from .client import _Call
-
         state = self._state
         settings = state.settings
         scope = current_scope()
@@ -63,17 +59,14 @@ class GuardedBatches:
 
         reservation, _ = state.budgets.reserve_worst(scope, math.ceil(worst_usd * MICRO), worst_tokens,
                                                      hold_seconds=BATCH_HOLD_SECONDS)
-        call = _Call(params={}, scope=scope, chain=["batch"], requested_model="batch",
-                     deadline=Deadline.after(state.clock, settings.deadline), started=time.perf_counter(),
-                     input_estimate=0, system_prompt_hash=None, max_tokens_requested=None)
+        sdk_batches: Any = state.client.messages.batches
         try:
-            sdk_batches: Any = state.client.messages.batches
-            batch = self._messages._run_chain(call, lambda _model, timeout: sdk_batches.create(
-                requests=prepared, timeout=timeout, **kwargs))
-        except BaseException as exc:
+            batch = self._passthrough(lambda timeout: sdk_batches.create(requests=prepared, timeout=timeout,
+                                                                         **kwargs))
+        except BaseException:
             if reservation is not None:
-                state.budgets.settle(reservation, 0.0, 0)
-            raise self._messages._as_guard_error(call, exc) from None
+                state.budgets.settle(reservation, 0.0, 0)  # nothing was submitted: give the room back
+            raise
         record = {"state": "pending", "feature": scope.feature, "route": scope.route,
                   "user": state.events.user(scope.user),
                   "reservation": asdict(reservation) if reservation is not None else None}
@@ -169,10 +162,7 @@ class GuardedBatches:
     def _passthrough(self, send: Any) -> Any:
         from .client import _Call
 
-        state = self._state
-        call = _Call(params={}, scope=current_scope(), chain=["batch"], requested_model="batch",
-                     deadline=Deadline.after(state.clock, state.settings.deadline), started=time.perf_counter(),
-                     input_estimate=0, system_prompt_hash=None, max_tokens_requested=None)
+        call = _Call.bare(self._state, current_scope(), "batch")
         try:
             return self._messages._run_chain(call, lambda _model, timeout: send(timeout))
         except BaseException as exc:

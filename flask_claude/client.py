@@ -67,6 +67,13 @@ class _Call:
     failure: Failure | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def bare(cls, state: ClaudeState, scope: CallScope, model: str) -> _Call:
+        """A call with no budget or cost of its own (count_tokens, batch endpoints): retries only."""
+        return cls(params={}, scope=scope, chain=[model], requested_model=model,
+                   deadline=Deadline.after(state.clock, state.settings.deadline), started=time.perf_counter(),
+                   input_estimate=0, system_prompt_hash=None, max_tokens_requested=None)
+
 
 def _system_hash(system: Any) -> str | None:
     if not system:
@@ -124,13 +131,8 @@ class GuardedMessages:
 
     def count_tokens(self, **params: Any) -> Any:
         """Free upstream, so no budget or cost: only retries, fallback-free, within the deadline."""
-        settings = self._state.settings
-        model = params.get("model") or settings.models[0]
-        scope = current_scope()
-        call = _Call(params={**params}, scope=scope, chain=[model], requested_model=model,
-                     deadline=Deadline.after(self._state.clock, settings.deadline),
-                     started=time.perf_counter(), input_estimate=0, system_prompt_hash=None,
-                     max_tokens_requested=None)
+        model = params.get("model") or self._state.settings.models[0]
+        call = _Call.bare(self._state, current_scope(), model)
         try:
             return self._run_chain(call, lambda m, timeout: self._state.client.messages.count_tokens(
                 **{**params, "model": m, "timeout": timeout}))

@@ -47,15 +47,25 @@ def handle_guard_error(exc: ClaudeGuardError) -> Response:
     """App-wide handler: a guarded call in an undecorated view still degrades instead of a 500."""
     from flask import current_app
 
+    from .context import current_scope
+
     state = current_app.extensions.get("claude")
     status = state.settings.degraded_status if state is not None and exc.status == 503 else exc.status
+    response = decorate(jsonify(public_body(exc)), exc, status)
     if state is not None:
-        from flask import request
+        record_degradation(state, current_scope(), exc, response.status_code)
+    return response
 
-        state.events.emit("feature_degraded" if exc.status != 429 else "limit_exceeded",
-                          {"feature": None, "route": request.url_rule.rule if request.url_rule else request.path,
-                           "reason": exc.reason, "status": status, "detail": str(exc)[:200]}, level="WARNING")
-    return decorate(jsonify(public_body(exc)), exc, status)
+
+def record_degradation(state: ClaudeState, scope: CallScope, exc: ClaudeGuardError, status: int,
+                       fallback_error: str | None = None) -> None:
+    """One ``feature_degraded`` (or ``limit_exceeded``) event and signal, however the request degraded."""
+    fields: dict[str, Any] = {"feature": scope.feature, "route": scope.route, "user": state.events.user(scope.user),
+                              "reason": exc.reason, "status": status, "detail": str(exc)[:200]}
+    if fallback_error:
+        fields["fallback_error"] = fallback_error
+    state.events.emit("feature_degraded" if exc.status != 429 else "limit_exceeded", fields, level="WARNING")
+    feature_degraded.send(state.app, **fields)
 
 
 class ResponseCache:
@@ -144,10 +154,5 @@ def degrade(state: ClaudeState, spec: ViewSpec, scope: CallScope, exc: ClaudeGua
     if response is None:
         response = jsonify(public_body(exc))
     decorate(response, exc, status)
-    fields: dict[str, Any] = {"feature": scope.feature, "route": scope.route, "user": state.events.user(scope.user),
-              "reason": exc.reason, "status": response.status_code, "detail": str(exc)[:200]}
-    if fallback_error:
-        fields["fallback_error"] = fallback_error
-    state.events.emit("feature_degraded" if exc.status != 429 else "limit_exceeded", fields, level="WARNING")
-    feature_degraded.send(state.app, **fields)
+    record_degradation(state, scope, exc, response.status_code, fallback_error)
     return response

@@ -198,3 +198,15 @@ def make_example(tmp_path: Path, flags_file: Path, monkeypatch: pytest.MonkeyPat
         app.extensions["claude"].flags.close()
 
 
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` passes: synchronisation without a fixed sleep."""
+    import time as _time
+
+    deadline = _time.monotonic() + timeout
+    while _time.monotonic() < deadline:
+        if condition():
+            return True
+        _time.sleep(0.02)
+    return condition()

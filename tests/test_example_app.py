@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,8 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+
+from .conftest import wait_for
 
 ENV_TO_CLEAR = ("REDIS_URL", "EXAMPLE_FLAGS_FILE", "AI_KILL_SWITCH", "TRUSTED_PROXIES")
 
@@ -39,15 +40,6 @@ def write_flags(path: Path, values: dict[str, Any]) -> None:
     os.replace(tmp, path)
     if path.stat().st_mtime_ns <= old:  # a coarse filesystem clock: the poller must see a change
         os.utime(path, ns=(old + 1_000_000_000, old + 1_000_000_000))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def sse_events(body: str) -> list[tuple[str, dict[str, Any]]]:
@@ -113,7 +105,8 @@ def test_flag_file_edit_switches_summarize_off(client: FlaskClient, app: Flask, 
     values = json.loads(flags_file.read_text())["flagValues"]
     write_flags(flags_file, {**values, "ai-summarize": False})
     flags = app.extensions["claude"].flags
-    assert wait_until(lambda: flags.enabled("ai-summarize", None, True) is False), "flag file change not seen"
+    assert wait_for(lambda: flags.enabled("ai-summarize", None, True) is False, timeout=10), \
+        "flag file change not seen"
 
     response = client.post("/summarize", json={"text": "Another paragraph."})
     assert response.status_code == 503

@@ -6,7 +6,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +26,10 @@ from flask_claude.flags import (
     make_provider,
 )
 
+from .conftest import wait_for
+
 ALICE = UserContext("alice", {"plan": "pro"})
 BOB = UserContext("bob", {"plan": "free"})
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    """Poll ``condition`` until it holds or ``timeout`` passes; synchronisation without a fixed sleep."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 @pytest.fixture
@@ -210,7 +202,6 @@ def test_launchdarkly_handed_in_client_gets_postfork(td: TestData, td_client: LD
     assert flags.enabled("ai-summarize", ALICE, True) is False
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_launchdarkly_works_in_a_real_forked_child(td: TestData, td_client: LDClient) -> None:
     flags = LaunchDarklyFlags(td_client, start_wait=1.0)
     assert flags.enabled("ai-summarize", ALICE, False) is True
