@@ -54,7 +54,6 @@ class _Call:
     requested_model: str
     deadline: Deadline
     started: float
-    input_estimate: int
     system_prompt_hash: str | None
     max_tokens_requested: int | None
     reservation: Any = None
@@ -72,7 +71,7 @@ class _Call:
         """A call with no budget or cost of its own (count_tokens, batch endpoints): retries only."""
         return cls(params={}, scope=scope, chain=[model], requested_model=model,
                    deadline=Deadline.after(state.clock, state.settings.deadline), started=time.perf_counter(),
-                   input_estimate=0, system_prompt_hash=None, max_tokens_requested=None)
+                   system_prompt_hash=None, max_tokens_requested=None)
 
 
 def _system_hash(system: Any) -> str | None:
@@ -188,7 +187,6 @@ class GuardedMessages:
             if chars > scope.max_input_chars:
                 raise InputTooLarge(
                     f"The input is {chars} characters; this feature accepts at most {scope.max_input_chars}.")
-        input_estimate = estimate_input_tokens(params)
         if scope.max_input_tokens is not None:
             user_tokens = estimate_input_tokens(user_input)
             if user_tokens > scope.max_input_tokens:
@@ -205,7 +203,7 @@ class GuardedMessages:
                      requested_model=requested,
                      deadline=Deadline.after(state.clock, _deadline(
                          settings.stream_deadline if streaming else settings.deadline, params.get("timeout"))),
-                     started=time.perf_counter(), input_estimate=input_estimate,
+                     started=time.perf_counter(),
                      system_prompt_hash=_system_hash(params.get("system")),
                      max_tokens_requested=requested_max)
         call.task_budget = task_budget
