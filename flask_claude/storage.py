@@ -308,9 +308,15 @@ local function live_reserved(key, now)
   return total
 end
 
+-- Expiries are relative (the time left on the app's clock), never EXPIREAT: an absolute time from
+-- the app host's clock deletes keys at once when that clock is behind Redis's (or a test's is).
+local function ttl_ms(expires, now, grace_s)
+  return math.max(1, math.floor((expires - now + grace_s) * 1000))
+end
+
 local function claim_alert(key, threshold, expires, now)
   if threshold == '' then return false end
-  return redis.call('SET', key .. '|alert|' .. threshold, '1', 'NX', 'EXAT', math.ceil(expires) + 1) ~= false
+  return redis.call('SET', key .. '|alert|' .. threshold, '1', 'NX', 'PX', ttl_ms(expires, now, 1)) ~= false
 end
 
 local function record_outcome(key, ok, now, min_calls, rate, window, cooldown)
@@ -387,7 +393,7 @@ for k = 1, nh do
     local first = 0
     if amount <= KILL_SHARE * limit and tonumber(redis.call('HGET', key, 'exhausted') or '-1') ~= limit then
       redis.call('HSET', key, 'exhausted', limit)
-      redis.call('EXPIREAT', key, math.ceil(expires) + 86400)
+      redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
       if claim_alert(key, alert, expires, now) then first = 1 end
     end
     return {0, 'hold', k - 1, tostring(math.max(0, expires - now)), first, spent, 0}
@@ -405,7 +411,7 @@ for k = 1, nh do
   local key = KEYS[ng + nr + k]
   local amount, expires = ARGV[a + 1], tonumber(ARGV[a + 2]); a = a + 3
   redis.call('HSET', key, 'r:' .. rid, amount .. ' ' .. hold)
-  redis.call('EXPIREAT', key, math.ceil(expires) + 86400)
+  redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
 end
 local out = {1, '', -1, '0', 0, 0, 0}
 for j = 1, nr do table.insert(out, remaining[j]) end
@@ -427,7 +433,7 @@ for i = 1, nl do
   local expires = tonumber(ARGV[base + 3 * i])
   redis.call('HDEL', KEYS[i], 'r:' .. rid)
   local spent = redis.call('HINCRBY', KEYS[i], 'spent', amount)
-  redis.call('EXPIREAT', KEYS[i], math.ceil(expires) + 86400)
+  redis.call('PEXPIRE', KEYS[i], ttl_ms(expires, now, 86400))
   local before = spent - amount
   for t = 1, nt do
     local mark = tonumber(ARGV[3 + t]) * limit

@@ -23,9 +23,7 @@ from flask_claude.flags import StaticFlags
 from flask_claude.simulator import Simulator
 from flask_claude.testing import CallLog
 
-from .conftest import FakeClock, RedisServer
-
-MIDNIGHT = datetime(2026, 11, 23, tzinfo=UTC).timestamp()
+from .conftest import FakeClock, RedisServer, todays_noon_utc
 
 
 def budget_app(sim: Simulator, clock: FakeClock | None, storage_uri: str, *, budget: Any = None,
@@ -152,13 +150,41 @@ def test_alerts_fire_once_each_then_auto_kill_then_resume(storage_uri: str, sim:
 
 
 def test_calendar_day_rollover_resets_budgets(storage_uri: str, sim: Simulator, clock: FakeClock) -> None:
-    clock.now = MIDNIGHT - 30
+    midnight = todays_noon_utc() + 12 * 3600  # the coming midnight, UTC (the default budget timezone)
+    clock.now = midnight - 30
     app = budget_app(sim, clock, storage_uri, budget=budgeted(usd="0.002/day", tokens="100000/day"))
     c = app.test_client()
     before = [c.post("/ask").status_code for _ in range(20)]
     assert 429 in before
     clock.advance(31)  # 00:00:01 the next day
     assert c.post("/ask").status_code == 200
+
+
+@pytest.mark.parametrize("skew_days", [-365, 365])
+def test_redis_expiries_are_relative_to_the_apps_clock(redis_url: str, redis_server: RedisServer, sim: Simulator,
+                                                       clock: FakeClock, skew_days: int) -> None:
+    """A host whose clock is a year off Redis's (or a test's fake clock) keeps every key alive.
+
+    Each key's time to live must be the time left in its period (or window) on the app's own clock
+    plus the grace, whatever Redis's clock says: no expiry may come from an absolute app-side time.
+    """
+    clock.now += skew_days * 86400
+    app = budget_app(sim, clock, redis_url, budget=budgeted(requests="5/minute", usd="0.002/day"),
+                     CLAUDE_DAILY_BUDGET_USD=1.0, CLAUDE_BUDGET_ALERTS=[0.0001, 1.0])
+    c = app.test_client()
+    assert [c.post("/ask").status_code for _ in range(2)] == [200, 200]
+    ttls = {key.decode(): redis_server.client.pttl(key) for key in redis_server.client.keys("*")}
+    budgets = {k: t for k, t in ttls.items() if ":usd:" in k and "|alert|" not in k}
+    alerts = {k: t for k, t in ttls.items() if "|alert|" in k}
+    windows = {k: t for k, t in ttls.items() if ":req:" in k}
+    assert budgets and alerts and windows, ttls
+    left_ms = (todays_noon_utc() + 12 * 3600 - todays_noon_utc()) * 1000  # noon to midnight, on the app's clock
+    for ttl in budgets.values():  # the period's time left plus one day of grace
+        assert left_ms + 86_400_000 - 5_000 <= ttl <= left_ms + 86_400_000 + 1_000
+    for ttl in alerts.values():  # an alert's claim lasts to the period's end plus a second
+        assert left_ms - 5_000 <= ttl <= left_ms + 1_000
+    for ttl in windows.values():  # a request window lasts its length plus a second
+        assert 0 < ttl <= 61_000
 
 
 def test_timezone_days_and_periods() -> None:
