@@ -80,6 +80,21 @@ class Reservation:
     lines: list[Line]
     usd_lines: list[int]  # indexes of lines counted in micro-dollars (others are tokens)
     app_wide: list[int] = field(default_factory=list)  # indexes of the global and feature budgets
+    topups: tuple[str, ...] = ()  # holds added when a call needed more than its admission held
+
+    @property
+    def rids(self) -> tuple[str, ...]:
+        return (self.rid, *self.topups)
+
+
+@dataclass
+class PreHold:
+    """The first call's hold, taken with the admission before the view (one round trip for both)."""
+
+    reservation: Reservation
+    breakers: dict[str, float | None] | None
+    usd_micro: int
+    tokens: int
 
 
 def _granularity(item: RateLimitItem) -> str:
@@ -96,6 +111,8 @@ class Budgets:
         self.tz = ZoneInfo(self.settings.budget_timezone)
         self._last_storage_warning = 0.0
         self._periods: dict[tuple[str, int], tuple[str, float, float]] = {}
+        # feature -> (largest system/tools token bound, any cache_control, largest max_tokens) of its calls
+        self._overheads: dict[str, tuple[int, bool, int]] = {}
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -214,20 +231,106 @@ class Budgets:
         """Hold one call's worst case (input bound + ``max_tokens`` at the dearest model's prices).
 
         The same round trip admits the request (if not yet done) and reads the chain's breakers,
-        so the call needs no other storage step before it is sent.
+        so the call needs no other storage step before it is sent. A hold taken with the admission
+        (``admit_before_view``) serves the request's first call with no round trip at all when it is
+        large enough, and is topped up by the difference when it is not.
         """
         input_bound = upper_bound_tokens(params)
         cached = has_cache_control(params)
+        self._learn_overhead(scope, params, input_bound, cached, max_tokens)
         worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens, cache_write=cached)
-        return self.reserve_worst(scope, math.ceil(worst_usd * MICRO), input_bound + max_tokens,
-                                  hold_seconds=(call_seconds or self.settings.deadline) + 30.0,
-                                  breakers=tuple(chain))
+        usd_micro, tokens = math.ceil(worst_usd * MICRO), input_bound + max_tokens
+        hold_seconds = (call_seconds or self.settings.deadline) + 30.0
+        pre = scope.memo.pop("prehold", None)
+        if pre is None:
+            return self.reserve_worst(scope, usd_micro, tokens, hold_seconds=hold_seconds, breakers=tuple(chain))
+        if usd_micro <= pre.usd_micro and tokens <= pre.tokens:
+            return pre.reservation, pre.breakers
+        # The call needs more than the admission held: hold the difference, settle both as one.
+        extra, _ = self.reserve_worst(scope, max(0, usd_micro - pre.usd_micro), max(0, tokens - pre.tokens),
+                                      hold_seconds=hold_seconds)
+        held = pre.reservation
+        if extra is None:  # storage down under the "open" policy: the admission's hold still stands
+            return held, pre.breakers
+        lines = [Line(h.key, h.limit, h.amount + e.amount, h.expires_at, h.name)
+                 for h, e in zip(held.lines, extra.lines, strict=True)]
+        return Reservation(held.rid, lines, held.usd_lines, held.app_wide, (*held.topups, extra.rid)), pre.breakers
+
+    # --- refusal before the view ------------------------------------------------------------
+
+    def admit_before_view(self, scope: CallScope) -> None:
+        """Check the request's limits before the view runs, so a refused request has no side effect.
+
+        When the feature bounds its input (``max_input_chars`` / ``max_input_tokens``) the first
+        call's worst case is nearly known here, so its hold is taken in the same round trip as the
+        admission and the call itself needs none (``begin`` tops it up if the call turns out larger).
+        The hold is sized from what the feature's earlier calls in this process added to the input
+        (system prompt, tools, ``max_tokens``); a budget without room for it refuses the request here,
+        before the view. Before the feature's first call is seen, the guess (the ``max_tokens`` cap)
+        may be far above the real call, so then a budget without room only skips the hold.
+        """
+        bound = self._input_bound(scope)
+        lines = self._templates(scope, scope.budgets, self.state.clock.time())[0] if bound is not None else []
+        if bound is None or not lines:
+            self.finish_admission(scope)
+            return
+        settings = self.settings
+        configured = scope.models or settings.models
+        chain = list(dict.fromkeys([scope.first_model or configured[0], *configured]))
+        cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
+        learned = self._overheads.get(scope.feature or "")
+        overhead, cached, seen_max = learned or (0, settings.auto_cache, cap)
+        max_tokens = min(cap, seen_max)
+        tokens = bound + overhead + max_tokens
+        try:
+            worst = self.state.prices.worst_case_usd(chain, bound + overhead, max_tokens, cache_write=cached)
+        except ClaudeGuardError:  # an unpriced model: the call will be refused with its own message
+            self.finish_admission(scope)
+            return
+        usd_micro = math.ceil(worst * MICRO)
+        reservation, breakers = self.reserve_worst(scope, usd_micro, tokens, hold_seconds=settings.deadline + 60.0,
+                                                   breakers=tuple(chain), optional=learned is None)
+        if reservation is not None:
+            scope.memo["prehold"] = PreHold(reservation, breakers, usd_micro, tokens)
+
+    def release_unused(self, scope: CallScope) -> None:
+        """Give back a hold taken before the view that no call used (the view made no call, or failed)."""
+        pre: PreHold | None = scope.memo.pop("prehold", None)
+        if pre is not None:
+            self.settle(pre.reservation, 0.0, 0)
+
+    def _input_bound(self, scope: CallScope) -> int | None:
+        """An upper bound of the tokens of what callers send, from the feature's declared input caps."""
+        bounds = []
+        if scope.max_input_chars is not None:
+            bounds.append(2 * scope.max_input_chars)  # upper_bound_tokens: at most 2 tokens per character
+        if scope.max_input_tokens is not None:
+            bounds.append(6 * scope.max_input_tokens)  # the cap's estimate is 3 chars a token, the bound 2 a char
+        if not bounds:
+            return None
+        turns = scope.max_history_turns or 8
+        return min(bounds) + 16 + 16 * turns
+
+    def _learn_overhead(self, scope: CallScope, params: Any, input_bound: int, cached: bool, max_tokens: int) -> None:
+        """What a feature's calls add to the user's input (system prompt, tools), whether they mark
+        ``cache_control`` and the largest ``max_tokens`` they ask: the next admission's hold is sized
+        from these, so a feature's hold matches its calls after the first one."""
+        if scope.feature is None or (scope.max_input_chars is None and scope.max_input_tokens is None):
+            return
+        user_part = upper_bound_tokens({"messages": params.get("messages") or ()})
+        known = self._overheads.get(scope.feature, (0, False, 0))
+        learned = (max(known[0], input_bound - user_part), known[1] or cached, max(known[2], max_tokens))
+        if learned != known:
+            self._overheads[scope.feature] = learned
 
     def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *, hold_seconds: float,
-                      breakers: tuple[str, ...] = ()) -> tuple[Reservation | None, dict[str, float | None] | None]:
+                      breakers: tuple[str, ...] = (),
+                      optional: bool = False) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold ``usd_micro`` and ``tokens`` on every budget of ``scope`` in one step, or refuse.
 
         A hold lapses after ``hold_seconds``: a worker that died mid-call gives its room back.
+        An ``optional`` hold is a guess made before the call is known: when the budgets have no
+        room for it the step still admits the request (no refusal, no kill) and holds nothing.
         """
         now = self.state.clock.time()
         lines, usd_idx, app_wide = self.budget_lines(scope, scope.budgets, usd=usd_micro, tokens=tokens, now=now)
@@ -235,13 +338,14 @@ class Budgets:
             return None, None
         rid = _new_id()
         breaker_snapshot = self._begin(scope, holds=lines, usd_idx=usd_idx, app_wide=app_wide, rid=rid,
-                                       hold_seconds=hold_seconds, breakers=breakers)
-        if not lines:
+                                       hold_seconds=hold_seconds, breakers=breakers, optional=optional)
+        if not lines or (optional and scope.memo.pop("not_held", False)):
             return None, breaker_snapshot
         return Reservation(rid, lines, usd_idx, sorted(app_wide)), breaker_snapshot
 
     def _begin(self, scope: CallScope, *, holds: list[Line], usd_idx: list[int], app_wide: set[int], rid: str,
-               hold_seconds: float, breakers: tuple[str, ...]) -> dict[str, float | None] | None:
+               hold_seconds: float, breakers: tuple[str, ...],
+               optional: bool = False) -> dict[str, float | None] | None:
         """One atomic step; while in-flight holds (not spend) fill a budget, wait briefly for room.
 
         Holds are worst cases, often several times a call's real cost, so under a burst a budget
@@ -257,7 +361,7 @@ class Budgets:
             step = Begin(gates=gates, requests=requests, holds=holds, member=_new_id(), rid=rid,
                          hold_until=now + hold_seconds,
                          exhausted_alert=repr(1.0) if 1.0 in self.settings.budget_alerts else "",
-                         breakers=breakers)
+                         breakers=breakers, optional_holds=optional)
             result = self._guarded(lambda step=step, now=now: self.store.begin(step, now))
             if result is None:  # storage down, policy "open": serve without limits
                 scope.admission = None
@@ -268,6 +372,8 @@ class Budgets:
             pause = min(pause * 2, 0.25)
         if not result.ok:
             self._refuse(result, gates, requests, holds, usd_idx, app_wide)
+        if not result.held:
+            scope.memo["not_held"] = True
         scope.admission = None
         if requests:
             tightest = min(range(len(requests)), key=lambda i: result.remaining[i])
@@ -307,7 +413,7 @@ class Budgets:
                                                             "excess": [amount for _, amount in over]},
                                    level="WARNING")
         try:
-            crossed = self.store.settle(actual, reservation.rid, self.settings.budget_alerts, now,
+            crossed = self.store.settle(actual, reservation.rids, self.settings.budget_alerts, now,
                                         success=success, breaker=self.state.breaker.params)
         except StorageUnavailable as exc:
             # The call happened and was paid for: never fail the response now. The spend is in the

@@ -143,7 +143,7 @@ class Settings:
     connect_timeout: float = _setting(5.0, lambda k, v: _number(k, v, allow_zero=False))
     attempt_timeout: float = _setting(30.0, lambda k, v: _number(k, v, allow_zero=False))
     stream_deadline: float = _setting(600.0, lambda k, v: _number(k, v, allow_zero=False))
-    admission: str = _setting("with_first_call", _choice("with_first_call", "before_view"))
+    admission: str = _setting("before_view", _choice("before_view", "with_first_call"))
     fallback_on_rate_limit: bool = _setting(False, _bool)
     prices: dict[str, Any] = _setting(None, _mapping)
     auto_cache: bool = _setting(True, _bool)

@@ -64,6 +64,7 @@ class Begin:
     hold_until: float = 0.0
     exhausted_alert: str = ""  # the alert threshold claimed by the first "spent for good" refusal
     breakers: Sequence[str] = ()  # models whose breaker state to read
+    optional_holds: bool = False  # no room for the holds: admit anyway and hold nothing (a guess, not a call)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class Outcome:
     newly_exhausted: bool = False
     spent: int = 0
     breakers: dict[str, float | None] = field(default_factory=dict)  # model -> open_until (None: closed)
+    held: bool = True  # False: optional holds found no room and were not taken
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,9 @@ class StorageUnavailable(Exception):
 class Store(Protocol):
     def begin(self, step: Begin, now: float) -> Outcome: ...
 
-    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
+    def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
-        """Replace the hold by the real amount; report alert thresholds crossed first here; record
+        """Replace the holds ``rids`` by the real amount; report alert thresholds crossed first here; record
         ``success`` on that model's breaker."""
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
@@ -176,8 +178,12 @@ class MemoryStore:
                     return Outcome(False, "request", i, retry_after=max(0.0, hits[0] + line.expires_at - now))
                 remaining.append(line.limit - len(hits) - 1)
             budgets = [self._budget(line.key, line.expires_at, now) for line in step.holds]
+            held = True
             for i, (line, budget) in enumerate(zip(step.holds, budgets, strict=True)):
                 if budget.spent + budget.live_reserved(now) + line.amount > line.limit:
+                    if step.optional_holds:
+                        held = False
+                        break
                     busy = budget.spent + line.amount <= line.limit
                     first = False
                     if not busy and line.amount <= KILL_SHARE * line.limit \
@@ -191,18 +197,20 @@ class MemoryStore:
             for line in step.requests:
                 self._windows[line.key].append(now)
             for line, budget in zip(step.holds, budgets, strict=True):
-                budget.holds[step.rid] = (line.amount, step.hold_until)
+                if held:
+                    budget.holds[step.rid] = (line.amount, step.hold_until)
             breakers = {m: (b.open_until if (b := self._breakers.get(m)) else None) for m in step.breakers}
-            return Outcome(True, remaining=tuple(remaining), breakers=breakers)
+            return Outcome(True, remaining=tuple(remaining), breakers=breakers, held=held)
 
-    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
+    def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
         crossed = []
         with self._lock:
             for line in lines:
                 budget = self._budget(line.key, line.expires_at, now)
                 before = budget.spent
-                budget.holds.pop(rid, None)
+                for rid in rids:
+                    budget.holds.pop(rid, None)
                 budget.spent += line.amount
                 for threshold in thresholds:
                     mark = threshold * line.limit
@@ -355,13 +363,15 @@ end
 """.replace("BUCKETS", str(BREAKER_BUCKETS)).replace("KILL_SHARE", repr(KILL_SHARE))
 
 # KEYS: gates, requests, holds, breakers. ARGV: now, ng, nr, nh, nb, member, rid, hold_until,
-# alert, then per gate (limit, expires), per request (limit, window), per hold (limit, amount, expires).
-# Returns {ok, stage, failed, retry, newly, spent, busy, remaining..., open_until per breaker ('' = closed)}.
+# alert, optional_holds ('1'/'0'), then per gate (limit, expires), per request (limit, window),
+# per hold (limit, amount, expires).
+# Returns {ok, stage, failed, retry, newly, spent, busy, held, remaining..., open_until per breaker ('' = closed)}.
 _LUA_BEGIN = _LUA_FUNCTIONS + """
 local now = tonumber(ARGV[1])
 local ng, nr, nh, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local member, rid, hold, alert = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local a = 10
+local optional = ARGV[10] == '1'
+local a = 11
 for i = 1, ng do
   local limit, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
   local state = redis.call('HMGET', KEYS[i], 'spent', 'exhausted')
@@ -382,11 +392,13 @@ for j = 1, nr do
   remaining[j] = limit - count - 1
 end
 local hold_args = a
+local held = 1
 for k = 1, nh do
   local key = KEYS[ng + nr + k]
   local limit, amount, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]); a = a + 3
   local spent = tonumber(redis.call('HGET', key, 'spent') or '0')
   if spent + live_reserved(key, now) + amount > limit then
+    if optional then held = 0; break end
     if spent + amount <= limit then
       return {0, 'hold', k - 1, '1', 0, spent, 1}
     end
@@ -399,7 +411,7 @@ for k = 1, nh do
     return {0, 'hold', k - 1, tostring(math.max(0, expires - now)), first, spent, 0}
   end
 end
-a = 10 + 2 * ng
+a = 11 + 2 * ng
 for j = 1, nr do
   local key = KEYS[ng + j]
   local window = tonumber(ARGV[a + 1]); a = a + 2
@@ -407,13 +419,13 @@ for j = 1, nr do
   redis.call('EXPIRE', key, math.ceil(window) + 1)
 end
 a = hold_args
-for k = 1, nh do
+for k = 1, nh * held do
   local key = KEYS[ng + nr + k]
   local amount, expires = ARGV[a + 1], tonumber(ARGV[a + 2]); a = a + 3
   redis.call('HSET', key, 'r:' .. rid, amount .. ' ' .. hold)
   redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
 end
-local out = {1, '', -1, '0', 0, 0, 0}
+local out = {1, '', -1, '0', 0, 0, 0, held}
 for j = 1, nr do table.insert(out, remaining[j]) end
 for m = 1, nb do
   table.insert(out, redis.call('HGET', KEYS[ng + nr + nh + m], 'open_until') or '')
@@ -421,17 +433,17 @@ end
 return out
 """.replace("KILL_SHARE", repr(KILL_SHARE))
 
-# KEYS: budget keys, then the success model's breaker key if any. ARGV: now, rid, nt, thresholds...,
+# KEYS: budget keys, then the success model's breaker key if any. ARGV: now, rids (space-separated), nt, thresholds...,
 # nl, per line (limit, amount, expires), then (min_calls, rate, window, cooldown) when recording.
 _LUA_SETTLE = _LUA_FUNCTIONS + """
-local now = tonumber(ARGV[1]); local rid = ARGV[2]; local nt = tonumber(ARGV[3])
+local now = tonumber(ARGV[1]); local nt = tonumber(ARGV[3])
 local nl = tonumber(ARGV[4 + nt])
 local base = 4 + nt
 local crossed = {}
 for i = 1, nl do
   local limit = tonumber(ARGV[base + 3 * i - 2]); local amount = tonumber(ARGV[base + 3 * i - 1])
   local expires = tonumber(ARGV[base + 3 * i])
-  redis.call('HDEL', KEYS[i], 'r:' .. rid)
+  for rid in string.gmatch(ARGV[2], '%S+') do redis.call('HDEL', KEYS[i], 'r:' .. rid) end
   local spent = redis.call('HINCRBY', KEYS[i], 'spent', amount)
   redis.call('PEXPIRE', KEYS[i], ttl_ms(expires, now, 86400))
   local before = spent - amount
@@ -503,7 +515,8 @@ class RedisStore:
         keys = ([self._k(line.key) for line in (*step.gates, *step.requests, *step.holds)]
                 + [self._b(m) for m in step.breakers])
         args: list[Any] = [repr(now), len(step.gates), len(step.requests), len(step.holds), len(step.breakers),
-                           step.member, step.rid, repr(step.hold_until), step.exhausted_alert]
+                           step.member, step.rid, repr(step.hold_until), step.exhausted_alert,
+                           "1" if step.optional_holds else "0"]
         for line in step.gates:
             args += [line.limit, repr(line.expires_at)]
         for line in step.requests:
@@ -517,15 +530,15 @@ class RedisStore:
             return Outcome(False, stage, int(res[2]), busy=bool(int(res[6])), retry_after=float(res[3]),
                            newly_exhausted=bool(int(res[4])), spent=int(res[5]))
         nr = len(step.requests)
-        remaining = tuple(int(x) for x in res[7:7 + nr])
-        opens = res[7 + nr:]
+        remaining = tuple(int(x) for x in res[8:8 + nr])
+        opens = res[8 + nr:]
         breakers = {m: (float(v) if v not in (b"", "") else None) for m, v in zip(step.breakers, opens, strict=True)}
-        return Outcome(True, remaining=remaining, breakers=breakers)
+        return Outcome(True, remaining=remaining, breakers=breakers, held=bool(int(res[7])))
 
-    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
+    def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
         keys = [self._k(line.key) for line in lines]
-        args: list[Any] = [repr(now), rid, len(thresholds), *(repr(t) for t in thresholds), len(lines)]
+        args: list[Any] = [repr(now), " ".join(rids), len(thresholds), *(repr(t) for t in thresholds), len(lines)]
         for line in lines:
             args += [line.limit, line.amount, repr(line.expires_at)]
         if success is not None and breaker is not None:

@@ -27,7 +27,7 @@ from .conftest import FakeClock, RedisServer, todays_noon_utc
 
 
 def budget_app(sim: Simulator, clock: FakeClock | None, storage_uri: str, *, budget: Any = None,
-               flags: StaticFlags | None = None, **config: Any) -> Flask:
+               flags: StaticFlags | None = None, feature: dict[str, Any] | None = None, **config: Any) -> Flask:
     app = Flask("budgets")
     app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-haiku-4-5"], CLAUDE_STORAGE_URI=storage_uri,
                       CLAUDE_MAX_RETRIES=0, CLAUDE_FLAGS=flags or StaticFlags(), CLAUDE_LOG_PATH=os.devnull,
@@ -44,7 +44,7 @@ def budget_app(sim: Simulator, clock: FakeClock | None, storage_uri: str, *, bud
         msg = claude.messages.create(max_tokens=120, messages=[{"role": "user", "content": "Write a haiku on rain."}])
         return {"text": msg.content[0].text}
 
-    view = fallback_to({"text": None, "notice": "paused"})(ai_feature("ask")(ask))
+    view = fallback_to({"text": None, "notice": "paused"})(ai_feature("ask", **(feature or {}))(ask))
     if budget is not None:
         view = budget(view)
     app.add_url_rule("/ask", view_func=view, methods=["POST"])
@@ -314,12 +314,17 @@ def test_raw_user_keys_never_reach_logs_alerts_or_redis_keys(redis_url: str, red
     assert all(a["budget"].startswith(("global", "feature")) for a in claude_log.events("budget_alert"))
 
 
-def test_a_guarded_request_costs_two_redis_round_trips(redis_url: str, redis_server: RedisServer,
-                                                       sim: Simulator) -> None:
+@pytest.mark.parametrize(("admission", "feature", "trips"), [
+    ("before_view", {"max_input_chars": 2000}, 2),  # admission + the first call's hold, then settlement
+    ("before_view", {}, 3),  # admission before the view, the call's hold, settlement
+    ("with_first_call", {}, 2),  # admission with the call's hold, settlement
+])
+def test_round_trips_per_guarded_request(redis_url: str, redis_server: RedisServer, sim: Simulator,
+                                         admission: str, feature: dict[str, Any], trips: int) -> None:
     """Admission, reservation and breaker read in one script; settlement and breaker record in another."""
     app = budget_app(sim, None, redis_url, budget=budgeted(requests="100/minute", tokens="1000000/day",
                                                            usd="5/day"), CLAUDE_DAILY_BUDGET_USD=50,
-                     CLAUDE_FEATURE_BUDGETS_USD={"ask": 10})
+                     CLAUDE_FEATURE_BUDGETS_USD={"ask": 10}, CLAUDE_ADMISSION=admission, feature=feature)
     c = app.test_client()
     assert c.post("/ask").status_code == 200  # warm-up: scripts are loaded
 
@@ -344,7 +349,7 @@ def test_a_guarded_request_costs_two_redis_round_trips(redis_url: str, redis_ser
     watcher.join(10)
     from_clients = [cmd["command"].split()[0] for cmd in seen
                     if cmd.get("client_type") != "lua" and not cmd["command"].startswith("ECHO")]
-    assert from_clients == ["EVALSHA"] * 20, from_clients
+    assert from_clients == ["EVALSHA"] * (10 * trips), from_clients
 
 
 def test_one_oversized_request_does_not_switch_the_budget_off(storage_uri: str, sim: Simulator,
@@ -396,3 +401,75 @@ def test_admission_before_view_keeps_refused_requests_out_of_the_view(sim: Simul
 
     assert [app.test_client().post("/write").status_code for _ in range(3)] == [200, 429, 429]
     assert len(ran) == 1
+
+
+def test_refusal_before_the_view_is_the_default(storage_uri: str, sim: Simulator, clock: FakeClock) -> None:
+    """Neither a request over its limit nor one whose budget is spent runs any of the view's code."""
+    ran: list[str] = []
+    app = Flask("default_admission")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_FLAGS=StaticFlags(), CLAUDE_LOG_PATH=os.devnull,
+                      CLAUDE_STORAGE_URI=storage_uri, CLAUDE_MODELS=["claude-haiku-4-5"],
+                      CLAUDE_FEATURE_BUDGETS_USD={"spend": 0.005})
+    claude = Claude(app, simulator=sim, clock=clock)
+
+    @app.post("/write")
+    @ai_feature("write")
+    @budgeted(requests="1/minute")
+    def write() -> str:
+        ran.append("write")  # a side effect before any Claude call
+        claude.messages.create(max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        return "ok"
+
+    @app.post("/spend")
+    @ai_feature("spend", max_input_chars=200)
+    def spend() -> str:
+        ran.append("spend")
+        claude.messages.create(max_tokens=200, messages=[{"role": "user", "content": "y" * 150}])
+        return "ok"
+
+    c = app.test_client()
+    assert [c.post("/write").status_code for _ in range(3)] == [200, 429, 429]
+    assert ran == ["write"]
+    statuses = [c.post("/spend").status_code for _ in range(40)]
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
+    refused = statuses.count(503)
+    assert ran.count("spend") == len(statuses) - refused  # refused requests never entered the view
+
+
+def _reserved(app: Flask) -> int:
+    state = app.extensions["claude"]
+    return sum(item["reserved_usd"] > 0 for item in state.budgets.usage_report())
+
+
+def test_a_hold_taken_before_the_view_is_topped_up_or_given_back(storage_uri: str, sim: Simulator,
+                                                                 clock: FakeClock, claude_log: CallLog) -> None:
+    """With an input bound the first call's hold rides on the admission; nothing leaks either way."""
+    app = Flask("prehold")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_FLAGS=StaticFlags(), CLAUDE_LOG_PATH=os.devnull,
+                      CLAUDE_STORAGE_URI=storage_uri, CLAUDE_MODELS=["claude-haiku-4-5"],
+                      CLAUDE_DAILY_BUDGET_USD=5.0)
+    claude = Claude(app, simulator=sim, clock=clock)
+    log = claude_log
+
+    @app.post("/ask/<mode>")
+    @ai_feature("ask", max_input_chars=100)
+    def ask(mode: str) -> str:
+        if mode == "none":
+            return "no call"
+        if mode == "boom":
+            raise RuntimeError("the view failed before its call")
+        # a system prompt far larger than the input bound: the admission's hold cannot cover it
+        system = "Answer briefly. " * (2000 if mode == "big" else 1)
+        claude.messages.create(max_tokens=50, system=system, messages=[{"role": "user", "content": "hi"}])
+        return "ok"
+
+    c = app.test_client()
+    for mode in ("small", "big", "none", "small", "big"):
+        assert c.post(f"/ask/{mode}").status_code == 200, mode
+        assert _reserved(app) == 0, mode  # every hold settled or given back
+    assert c.post("/ask/boom").status_code == 500  # the app's own bug: Flask's answer, but no hold left behind
+    assert _reserved(app) == 0
+    spent = app.extensions["claude"].budgets.usage_report()[0]["spent_usd"]
+    logged = sum(line["cost_usd"] for line in log.events("claude_api_call"))
+    assert spent == pytest.approx(logged, abs=4e-6)  # micro-dollar rounding per call
+    assert not log.events("reservation_exceeded")
