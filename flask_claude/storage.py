@@ -20,6 +20,7 @@ share the Redis hash tag ``{fc:<prefix>}``: a multi-key script must stay in one 
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 from collections import deque
@@ -139,6 +140,39 @@ class _Breaker:
     buckets: dict[int, list[int]] = field(default_factory=dict)  # bucket -> [calls, failures]
 
 
+class _Expiries:
+    """When to look at an entry again, in coarse time buckets: eviction in amortised O(1) per entry.
+
+    Redis drops keys by their TTL; memory must drop them itself, or a day of distinct users stays
+    forever. Each entry is scheduled when created and looked at once when its time has come (a
+    window still in use is scheduled again at its newest hit's end), so a call pays only for the
+    entries that fell due, however many are live.
+    """
+
+    WIDTH = 60.0
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, list[tuple[str, str]]] = {}
+        self._heap: list[int] = []
+
+    def at(self, when: float, kind: str, key: str) -> None:
+        bucket = math.ceil(when / self.WIDTH)
+        entries = self._buckets.get(bucket)
+        if entries is None:
+            entries = self._buckets[bucket] = []
+            heapq.heappush(self._heap, bucket)
+        entries.append((kind, key))
+
+    def due(self, now: float) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        while self._heap and self._heap[0] * self.WIDTH <= now:
+            out += self._buckets.pop(heapq.heappop(self._heap))
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._buckets.values())
+
+
 class MemoryStore:
     """The same semantics as the Redis scripts, under one lock, for one process."""
 
@@ -146,32 +180,77 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._budgets: dict[str, _Budget] = {}
         self._windows: dict[str, deque[float]] = {}
+        self._window_length: dict[str, float] = {}
         self._alerts: dict[str, float] = {}
         self._breakers: dict[str, _Breaker] = {}
-        self._records: dict[str, str] = {}
+        self._records: dict[str, tuple[str, float]] = {}
+        self._expiries = _Expiries()
+        self._now = 0.0  # the latest time a caller gave: records expire on it (put_record has no clock)
+
+    def size(self) -> int:
+        """Entries held (budgets, windows, alert claims, records): what eviction keeps bounded."""
+        with self._lock:
+            return len(self._budgets) + len(self._windows) + len(self._alerts) + len(self._records)
+
+    def _evict(self, now: float) -> None:
+        """Drop what fell due: ended periods, empty windows, lapsed alert claims and records."""
+        self._now = max(self._now, now)
+        for kind, key in self._expiries.due(now):
+            if kind == "budget":
+                budget = self._budgets.get(key)
+                if budget is not None and budget.expires_at <= now:
+                    del self._budgets[key]
+            elif kind == "window":
+                hits = self._windows.get(key)
+                length = self._window_length.get(key, 0.0)
+                if hits is not None:
+                    while hits and hits[0] <= now - length:
+                        hits.popleft()
+                    if hits:
+                        self._expiries.at(hits[-1] + length, "window", key)
+                    else:
+                        del self._windows[key], self._window_length[key]
+            elif kind == "alert":
+                if self._alerts.get(key, now + 1) <= now:
+                    del self._alerts[key]
+            elif kind == "record":
+                record = self._records.get(key)
+                if record is not None and record[1] <= now:
+                    del self._records[key]
 
     def _budget(self, key: str, expires_at: float, now: float) -> _Budget:
         budget = self._budgets.get(key)
         if budget is None or budget.expires_at <= now:
             budget = self._budgets[key] = _Budget(expires_at=expires_at)
+            self._expiries.at(expires_at, "budget", key)
         return budget
+
+    def _window(self, key: str, length: float) -> deque[float]:
+        hits = self._windows.get(key)
+        if hits is None:
+            hits = self._windows[key] = deque()
+            self._window_length[key] = length
+            self._expiries.at(self._now + length, "window", key)
+        return hits
 
     def _claim_alert(self, key: str, threshold: str, until: float, now: float) -> bool:
         alert_key = f"{key}|{threshold}"
         if self._alerts.get(alert_key, 0) > now:
             return False
         self._alerts[alert_key] = until
+        self._expiries.at(until, "alert", alert_key)
         return True
 
     def begin(self, step: Begin, now: float) -> Outcome:
         with self._lock:
+            self._evict(now)
             for i, line in enumerate(step.gates):
                 budget = self._budget(line.key, line.expires_at, now)
                 if budget.spent >= line.limit or budget.exhausted_at_limit == line.limit:
                     return Outcome(False, "gate", i, retry_after=max(0.0, line.expires_at - now))
             remaining = []
             for i, line in enumerate(step.requests):
-                hits = self._windows.setdefault(line.key, deque())
+                hits = self._window(line.key, line.expires_at)
                 while hits and hits[0] <= now - line.expires_at:
                     hits.popleft()
                 if len(hits) + 1 > line.limit:
@@ -206,6 +285,7 @@ class MemoryStore:
                success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
         crossed = []
         with self._lock:
+            self._evict(now)
             for line in lines:
                 budget = self._budget(line.key, line.expires_at, now)
                 before = budget.spent
@@ -234,11 +314,13 @@ class MemoryStore:
 
     def put_record(self, key: str, value: str, ttl: float) -> None:
         with self._lock:
-            self._records[key] = value
+            self._records[key] = (value, self._now + ttl)
+            self._expiries.at(self._now + ttl, "record", key)
 
     def get_record(self, key: str) -> str | None:
         with self._lock:
-            return self._records.get(key)
+            record = self._records.get(key)
+            return None if record is None or record[1] <= self._now else record[0]
 
     def breaker_allow(self, key: str, now: float, cooldown: float) -> bool:
         with self._lock:

@@ -473,3 +473,42 @@ def test_a_hold_taken_before_the_view_is_topped_up_or_given_back(storage_uri: st
     logged = sum(line["cost_usd"] for line in log.events("claude_api_call"))
     assert spent == pytest.approx(logged, abs=4e-6)  # micro-dollar rounding per call
     assert not log.events("reservation_exceeded")
+
+
+def test_memory_store_stays_bounded_by_the_live_entries(sim: Simulator, clock: FakeClock) -> None:
+    """100,000 distinct users over two days: ended periods and idle windows are dropped as time passes."""
+    from flask_claude.storage import MemoryStore
+
+    app = budget_app(sim, clock, "memory://", CLAUDE_DAILY_BUDGET_USD=1000.0)
+    state = app.extensions["claude"]
+    store = state.store
+    assert isinstance(store, MemoryStore)
+    view = budgeted(requests="10/minute", usd="1/day", tokens="100000/day")(lambda: None)
+    budget_options = view.__claude_spec__.budget  # type: ignore[attr-defined]
+    users, span = 100_000, 2 * 86400.0
+    midnight = todays_noon_utc() + 12 * 3600
+    clock.now = midnight - 86400  # the start of a day: the first half of the users fall in it
+    sizes: dict[str, int] = {}
+    for i in range(users):
+        clock.now = midnight - 86400 + i * span / users
+        scope = CallScope(feature="ask", user=f"user-{i}")
+        scope.budgets = budget_options
+        state.budgets.admit(scope, budget_options)
+        reservation, _ = state.budgets.reserve_worst(scope, 500, 200, hold_seconds=90)
+        assert reservation is not None
+        state.budgets.settle(reservation, 0.0001, 120)
+        if i == users // 2 - 1:
+            sizes["end of day 1"] = store.size()
+    sizes["end of day 2"] = store.size()
+    per_day = users // 2
+    # each user of the current day keeps a token and a USD budget; windows last a minute (about 35 users)
+    live = 2 * per_day + 2  # + the global budget and its feature-wide line
+    for when, size in sizes.items():
+        assert size <= live + 200, (when, size, live)
+    # and the entries really are the current day's: the day before is gone
+    clock.advance(86400 + 120)
+    late = CallScope(feature="ask", user="late")
+    late.budgets = budget_options
+    state.budgets.admit(late, budget_options)
+    state.budgets.reserve_worst(late, 500, 200, hold_seconds=90)
+    assert store.size() < 10
