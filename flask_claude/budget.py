@@ -14,7 +14,7 @@ import itertools
 import math
 import os
 import random
-import time
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from .errors import BudgetExceeded, ClaudeGuardError, LimitExceeded
 from .events import hash_text
 from .hygiene import has_cache_control
 from .signals import budget_alert
-from .storage import Begin, Line, Outcome, StorageUnavailable, Store
+from .storage import Begin, Crossed, Line, Outcome, StorageUnavailable, Store
 from .tokens import upper_bound_tokens
 
 if TYPE_CHECKING:
@@ -97,6 +97,17 @@ class PreHold:
     tokens: int
 
 
+MAX_KEPT_BUDGETS = 10_000  # budget keys whose outage-time spend a process keeps for later
+
+
+@dataclass
+class _Kept:
+    line: Line
+    usd: bool
+    app_wide: bool
+    amount: int = 0
+
+
 def _granularity(item: RateLimitItem) -> str:
     return str(item.GRANULARITY.name)
 
@@ -109,7 +120,9 @@ class Budgets:
         self.store = store
         self.settings = state.settings
         self.tz = ZoneInfo(self.settings.budget_timezone)
-        self._last_storage_warning = 0.0
+        self._kept: dict[str, _Kept] = {}  # budget key -> spend settled while storage was down
+        self._kept_lock = threading.Lock()
+        self._lost = 0  # micro-dollars past MAX_KEPT_BUDGETS, reported when storage is back
         self._periods: dict[tuple[str, int], tuple[str, float, float]] = {}
         # feature -> (largest system/tools token bound, any cache_control, largest max_tokens) of its calls
         self._overheads: dict[str, tuple[int, bool, int]] = {}
@@ -412,19 +425,68 @@ class Budgets:
             self.state.events.emit("reservation_exceeded", {"budgets": [name for name, _ in over],
                                                             "excess": [amount for _, amount in over]},
                                    level="WARNING")
+        self._replay_if_back()
         try:
             crossed = self.store.settle(actual, reservation.rids, self.settings.budget_alerts, now,
                                         success=success, breaker=self.state.breaker.params)
-        except StorageUnavailable as exc:
-            # The call happened and was paid for: never fail the response now. The spend is in the
-            # log line; the hold lapses after its deadline.
-            self.state.events.emit("settle_failed", {"error_type": str(exc), "cost_usd": round(usd, 8)},
-                                   level="ERROR")
+        except StorageUnavailable:
+            # The call happened and was paid for: never fail the response now. The spend is kept
+            # here and added to the budgets when storage is back; the holds lapse on their own.
+            self._keep(actual, reservation)
             return
+        self._raise_alerts(crossed, actual, reservation)
+
+    def _raise_alerts(self, crossed: list[Crossed], lines: list[Line], reservation: Reservation) -> None:
         for alert in crossed:
-            index = next(i for i, li in enumerate(actual) if li.key == alert.key)
+            index = next(i for i, li in enumerate(lines) if li.key == alert.key)
             if index in reservation.app_wide:  # per-user budgets refuse quietly; they are not pager news
-                self._alert(actual[index], alert.threshold, alert.spent, index in reservation.usd_lines)
+                self._alert(lines[index], alert.threshold, alert.spent, index in reservation.usd_lines)
+
+    # --- spend made while storage was down --------------------------------------------------
+
+    def _keep(self, lines: list[Line], reservation: Reservation) -> None:
+        """Add a settlement that storage could not take to the spend kept in this process.
+
+        Kept per budget key, so it stays as small as the budgets touched during the outage; past
+        ``MAX_KEPT_BUDGETS`` keys the rest is counted as lost and said so when storage is back.
+        """
+        with self._kept_lock:
+            for i, line in enumerate(lines):
+                kept = self._kept.get(line.key)
+                if kept is None:
+                    if len(self._kept) >= MAX_KEPT_BUDGETS:
+                        self._lost += line.amount if i in reservation.usd_lines else 0
+                        continue
+                    self._kept[line.key] = kept = _Kept(line, i in reservation.usd_lines,
+                                                        i in reservation.app_wide)
+                kept.amount += line.amount
+
+    def _replay_if_back(self) -> None:
+        """Storage answers again: add what was spent meanwhile, so an outage is not free money."""
+        if not self._kept or not getattr(self.store, "healthy", True):
+            return
+        with self._kept_lock:
+            kept, self._kept = self._kept, {}
+            lost, self._lost = self._lost, 0
+        now = self.state.clock.time()
+        live = [k for k in kept.values() if k.line.expires_at > now]  # an ended period enforces nothing
+        lines = [Line(k.line.key, k.line.limit, k.amount, k.line.expires_at, k.line.name) for k in live]
+        try:
+            crossed = self.store.settle(lines, (), self.settings.budget_alerts, now) if lines else []
+        except StorageUnavailable:
+            with self._kept_lock:  # down again: keep it all for the next time
+                for key, k in kept.items():
+                    self._kept.setdefault(key, _Kept(k.line, k.usd, k.app_wide)).amount += k.amount
+                self._lost += lost
+            return
+        # every call adds its cost to each of its USD budgets: the largest is the outage's spend
+        # when an app-wide budget is set (all calls touch it)
+        fields = {"budgets": len(lines), "usd": round(max([k.amount for k in live if k.usd], default=0) / MICRO, 6),
+                  "lost_usd": round(lost / MICRO, 6)}
+        self.state.events.emit("spend_replayed", fields, level="WARNING")
+        replay = Reservation("", lines, [i for i, k in enumerate(live) if k.usd],
+                             [i for i, k in enumerate(live) if k.app_wide])
+        self._raise_alerts(crossed, lines, replay)
 
     def _alert(self, line: Line, threshold: float, spent: int, unit_usd: bool) -> None:
         """Log, signal and call the hook: once per threshold, app-wide budget and period, across all workers.
@@ -448,16 +510,14 @@ class Budgets:
     # --- a storage outage -----------------------------------------------------------------
 
     def _guarded(self, step: Any) -> Any:
+        """A storage step under ``CLAUDE_STORAGE_FAILURE``; the outage itself is logged once per
+        episode by the store's guard (``outage.py``), not here per request."""
+        self._replay_if_back()
         try:
             return step()
         except StorageUnavailable as exc:
             if self.settings.storage_failure == "closed":
                 raise StorageDown(f"storage unavailable: {exc}") from None
-            now = time.monotonic()
-            if now - self._last_storage_warning > 10:
-                self._last_storage_warning = now
-                self.state.events.emit("storage_unavailable", {"error_type": str(exc), "policy": "open"},
-                                       level="ERROR")
             return None
 
     def usage_report(self, now: float | None = None) -> list[dict[str, Any]]:

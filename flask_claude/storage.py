@@ -629,6 +629,10 @@ class RedisStore:
         res = self._call(self._settle, keys=keys, args=args)
         return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
 
+    def ping(self) -> None:
+        """A cheap check that storage answers again (the outage guard's probe)."""
+        self._call(self.client.ping)
+
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         out = []
         for key in keys:

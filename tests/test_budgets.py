@@ -23,7 +23,7 @@ from flask_claude.flags import StaticFlags
 from flask_claude.simulator import Simulator
 from flask_claude.testing import CallLog
 
-from .conftest import FakeClock, RedisServer, todays_noon_utc
+from .conftest import FakeClock, RedisServer, todays_noon_utc, wait_for
 
 
 def budget_app(sim: Simulator, clock: FakeClock | None, storage_uri: str, *, budget: Any = None,
@@ -512,3 +512,42 @@ def test_memory_store_stays_bounded_by_the_live_entries(sim: Simulator, clock: F
     state.budgets.admit(late, budget_options)
     state.budgets.reserve_worst(late, 500, 200, hold_seconds=90)
     assert store.size() < 10
+
+
+def test_a_hung_redis_costs_one_timeout_per_episode_and_its_spend_is_replayed(sim: Simulator,
+                                                                             claude_log: CallLog) -> None:
+    """SIGSTOP: after the first request the guard stops asking Redis; SIGCONT: the spend comes back."""
+    server = RedisServer()
+    try:
+        app = budget_app(sim, None, server.url, budget=budgeted(usd="1/day"), CLAUDE_DAILY_BUDGET_USD=5,
+                         CLAUDE_STORAGE_SOCKET_TIMEOUT=0.25, CLAUDE_STORAGE_RETRY_INTERVAL=0.2)
+        state = app.extensions["claude"]
+        c = app.test_client()
+        assert c.post("/ask").status_code == 200
+        before = claude_log.spend_usd()
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            elapsed = []
+            for _ in range(30):
+                started = time.monotonic()
+                assert c.post("/ask").status_code == 200
+                elapsed.append(time.monotonic() - started)
+            during = claude_log.spend_usd() - before
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        # the first request waits one socket timeout; the others never wait for Redis at all
+        assert 0.2 <= elapsed[0] < 1.0, elapsed[0]
+        later = sorted(elapsed[1:])
+        assert later[len(later) // 2] < 0.05 and later[-1] < 0.2, later
+        assert len(claude_log.events("storage_unavailable")) == 1  # once per episode, not per request
+        assert not claude_log.events("settle_failed")
+        # back: a background probe notices, and the next storage step adds what was spent meanwhile
+        assert wait_for(lambda: c.post("/ask").status_code == 200 and state.store.healthy, timeout=10)
+        assert c.post("/ask").status_code == 200
+        assert len(claude_log.events("storage_recovered")) == 1
+        [replayed] = claude_log.events("spend_replayed")
+        assert replayed["usd"] >= during - 1e-5 * 31  # and what was served while the probe ran
+        usage = {item["budget"]: item["spent_usd"] for item in state.budgets.usage_report()}
+        assert usage["global daily budget"] == pytest.approx(claude_log.spend_usd(), abs=1e-5 * 40)
+    finally:
+        server.stop()
