@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .decorators import ViewSpec
     from .extension import ClaudeState
 
-claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report and status.")
+claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report, status and prices.")
 
 
 @claude_cli.command("simulate")
@@ -283,6 +283,63 @@ def status_command(as_json: bool) -> None:
     click.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else render_status(result))
     if not result["storage"]["ok"]:
         click.get_current_context().exit(1)
+
+
+# --- prices ---------------------------------------------------------------------------------------
+
+
+def _rate_line(rates: dict[str, Any]) -> str:
+    return (f"in ${rates['input']:g}  out ${rates['output']:g}  write 5m ${rates['cache_write_5m']:g}  "
+            f"write 1h ${rates['cache_write_1h']:g}  read ${rates['cache_read']:g}")
+
+
+def render_prices(info: dict[str, Any], entries: dict[str, dict[str, Any]]) -> str:
+    out = [f"Prices in USD per million tokens; table checked {info.get('checked', '?')}. "
+           "Batch calls pay half of every rate."]
+    for model, entry in entries.items():
+        status = entry["status"] + (f", retires {entry['retired_on']}" if entry.get("retired_on")
+                                    and entry["status"] != "retired" else "")
+        tag = "  [CLAUDE_PRICES override]" if entry.get("overridden") else ""
+        out.append(f"{model}  ({status}){tag}")
+        if entry.get("aliases"):
+            out.append(f"  also: {', '.join(entry['aliases'])}")
+        for period in entry["prices"]:
+            since = f"from {period['from']}: " if "from" in period else ""
+            lower = " (prompt up to " + f"{period['bands'][0]['above']:,} tokens)" if period.get("bands") else ""
+            out.append(f"  {since}{_rate_line(period)}{lower}")
+            for band in period.get("bands", ()):
+                out.append(f"    prompt over {band['above']:,} tokens: {_rate_line(band)}")
+        if entry.get("source"):
+            out.append(f"  source: {entry['source']} (checked {entry.get('checked', '?')})")
+    return "\n".join(out)
+
+
+@claude_cli.command("prices")
+@click.option("--model", "model", default=None, metavar="MODEL",
+              help="Show one model (an alias or dated id resolves to its model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON, in the data file's shape.")
+def prices_command(model: str | None, as_json: bool) -> None:
+    """The price table this app bills with: packaged prices plus CLAUDE_PRICES overrides."""
+    from .errors import UnknownModel
+    from .pricing import PRICES_INFO, PriceTable
+
+    state = _state()
+    table = state.prices if state is not None else PriceTable()
+    if model is not None:
+        try:
+            chosen = [table.entry(model)]
+        except UnknownModel:
+            raise click.BadParameter(f"no price for {model!r}; `flask claude prices` lists every priced model",
+                                     param_hint="'--model'") from None
+    else:
+        chosen = table.entries()
+    entries = {e.model: e.as_dict() for e in chosen}
+    info = dict(PRICES_INFO)
+    if as_json:
+        click.echo(json.dumps({"checked": info.get("checked"), "sources": info.get("sources"),
+                               "models": entries}, indent=2, ensure_ascii=False))
+    else:
+        click.echo(render_prices(info, entries))
 
 
 # --- batches --------------------------------------------------------------------------------------
