@@ -118,7 +118,7 @@ class ModelPrices:
                                "source": self.source, "checked": self.checked, "notes": self.notes,
                                "overridden": self.overridden, "prices": []}
         for period in self.periods:
-            first = _rates(period.bands[0].price)
+            first: dict[str, Any] = dict(_rates(period.bands[0].price))
             if period.start is not None:
                 first = {"from": _iso(period.start), **first}
             if len(period.bands) > 1:
@@ -191,7 +191,8 @@ def _bands(key: str, raw: Any, default_discount: float) -> tuple[Band, ...]:
             raise ConfigError(f"{bkey} must be a dict with 'above' and the band's rates")
         unknown = set(spec) - {"above", *_RATE_FIELDS}
         if unknown:
-            raise ConfigError(f"{bkey} has unknown field(s) {sorted(unknown)}; known: above, {', '.join(_RATE_FIELDS)}")
+            raise ConfigError(f"{bkey} has unknown field(s) {sorted(unknown)}; "
+                              f"known: above, {', '.join(_RATE_FIELDS)}")
         above = spec.get("above")
         if isinstance(above, bool) or not isinstance(above, int) or above <= 0:
             raise ConfigError(f"{bkey}['above'] must be a whole number of prompt tokens > 0, got {above!r}")
@@ -206,7 +207,8 @@ def _period(key: str, spec: Any, previous: Period | None, default_discount: floa
         raise ConfigError(f"{key} must be a dict of rates (USD per million tokens), optionally with 'from' and 'bands'")
     unknown = set(spec) - {"from", "bands", *_RATE_FIELDS}
     if unknown:
-        raise ConfigError(f"{key} has unknown field(s) {sorted(unknown)}; known: from, bands, {', '.join(_RATE_FIELDS)}")
+        raise ConfigError(f"{key} has unknown field(s) {sorted(unknown)}; "
+                          f"known: from, bands, {', '.join(_RATE_FIELDS)}")
     start = _start(f"{key}['from']", spec["from"]) if spec.get("from") is not None else None
     if previous is not None and start is None:
         raise ConfigError(f"{key} follows another price, so it needs 'from' (the UTC date it takes effect)")
