@@ -315,3 +315,23 @@ def test_prices_cli_lists_bands_sources_and_overrides(make_app: Any) -> None:
     assert list(dated["models"]) == ["claude-haiku-4-5"]
     bad = runner.invoke(args=["claude", "prices", "--model", "claude-nope"])
     assert bad.exit_code == 2 and "no price for 'claude-nope'" in bad.output and "Traceback" not in bad.output
+
+
+def test_report_over_an_old_log_sums_what_was_logged_not_todays_prices(tmp_path: Any) -> None:
+    # Two calls logged under an older price (sonnet-5-5 input at $3/MTok, and a retired model): the report
+    # adds the logged cost_usd and never re-prices tokens with the current table.
+    log = tmp_path / "old.jsonl"
+    lines = [{"ts": "2026-09-30T10:00:00+00:00", "event": "claude_api_call", "feature": "f", "route": "/f",
+              "user": "u", "model": model, "requested_model": model, "input_tokens": 1_000_000,
+              "output_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0,
+              "latency_ms": 10.0, "retries": 0, "stop_reason": "end_turn", "cost_usd": usd}
+             for model, usd in (("claude-sonnet-5-5", 3.0), ("claude-opus-4-1", 15.0))]
+    log.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    app = Flask("old_log")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_LOG_PATH=str(log), CLAUDE_MODELS=["claude-sonnet-5-5"])
+    Claude(app)
+    result = app.test_cli_runner().invoke(args=["claude", "report", "--since", "all", "--by", "model", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["totals"]["spend_usd"] == pytest.approx(18.0)
+    assert data["groups"]["claude-sonnet-5-5"]["spend_usd"] == pytest.approx(3.0)  # today's table: $2
