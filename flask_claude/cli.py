@@ -422,11 +422,12 @@ def batch_results(batch_id: str) -> None:
     """Print each result as a JSON line with its cost at the batch rate; settle the batch's budget hold."""
     state = _guarded_state()
     total = 0.0
+    record = state.messages.batches._get(batch_id) or {}
     for item in state.messages.batches.results(batch_id):
         out: dict[str, Any] = {"custom_id": item.custom_id, "type": item.result.type}
         if item.result.type == "succeeded":
             message = item.result.message
-            cost = state.prices.cost(message.model, message.usage, batch=True).usd
+            cost = state.prices.cost(message.model, message.usage, batch=True, at=record.get("submitted_at")).usd
             total += cost
             out.update(text="".join(getattr(b, "text", "") for b in message.content),
                        stop_reason=message.stop_reason, cost_usd=round(cost, 8))

@@ -335,3 +335,25 @@ def test_report_over_an_old_log_sums_what_was_logged_not_todays_prices(tmp_path:
     data = json.loads(result.output)
     assert data["totals"]["spend_usd"] == pytest.approx(18.0)
     assert data["groups"]["claude-sonnet-5-5"]["spend_usd"] == pytest.approx(3.0)  # today's table: $2
+
+
+def test_a_batch_is_priced_when_it_was_submitted(tmp_path: Any, sim: Simulator, claude_log: CallLog) -> None:
+    now = datetime.now(UTC)
+    clock = FakeClock(now.timestamp())
+    app = Flask("dated_batch")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-haiku-5-5"], CLAUDE_LOG_PATH=os.devnull,
+                      CLAUDE_PRICES={"claude-haiku-5-5": {"prices": [
+                          {"input": 0.1, "output": 0.5},
+                          {"from": (now + timedelta(days=1)).date().isoformat(), "input": 1, "output": 5}]}})
+    Claude(app, simulator=sim, clock=clock)
+    requests = [{"custom_id": "r0", "params": {"max_tokens": 40, "messages": [{"role": "user", "content": "hi"}]}}]
+    with app.app_context():
+        batches = app.extensions["claude"].messages.batches
+        batch = batches.create(requests=requests)
+        clock.advance(2 * 86_400)  # the price changes while the batch runs
+        while batches.retrieve(batch.id).processing_status != "ended":
+            pass
+        [result] = list(batches.results(batch.id))
+    usage = result.result.message.usage
+    [line] = [e for e in claude_log.events("claude_api_call") if e.get("batch_id") == batch.id]
+    assert line["cost_usd"] == round((usage.input_tokens * 0.1 + usage.output_tokens * 0.5) / 1e6 / 2, 8)
