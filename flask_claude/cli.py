@@ -311,6 +311,8 @@ def render_prices(info: dict[str, Any], entries: dict[str, dict[str, Any]]) -> s
                 out.append(f"    prompt over {band['above']:,} tokens: {_rate_line(band)}")
         if entry.get("source"):
             out.append(f"  source: {entry['source']} (checked {entry.get('checked', '?')})")
+        if len(entries) == 1 and entry.get("notes"):
+            out.append(f"  notes: {entry['notes']}")
     return "\n".join(out)
 
 
