@@ -37,14 +37,18 @@ claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report, sta
 @click.option("--fail-rate", type=float, default=None, help="...to this fraction of requests (default: all).")
 @click.option("--fail-model", default=None, help="...only for this model (default: every model).")
 @click.option("--latency", type=float, default=0.0, help="Seconds before each response starts.")
+@click.option("--pad-prompt", type=click.IntRange(min=0), default=0, metavar="TOKENS",
+              help="Count this many more input tokens per request (reach a long-prompt price band).")
 def simulate(host: str, port: int, fail_status: int | None, fail_rate: float | None, fail_model: str | None,
-             latency: float) -> None:
+             latency: float, pad_prompt: int) -> None:
     """Serve the offline Messages API; point CLAUDE_BASE_URL (or ANTHROPIC_BASE_URL) at it."""
     from .simulator import Simulator, run_server
 
     simulator = Simulator()
     if latency:
         simulator.latency(latency)
+    if pad_prompt:
+        simulator.pad_prompt(pad_prompt)
     if fail_status is not None:
         simulator.fail(fail_status, rate=fail_rate, model=fail_model)
     click.echo(f"flask-claude simulator on http://{host}:{port} (CLAUDE_BASE_URL=http://{host}:{port})")
