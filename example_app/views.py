@@ -69,7 +69,7 @@ def healthz() -> str:
 
 @bp.post("/summarize")
 @ai_feature("summarize", max_tokens=400, max_input_chars=20_000,
-            models=["claude-opus-4-7", "claude-sonnet-4-6"],  # Opus, falling back to Sonnet
+            models=["claude-opus-5-5", "claude-sonnet-5-5"],  # Opus, falling back to Sonnet
             model_flag="summarize-model")  # a flag can roll out another first model, per user
 @budgeted(requests="20/minute", tokens="200000/day", usd="1.00/day")  # per user
 @fallback_to({"summary": None, "notice": "Summaries are paused; try again soon."}, cache=True)
@@ -85,7 +85,7 @@ def summarize() -> Any:
 
 
 @bp.post("/classify")
-@ai_feature("classify", models=["claude-haiku-4-5"], max_tokens=20, require_complete=True)
+@ai_feature("classify", models=["claude-haiku-5-5"], max_tokens=20, require_complete=True)
 @budgeted(requests="60/minute")
 @fallback_to({"label": "unknown"})
 def classify() -> Any:

@@ -46,7 +46,7 @@ class ClaudeState:
         self.settings = settings
         self.extension = extension
         self.clock: Clock = clock or SystemClock()
-        self.prices = PriceTable(settings.prices)
+        self.prices = PriceTable(settings.prices, clock=self.clock)  # a call is priced at its own time
         self.prices.check(settings.models)  # an unpriced model fails the deploy, not a request
 
         if settings.simulate or simulator is not None:
