@@ -338,7 +338,7 @@ class GuardedMessages:
             **call.extra,
         }
         if state.events.log_content:
-            fields["prompt"] = state.events.content(json.dumps(call.params.get("messages"), default=str))
+            fields["prompt"] = state.events.content(call.params.get("messages"))  # scrubbed, then encoded
             if reply_text is None and message is not None:
                 reply_text = "".join(getattr(b, "text", "") for b in getattr(message, "content", []) or [])
             fields["response"] = state.events.content(reply_text)
