@@ -25,7 +25,7 @@ UPSTREAM_MARKER = "UPSTREAM-DETAIL-7f3a"  # the scripted upstream error message:
 ROUTES = ("/summarize", "/classify", "/chat")
 ALLOWED = {200, 400, 413, 429, 503}
 LEAKS = re.compile(r"Traceback|File \"|RecursionError|UnicodeEncodeError|UnicodeDecodeError|JSONDecodeError|"
-                   r"ValueError|Exception|Internal Server Error|req_[0-9a-f]{16,}|sk-ant-|" + UPSTREAM_MARKER)
+                   r"ValueError|Exception|Internal Server Error|req_[A-Za-z0-9_]{12,}|sk-ant-|" + UPSTREAM_MARKER)
 
 JSON = "application/json"
 
