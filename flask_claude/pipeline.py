@@ -18,10 +18,11 @@ import httpx2
 from flask import Response, current_app, g, make_response, request
 from flask.views import View
 
+from .body import from_request_body
 from .context import CallScope
 from .decorators import ViewSpec
 from .degrade import degrade, remember
-from .errors import ClaudeGuardError, FeatureDisabled, UpstreamUnavailable
+from .errors import ClaudeGuardError, FeatureDisabled, InvalidRequest, UpstreamUnavailable
 from .extension import ClaudeState, state_for
 from .flags import UserContext
 
@@ -81,6 +82,11 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
     except (anthropic.APIError, httpx2.HTTPError) as exc:
         # The view used a raw SDK client; still no 500 and no upstream text in the body.
         return degrade(state, spec, scope, UpstreamUnavailable(type(exc).__name__), args, kwargs)
+    except (RecursionError, ValueError) as exc:
+        if not from_request_body(exc):
+            raise  # the view's own bug: not ours to hide
+        # request.json on a hostile body (nested too deep to parse): the client's mistake, a 400.
+        return degrade(state, spec, scope, InvalidRequest(type(exc).__name__), args, kwargs)
     if spec.fallback is not None and spec.fallback.cache:
         remember(state, spec, scope, response, args, kwargs)
     if scope.rate_headers:
