@@ -426,15 +426,27 @@ class Budgets:
                                                             "excess": [amount for _, amount in over]},
                                    level="WARNING")
         self._replay_if_back()
+
+        def done(crossed: list[Crossed] | None, failure: str | None) -> None:
+            if failure == "not_sent":
+                self._keep(actual, reservation)
+            elif failure == "uncertain":  # sent to a Redis that did not answer: it may still apply it
+                self.state.events.emit("settle_uncertain", {"cost_usd": round(usd, 8)}, level="WARNING")
+            else:
+                self._raise_alerts(crossed or [], actual, reservation)
+
+        later = getattr(self.store, "settle_later", None)
         try:
-            crossed = self.store.settle(actual, reservation.rids, self.settings.budget_alerts, now,
-                                        success=success, breaker=self.state.breaker.params)
+            if later is not None:  # written behind: it rides on the next round trip (storage.py)
+                later(actual, reservation.rids, self.settings.budget_alerts, now, done,
+                      success=success, breaker=self.state.breaker.params)
+            else:
+                done(self.store.settle(actual, reservation.rids, self.settings.budget_alerts, now,
+                                       success=success, breaker=self.state.breaker.params), None)
         except StorageUnavailable:
             # The call happened and was paid for: never fail the response now. The spend is kept
             # here and added to the budgets when storage is back; the holds lapse on their own.
             self._keep(actual, reservation)
-            return
-        self._raise_alerts(crossed, actual, reservation)
 
     def _raise_alerts(self, crossed: list[Crossed], lines: list[Line], reservation: Reservation) -> None:
         for alert in crossed:
@@ -525,6 +537,9 @@ class Budgets:
         from .context import CallScope
 
         now = self.state.clock.time() if now is None else now
+        flush = getattr(self.store, "flush", None)
+        if flush is not None:
+            flush()  # settlements written behind count in what an operator reads
         out = []
         features = list(self.settings.feature_budgets_usd)
         for feature in [None, *features]:

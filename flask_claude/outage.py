@@ -115,6 +115,19 @@ class OutageGuard:
         return self._call(self.inner.settle, lines, rids, thresholds, now,  # type: ignore[no-any-return]
                           success=success, breaker=breaker)
 
+    def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     done: Any, success: str | None = None, breaker: BreakerParams | None = None) -> None:
+        later = getattr(self.inner, "settle_later", None)
+        if later is None:
+            done(self.settle(lines, rids, thresholds, now, success=success, breaker=breaker), None)
+        else:
+            self._call(later, lines, rids, thresholds, now, done, success=success, breaker=breaker)
+
+    def flush(self) -> None:
+        flush = getattr(self.inner, "flush", None)
+        if flush is not None and self._down_since is None:
+            flush()
+
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         return self._call(self.inner.usage, keys, now)  # type: ignore[no-any-return]
 

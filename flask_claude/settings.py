@@ -156,6 +156,7 @@ class Settings:
     storage_failure: str = _setting("open", _choice("open", "closed"))
     storage_socket_timeout: float = _setting(0.5, lambda k, v: _number(k, v, allow_zero=False))
     storage_retry_interval: float = _setting(2.0, lambda k, v: _number(k, v, allow_zero=False))
+    settle_delay: float = _setting(0.05, lambda k, v: _number(k, v, allow_zero=False))
     breaker_min_calls: int = _setting(5, lambda k, v: _number(k, v, integer=True, minimum=1))
     breaker_failure_rate: float = _setting(0.5, lambda k, v: _number(k, v, allow_zero=False))
     breaker_window: float = _setting(30.0, lambda k, v: _number(k, v, allow_zero=False))

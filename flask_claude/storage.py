@@ -20,13 +20,20 @@ share the Redis hash tag ``{fc:<prefix>}``: a multi-key script must stay in one 
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import math
+import os
 import threading
+import time
+import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from .redis_wire import Call, LeanScripts, NotSent
+from .redis_wire import usable as lean_usable
 
 BREAKER_BUCKETS = 10  # the failure window is counted in this many time buckets: O(1) per record
 # A refused call marks its budget exhausted (the automatic kill switch) only if its worst case is a
@@ -560,10 +567,30 @@ return record_outcome(KEYS[1], ARGV[2] == '1', tonumber(ARGV[1]), tonumber(ARGV[
 """
 
 
-class RedisStore:
-    """The shared store: every operation is one Lua script, so one round trip and atomic."""
+MAX_PENDING = 256  # settlements waiting at most: past this one is sent at once
 
-    def __init__(self, uri: str, *, prefix: str, socket_timeout: float) -> None:
+SettleDone = Callable[[list[Crossed] | None, str | None], None]  # (crossed, failure: "not_sent" | "uncertain")
+
+
+@dataclass
+class _Pending:
+    keys: list[str]
+    args: list[Any]
+    lines: Sequence[Line]
+    done: SettleDone
+    since: float
+
+
+class RedisStore:
+    """The shared store: every operation is one Lua script, so one round trip and atomic.
+
+    A settlement is written behind (``settle_later``): it rides in the same round trip as the next
+    ``begin`` of this process, or is sent by a flusher thread within ``settle_delay`` seconds when
+    no request comes, and at exit. Until it lands its hold stays, so a budget only looks fuller
+    (never emptier) for those milliseconds.
+    """
+
+    def __init__(self, uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05) -> None:
         import redis
         from limits.storage import storage_from_string
 
@@ -580,6 +607,13 @@ class RedisStore:
         self._settle = self.client.register_script(_LUA_SETTLE)
         self._allow = self.client.register_script(_LUA_BREAKER_ALLOW)
         self._record = self.client.register_script(_LUA_BREAKER_RECORD)
+        self._lean = LeanScripts(self.client, socket_timeout) if lean_usable(self.client) else None
+        self._settle_delay = settle_delay
+        self._pending: list[_Pending] = []
+        self._pending_lock = threading.Lock()
+        self._flush_wakeup = threading.Event()
+        self._flusher: tuple[int, threading.Thread] | None = None
+        _STORES.add(self)
 
     def _k(self, key: str) -> str:
         return f"{self.tag}:{key}"
@@ -593,6 +627,70 @@ class RedisStore:
         except self._errors as exc:
             raise StorageUnavailable(type(exc).__name__) from exc
 
+    # --- scripts, several per round trip ------------------------------------------------------
+
+    def _run(self, calls: Sequence[Call]) -> list[Any]:
+        """Run scripts in one round trip: a reply each, or the exception that command raised."""
+        if self._lean is not None:
+            return self._lean.run(calls)
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            script(keys=keys, args=args, client=pipe)
+        return list(pipe.execute(raise_on_error=False))
+
+    def _run_with_pending(self, call: Call | None) -> Any:
+        """``call`` (if any) in the same round trip as every settlement waiting to be written."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        calls: list[Call] = [(self._settle, p.keys, p.args) for p in pending]
+        if call is not None:
+            calls.append(call)
+        if not calls:
+            return None
+        try:
+            replies = self._run(calls)
+        except self._errors as exc:
+            # Sent or not? A failure to connect or write means not; a reply that never came may
+            # still be applied when a hung Redis resumes, so it is not replayed (no double count).
+            sent = not isinstance(exc, NotSent | redis_connection_errors())
+            for p in pending:
+                p.done(None, "uncertain" if sent else "not_sent")
+            raise StorageUnavailable(type(exc).__name__) from exc
+        for p, reply in zip(pending, replies, strict=False):
+            if isinstance(reply, Exception):
+                p.done(None, "not_sent")  # an error reply: the script did not run
+            else:
+                p.done(self._crossed(p.lines, reply), None)
+        if call is None:
+            return None
+        reply = replies[-1]
+        if isinstance(reply, Exception):
+            raise StorageUnavailable(type(reply).__name__) from reply
+        return reply
+
+    def flush(self) -> None:
+        """Write every settlement still waiting (exit, a status read, or a test that looks at Redis)."""
+        try:
+            self._run_with_pending(None)
+        except StorageUnavailable:
+            pass  # each one's ``done`` was told
+
+    def _flush_soon(self) -> None:
+        """A flusher thread per process (a forked worker starts its own) for quiet moments."""
+        pid = os.getpid()
+        if self._flusher is None or self._flusher[0] != pid or not self._flusher[1].is_alive():
+            thread = threading.Thread(target=self._flush_loop, name="flask-claude-settle", daemon=True)
+            self._flusher = (pid, thread)
+            thread.start()
+        self._flush_wakeup.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._flush_wakeup.wait()
+            self._flush_wakeup.clear()
+            time.sleep(self._settle_delay)  # a request that comes meanwhile takes them along for free
+            self.flush()
+
     def begin(self, step: Begin, now: float) -> Outcome:
         keys = ([self._k(line.key) for line in (*step.gates, *step.requests, *step.holds)]
                 + [self._b(m) for m in step.breakers])
@@ -605,7 +703,7 @@ class RedisStore:
             args += [line.limit, repr(line.expires_at)]
         for line in step.holds:
             args += [line.limit, line.amount, repr(line.expires_at)]
-        res = self._call(self._begin, keys=keys, args=args)
+        res = self._run_with_pending((self._begin, keys, args))
         ok = bool(int(res[0]))
         stage = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
         if not ok:
@@ -619,6 +717,26 @@ class RedisStore:
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker)
+        return self._crossed(lines, self._call(self._settle, keys=keys, args=args))
+
+    def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None) -> None:
+        """``settle``, written behind: ``done(crossed, failure)`` is called once it was sent."""
+        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker)
+        with self._pending_lock:
+            self._pending.append(_Pending(keys, args, lines, done, time.monotonic()))
+            full = len(self._pending) >= MAX_PENDING
+        if full:
+            self.flush()
+        else:
+            self._flush_soon()
+
+    def _crossed(self, lines: Sequence[Line], res: Any) -> list[Crossed]:
+        return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
+
+    def _settle_call(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     success: str | None, breaker: BreakerParams | None) -> tuple[list[str], list[Any]]:
         keys = [self._k(line.key) for line in lines]
         args: list[Any] = [repr(now), " ".join(rids), len(thresholds), *(repr(t) for t in thresholds), len(lines)]
         for line in lines:
@@ -626,8 +744,7 @@ class RedisStore:
         if success is not None and breaker is not None:
             keys.append(self._b(success))
             args += [breaker.min_calls, repr(breaker.failure_rate), repr(breaker.window), repr(breaker.cooldown)]
-        res = self._call(self._settle, keys=keys, args=args)
-        return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
+        return keys, args
 
     def ping(self) -> None:
         """A cheap check that storage answers again (the outage guard's probe)."""
@@ -668,7 +785,23 @@ class RedisStore:
         return "open" if now < float(open_until) else "half_open"
 
 
-def make_store(uri: str, *, prefix: str, socket_timeout: float) -> Store:
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:
+    """A worker stopping cleanly (gunicorn's graceful exit, ``sys.exit``) writes what is waiting."""
+    for store in list(_STORES):
+        store.flush()
+
+
+def redis_connection_errors() -> type[BaseException]:
+    import redis
+
+    return redis.exceptions.ConnectionError
+
+
+def make_store(uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05) -> Store:
     if uri.startswith("memory://"):
         return MemoryStore()
-    return RedisStore(uri, prefix=prefix, socket_timeout=socket_timeout)
+    return RedisStore(uri, prefix=prefix, socket_timeout=socket_timeout, settle_delay=settle_delay)
