@@ -25,13 +25,14 @@ from .errors import (
     ConfigError,
     InputTooLarge,
     InvalidOutput,
+    InvalidRequest,
     TruncatedResponse,
     UpstreamUnavailable,
 )
 from .events import hash_text
 from .hygiene import check_output, prune_history, with_auto_cache
 from .pricing import TASK_BUDGET_BETA, TASK_BUDGET_MODELS
-from .resilience import Deadline, Failure, classify, current_deadline, model_chain
+from .resilience import AttemptMark, Deadline, Failure, classify, current_attempt, current_deadline, model_chain
 from .signals import circuit_opened, claude_called, model_fallback
 from .tokens import estimate_input_tokens, estimate_tokens, prompt_chars
 
@@ -198,7 +199,9 @@ class GuardedMessages:
         # max_tokens: clamp to the app's and the feature's cap (logged), never refuse a request for it.
         cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
         requested_max = params.get("max_tokens")
-        max_tokens = cap if requested_max is None else min(int(requested_max), cap)
+        if requested_max is not None and (isinstance(requested_max, bool) or not isinstance(requested_max, int)):
+            raise InvalidRequest(f"max_tokens must be a whole number, got {type(requested_max).__name__}")
+        max_tokens = cap if requested_max is None else min(requested_max, cap)
         call = _Call(params={**params, "max_tokens": max_tokens}, scope=scope, chain=chain,
                      requested_model=requested,
                      deadline=Deadline.after(state.clock, _deadline(
@@ -243,6 +246,8 @@ class GuardedMessages:
                 read = min(state.settings.attempt_timeout, remaining)
                 timeout = httpx2.Timeout(read, connect=min(state.settings.connect_timeout, read))
                 token = current_deadline.set(call.deadline)
+                mark = AttemptMark()
+                mark_token = current_attempt.set(mark)
                 try:
                     result = send(model, timeout)
                 except (anthropic.APIError, httpx2.HTTPError, json.JSONDecodeError) as exc:
@@ -259,7 +264,16 @@ class GuardedMessages:
                     call.retries += 1
                     clock.sleep(delay)
                     continue
+                except Exception as exc:
+                    if mark.sent:
+                        raise
+                    # The SDK could not build the request (a lone surrogate, an unserialisable value, an
+                    # argument it rejects): nothing left, the model is not at fault, a retry would fail alike.
+                    call.failure = Failure("invalid_request", None, "invalid_request")
+                    call.extra["detail"] = type(exc).__name__
+                    raise InvalidRequest(f"the request could not be built: {type(exc).__name__}") from None
                 finally:
+                    current_attempt.reset(mark_token)
                     current_deadline.reset(token)
                 if call.reservation is not None:
                     call.success_model = model

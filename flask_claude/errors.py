@@ -74,6 +74,15 @@ class UpstreamUnavailable(ClaudeGuardError):
     public_message = "The AI service is temporarily unavailable; try again soon."
 
 
+class InvalidRequest(ClaudeGuardError):
+    """The request could not be built: text the JSON encoder refuses (a lone surrogate such as
+    ``"\\ud800"``), a value it cannot serialise, or an argument the SDK rejects. Nothing was sent."""
+
+    status = 400
+    reason = "invalid_request"
+    public_message = "The request contains text or values that cannot be sent to the AI service."
+
+
 class InputTooLarge(ClaudeGuardError):
     status = 413
     reason = "input_too_large"

@@ -129,6 +129,19 @@ class Deadline:
 current_deadline: ContextVar[Deadline | None] = ContextVar("flask_claude_deadline", default=None)
 
 
+class AttemptMark:
+    """Set by the transport when an attempt's request reaches it: an exception raised before that
+    is a request the SDK could not build (unencodable text, a bad argument), never an upstream fault."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+current_attempt: ContextVar[AttemptMark | None] = ContextVar("flask_claude_attempt", default=None)
+
+
 class _DeadlineStream(httpx2.SyncByteStream):
     """Ends a body that keeps trickling past the deadline (the SDK's timeout is per read)."""
 
@@ -155,6 +168,9 @@ class DeadlineTransport(httpx2.BaseTransport):
         self.inner = inner
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        mark = current_attempt.get()
+        if mark is not None:
+            mark.sent = True
         deadline = current_deadline.get()
         if deadline is not None and deadline.expired:
             raise httpx2.ConnectTimeout("flask-claude deadline exceeded before sending", request=request)

@@ -275,3 +275,67 @@ def test_a_hung_model_times_out_per_attempt_counts_against_it_and_falls_back(tmp
     before = len(sim.requests_for("claude-opus-4-7"))
     assert create(app).model == "claude-sonnet-4-6"
     assert len(sim.requests_for("claude-opus-4-7")) == before  # skipped while open
+
+
+# --- a request the SDK cannot build degrades with 400 invalid_request, never a 500 -----------------
+
+_UNSENDABLE = {
+    "lone surrogate in messages": {"messages": user_msg("bad \ud800 text")},
+    "lone surrogate in system": {"system": "You are \udc00 helpful.", "messages": user_msg("hi")},
+    "unserialisable object in params": {"messages": user_msg("hi"), "metadata": {"user_id": object()}},
+}
+
+
+@pytest.mark.parametrize("kind", ["create", "stream"])
+@pytest.mark.parametrize("case", list(_UNSENDABLE))
+def test_a_request_that_cannot_be_built_degrades_with_400_invalid_request(make_app, sim: Simulator,
+                                                                          claude_log: CallLog, kind: str,
+                                                                          case: str) -> None:
+    from flask_claude import ai_feature, fallback_to
+
+    app = make_app(CLAUDE_DAILY_BUDGET_USD=5.0)
+    params = {"max_tokens": 50, **_UNSENDABLE[case]}
+
+    @app.post("/ask")
+    @ai_feature("ask")
+    @fallback_to({"answer": None}, status=200)  # a fallback must not hide the caller's bad request
+    def ask() -> Any:
+        messages = app.extensions["claude"].messages
+        if kind == "create":
+            return {"answer": messages.create(**params).content[0].text}
+        with messages.stream(**params) as stream:
+            return {"answer": "".join(stream.text_stream)}
+
+    response = app.test_client().post("/ask")
+    assert response.status_code == 400
+    assert response.headers["X-Claude-Degraded"] == "invalid_request"
+    assert response.get_json() == {"error": "invalid_request",
+                                   "message": "The request contains text or values that cannot be sent "
+                                              "to the AI service."}
+    assert sim.requests == []  # nothing left the process
+    [error] = claude_log.events("claude_api_error")
+    assert error["error_type"] == "invalid_request" and error["cost_usd"] == 0.0
+    assert error["detail"] in ("UnicodeEncodeError", "TypeError")
+    assert "our_bug" not in error
+    [degraded] = claude_log.events("feature_degraded")
+    assert degraded["reason"] == "invalid_request" and degraded["status"] == 400
+    with app.app_context():
+        [budget] = app.extensions["claude"].budgets.usage_report()
+    assert budget["reserved_usd"] == 0 and budget["spent_usd"] == 0  # the hold was released
+    # not held against the model, not retried, no fallback
+    assert claude_log.events("model_fallback") == []
+    with app.app_context():
+        assert app.extensions["claude"].breaker.state("claude-opus-4-7", 0.0) == "closed"
+
+
+def test_an_unbuildable_request_outside_a_decorated_view_is_a_400_too(make_app, sim: Simulator) -> None:
+    app = make_app()
+
+    @app.post("/plain")
+    def plain() -> Any:
+        app.extensions["claude"].messages.count_tokens(model="claude-sonnet-4-6", messages=user_msg("\ud800"))
+        return {}
+
+    response = app.test_client().post("/plain")
+    assert response.status_code == 400 and response.headers["X-Claude-Degraded"] == "invalid_request"
+    assert sim.requests == []
