@@ -463,6 +463,7 @@ class GuardedMessageStream:
         self._stop_reason: str | None = None
         self._text: list[str] = []
         self._completed = False
+        self._stopped = False  # ``message_stop`` arrived: the only sign that a stream is whole
         self._finished = False
         self.text_stream: Iterator[str] = self._text_stream()
 
@@ -475,14 +476,21 @@ class GuardedMessageStream:
                 yield event
         except (anthropic.APIError, httpx2.HTTPError) as exc:
             failure = classify(exc)
-            self._call.success_model = None  # the stream's start was fine; its end was not
             if self._call.deadline.expired and failure.kind == "timeout":
                 failure = Failure("deadline", None, "deadline_exceeded")  # our limit, not the model's fault
-            self._owner._record_outcome(self._call.model, ok=not failure.counts_against_model)
-            self._settle(error=failure)
-            raise UpstreamUnavailable(f"stream failed: {failure.error_type}") from None
+            raise self._failed(failure) from None
+        if not self._stopped:
+            # A body that ended cleanly before ``message_stop`` is a cut reply, not a short one.
+            raise self._failed(Failure("stream", None, "incomplete_stream"))
         self._completed = True
         self._settle()
+
+    def _failed(self, failure: Failure) -> UpstreamUnavailable:
+        """Bill what arrived, hold the failure against the model, and tell the view."""
+        self._call.success_model = None  # the stream's start was fine; its end was not
+        self._owner._record_outcome(self._call.model, ok=not failure.counts_against_model)
+        self._settle(error=failure)
+        return UpstreamUnavailable(f"stream failed: {failure.error_type}")
 
     def _text_stream(self) -> Iterator[str]:
         for event in self:
@@ -498,6 +506,8 @@ class GuardedMessageStream:
                 if value is not None:
                     self._usage[key] = value
             self._stop_reason = event.delta.stop_reason
+        elif kind == "message_stop":
+            self._stopped = True
         elif kind == "content_block_delta" and getattr(event.delta, "type", None) == "text_delta":
             self._text.append(event.delta.text)
 

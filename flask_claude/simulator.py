@@ -141,7 +141,7 @@ class SystemClock:
         time.sleep(seconds)
 
 
-FaultKind = Literal["status", "stream_error", "drop_stream", "truncate"]
+FaultKind = Literal["status", "stream_error", "drop_stream", "end_stream", "truncate"]
 Endpoint = Literal["messages", "count_tokens", "batches", "any"]
 
 
@@ -573,6 +573,30 @@ class Simulator:
         )
         return self._add_fault(fault)
 
+    def end_stream(
+        self,
+        *,
+        model: str | None = None,
+        after_deltas: int = 2,
+        times: int | None = None,
+        rate: float | None = None,
+    ) -> Fault:
+        """End streaming replies cleanly after ``after_deltas`` text deltas, without ``message_delta``
+        or ``message_stop``: a proxy or load balancer that closes a chunked body properly mid-reply.
+
+        No exception reaches the client (the body is well formed, just short), so only a client that
+        checks for ``message_stop`` knows the reply is incomplete. Non-streaming requests are not
+        affected and do not use the fault up.
+        """
+        fault = Fault(
+            kind="end_stream",
+            model=model,
+            times=_check_times(times),
+            rate=_check_rate(rate),
+            after_deltas=max(0, after_deltas),
+        )
+        return self._add_fault(fault)
+
     def truncate(self, *, model: str | None = None, times: int | None = None, rate: float | None = None) -> Fault:
         """Make replies use up their whole budget: ``stop_reason`` "max_tokens" and
         ``output_tokens == max_tokens``, the worst case a cost guard has to expect."""
@@ -924,7 +948,8 @@ class Simulator:
             _sse("content_block_start", block_start),
         ]
         deltas = _deltas(reply.text)
-        cut = fault.after_deltas if fault is not None and fault.kind in ("stream_error", "drop_stream") else None
+        cut = (fault.after_deltas if fault is not None and fault.kind in ("stream_error", "drop_stream", "end_stream")
+               else None)
         for piece in deltas[:cut]:
             delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
             events.append(_sse("content_block_delta", delta))
@@ -934,6 +959,8 @@ class Simulator:
             events.append(_sse("error", error))
         elif fault is not None and fault.kind == "drop_stream":
             drop = True
+        elif fault is not None and fault.kind == "end_stream":
+            pass  # the body just ends: no content_block_stop, message_delta or message_stop
         else:
             final_usage = {
                 "input_tokens": usage.input_tokens,

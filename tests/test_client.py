@@ -339,3 +339,44 @@ def test_an_unbuildable_request_outside_a_decorated_view_is_a_400_too(make_app, 
     response = app.test_client().post("/plain")
     assert response.status_code == 400 and response.headers["X-Claude-Degraded"] == "invalid_request"
     assert sim.requests == []
+
+
+# --- a stream is complete only when message_stop arrived --------------------------------------------
+
+@pytest.mark.parametrize("how", ["stream", "create_stream_true"])
+def test_a_stream_that_ends_without_message_stop_is_a_failed_stream(make_app, sim: Simulator, claude_log: CallLog,
+                                                                    how: str) -> None:
+    app = make_app()
+    sim.end_stream(after_deltas=2)
+    received: list[str] = []
+    messages = app.extensions["claude"].messages
+    with pytest.raises(UpstreamUnavailable), app.app_context():
+        if how == "stream":
+            with messages.stream(model="claude-sonnet-4-6", max_tokens=300,
+                                 messages=user_msg("Tell me a long story.")) as stream:
+                received.extend(stream.text_stream)
+        else:
+            for event in messages.create(model="claude-sonnet-4-6", max_tokens=300, stream=True,
+                                         messages=user_msg("Tell me a long story.")):
+                if event.type == "content_block_delta":
+                    received.append(event.delta.text)
+    assert len(received) == 2  # both deltas reached the view before the body ended
+    assert claude_log.events("claude_api_call") == []  # not a success
+    [line] = claude_log.events("claude_api_error")
+    assert line["error_type"] == "incomplete_stream" and line["stop_reason"] is None
+    # billed for what arrived: at least the estimate of the two deltas' text, not the 1 of message_start
+    from flask_claude.tokens import estimate_tokens
+
+    assert line["output_tokens"] >= max(2, estimate_tokens("".join(received)))
+    assert line["cost_usd"] == pytest.approx((line["input_tokens"] * 3 + line["output_tokens"] * 15) / 1e6)
+
+
+def test_an_incomplete_stream_counts_against_the_models_breaker(make_app, sim: Simulator, clock: FakeClock,
+                                                                 claude_log: CallLog) -> None:
+    # The stream's start is one success on the breaker, its cut end one failure: 1 of 2 reaches 0.5.
+    app = make_app(CLAUDE_BREAKER_MIN_CALLS=2, CLAUDE_MODELS=["claude-sonnet-4-6"])
+    sim.end_stream(after_deltas=1)
+    with pytest.raises(UpstreamUnavailable), app.app_context(), app.extensions["claude"].messages.stream(
+            model="claude-sonnet-4-6", max_tokens=100, messages=user_msg("hi")) as stream:
+        stream.until_done()
+    assert [e["model"] for e in claude_log.events("circuit_opened")] == ["claude-sonnet-4-6"]
