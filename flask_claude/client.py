@@ -402,15 +402,21 @@ class GuardedMessages:
             fields["our_bug"] = True  # a 4xx from upstream means we sent a bad request
         state.events.emit("claude_api_error", fields, level="ERROR")
 
-    @staticmethod
-    def _as_guard_error(call: _Call, exc: BaseException) -> BaseException:
+    def _as_guard_error(self, call: _Call, exc: BaseException) -> BaseException:
         if isinstance(exc, ClaudeGuardError):
             return exc
         if not isinstance(exc, (anthropic.APIError, httpx2.HTTPError, json.JSONDecodeError)):
             return exc  # our caller's bug (a wrong argument): let it surface as itself
         failure = call.failure or classify(exc)
         reason = "deadline_exceeded" if failure.kind == "deadline" else "upstream_unavailable"
-        return UpstreamUnavailable(f"Claude call failed: {failure.error_type}", reason=reason)
+        retry_after: float | None = None
+        if failure.kind == "rate_limited":
+            # Pass the upstream's back-off on (capped), so well-behaved clients do not hammer a rate limit.
+            policy = self._state.retry_policy
+            wait = failure.retry_after if failure.retry_after is not None else policy.max_delay
+            retry_after = min(policy.retry_after_cap, wait)
+        return UpstreamUnavailable(f"Claude call failed: {failure.error_type}", reason=reason,
+                                   retry_after=retry_after)
 
 
 class GuardedStreamManager:

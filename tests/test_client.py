@@ -380,3 +380,48 @@ def test_an_incomplete_stream_counts_against_the_models_breaker(make_app, sim: S
             model="claude-sonnet-4-6", max_tokens=100, messages=user_msg("hi")) as stream:
         stream.until_done()
     assert [e["model"] for e in claude_log.events("circuit_opened")] == ["claude-sonnet-4-6"]
+
+
+# --- an upstream 429 that outlasts the retries degrades with the upstream's Retry-After, capped ------
+
+@pytest.mark.parametrize(("upstream", "cap", "expected"), [(7, 20.0, "7"), (3600, 12.5, "13"), (None, 20.0, "8")])
+def test_a_rate_limited_chain_degrades_with_retry_after(make_app, sim: Simulator, claude_log: CallLog,
+                                                        upstream: float | None, cap: float, expected: str) -> None:
+    from flask_claude import ai_feature, fallback_to
+
+    app = make_app(CLAUDE_MAX_RETRIES=1, CLAUDE_RETRY_AFTER_CAP=cap)
+    sim.fail(429, retry_after=upstream)
+
+    @app.post("/ask")
+    @ai_feature("ask")
+    @fallback_to({"answer": None})
+    def ask() -> Any:
+        return {"answer": app.extensions["claude"].messages.create(
+            max_tokens=50, messages=user_msg("hi")).content[0].text}
+
+    @app.post("/plain")  # an undecorated view answers the same header
+    def plain() -> Any:
+        app.extensions["claude"].messages.create(max_tokens=50, messages=user_msg("hi"))
+        return {}
+
+    response = app.test_client().post("/ask")
+    assert response.status_code == 503 and response.headers["X-Claude-Degraded"] == "upstream_unavailable"
+    assert response.headers["Retry-After"] == expected
+    [error] = claude_log.events("claude_api_error")
+    assert error["status_code"] == 429
+
+    response = app.test_client().post("/plain")
+    assert response.status_code == 503 and response.headers["Retry-After"] == expected
+
+
+def test_a_chain_ending_on_a_server_error_has_no_retry_after(make_app, sim: Simulator) -> None:
+    app = make_app(CLAUDE_MAX_RETRIES=0)
+    sim.fail(529, retry_after=5)
+
+    @app.post("/plain")
+    def plain() -> Any:
+        app.extensions["claude"].messages.create(max_tokens=50, messages=user_msg("hi"))
+        return {}
+
+    response = app.test_client().post("/plain")
+    assert response.status_code == 503 and "Retry-After" not in response.headers
