@@ -210,7 +210,8 @@ class Budgets:
     # --- each Claude call: reserve (with admission and the breakers), settle ----------------
 
     def begin(self, scope: CallScope, chain: list[str], params: Any, max_tokens: int, *,
-              call_seconds: float | None = None) -> tuple[Reservation | None, dict[str, float | None] | None]:
+              call_seconds: float | None = None,
+              wait: bool = True) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold one call's worst case (input bound + ``max_tokens`` at the dearest model's prices).
 
         The same round trip admits the request (if not yet done) and reads the chain's breakers,
@@ -221,13 +222,16 @@ class Budgets:
         worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens, cache_write=cached)
         return self.reserve_worst(scope, math.ceil(worst_usd * MICRO), input_bound + max_tokens,
                                   hold_seconds=(call_seconds or self.settings.deadline) + 30.0,
-                                  breakers=tuple(chain))
+                                  breakers=tuple(chain), wait=wait)
 
     def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *, hold_seconds: float,
-                      breakers: tuple[str, ...] = ()) -> tuple[Reservation | None, dict[str, float | None] | None]:
+                      breakers: tuple[str, ...] = (),
+                      wait: bool = True) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold ``usd_micro`` and ``tokens`` on every budget of ``scope`` in one step, or refuse.
 
         A hold lapses after ``hold_seconds``: a worker that died mid-call gives its room back.
+        ``wait=False`` refuses a busy budget at once (``budget_busy``): the async client waits for
+        room itself, with ``await``, since a blocking wait would stall the calls it waits for.
         """
         now = self.state.clock.time()
         lines, usd_idx, app_wide = self.budget_lines(scope, scope.budgets, usd=usd_micro, tokens=tokens, now=now)
@@ -235,13 +239,13 @@ class Budgets:
             return None, None
         rid = _new_id()
         breaker_snapshot = self._begin(scope, holds=lines, usd_idx=usd_idx, app_wide=app_wide, rid=rid,
-                                       hold_seconds=hold_seconds, breakers=breakers)
+                                       hold_seconds=hold_seconds, breakers=breakers, wait=wait)
         if not lines:
             return None, breaker_snapshot
         return Reservation(rid, lines, usd_idx, sorted(app_wide)), breaker_snapshot
 
     def _begin(self, scope: CallScope, *, holds: list[Line], usd_idx: list[int], app_wide: set[int], rid: str,
-               hold_seconds: float, breakers: tuple[str, ...]) -> dict[str, float | None] | None:
+               hold_seconds: float, breakers: tuple[str, ...], wait: bool = True) -> dict[str, float | None] | None:
         """One atomic step; while in-flight holds (not spend) fill a budget, wait briefly for room.
 
         Holds are worst cases, often several times a call's real cost, so under a burst a budget
@@ -250,7 +254,7 @@ class Budgets:
         """
         gates, requests = scope.admission or ([], [])
         clock = self.state.clock
-        waited_until = clock.monotonic() + self.settings.budget_wait
+        waited_until = clock.monotonic() + (self.settings.budget_wait if wait else 0.0)
         pause = 0.02
         while True:
             now = clock.time()
