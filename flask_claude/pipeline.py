@@ -67,7 +67,7 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
 
         # 4. the view, its Claude calls guarded under this scope
         g.claude_scope = scope
-        response = make_response(view(*args, **kwargs))
+        response = make_response(current_app.ensure_sync(view)(*args, **kwargs))
         if scope.admission is not None:
             state.budgets.finish_admission(scope)
     except ClaudeGuardError as exc:
