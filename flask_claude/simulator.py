@@ -1160,29 +1160,37 @@ class _SimByteStream(httpx2.SyncByteStream, httpx2.AsyncByteStream):
     def __init__(self, chunks: Iterable[bytes], request: httpx2.Request) -> None:
         self._chunks = chunks
         self._request = request
+        # A cancelled async reader leaves its ``next()`` running in a worker thread; closing the body
+        # must wait for it, or the generator is closed while it executes.
+        self._lock = threading.Lock()
 
     def __iter__(self) -> Iterator[bytes]:
         with _network_errors(self._request):
             yield from self._chunks
+
+    def _next(self, iterator: Iterator[bytes], done: object) -> object:
+        with self._lock:
+            return next(iterator, done)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         iterator = iter(self._chunks)
         done = object()
         while True:
             with _network_errors(self._request):
-                chunk = await asyncio.to_thread(next, iterator, done)
+                chunk = await asyncio.to_thread(self._next, iterator, done)
             if chunk is done:
                 return
             assert isinstance(chunk, bytes)
             yield chunk
 
     def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+        with self._lock:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
 
     async def aclose(self) -> None:
-        self.close()
+        await asyncio.to_thread(self.close)
 
 
 class _network_errors:
