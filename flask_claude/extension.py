@@ -26,6 +26,7 @@ from .errors import ClaudeGuardError, ConfigError
 from .events import EventLog
 from .flags import make_provider
 from .pricing import PriceTable
+from .quart_support import is_quart_app, quart_globals
 from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
 from .settings import Settings, load_settings
 from .storage import BreakerParams, make_store
@@ -118,7 +119,12 @@ class Claude:
     def init_app(self, app: Flask) -> None:
         settings = load_settings(app.config, self._overrides)
         app.extensions[EXTENSION_KEY] = ClaudeState(app, settings, self, **self._objects)
-        app.register_error_handler(ClaudeGuardError, handle_guard_error)
+        if is_quart_app(app):
+            from .quart_support import handle_guard_error as handle_on_quart
+
+            app.register_error_handler(ClaudeGuardError, handle_on_quart)
+        else:
+            app.register_error_handler(ClaudeGuardError, handle_guard_error)
         if "claude" not in app.cli.commands:
             from .cli import claude_cli
 
@@ -130,6 +136,8 @@ class Claude:
         if app is None:
             if has_app_context():
                 app = current_app._get_current_object()  # type: ignore[attr-defined]
+            elif (quart := quart_globals()) is not None:
+                app = quart.current_app._get_current_object()
             elif self._app is not None:
                 app = self._app
             else:
