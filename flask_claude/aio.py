@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -50,6 +51,7 @@ class LoopClients:
         self._factory = factory
         self._clients: dict[asyncio.AbstractEventLoop, anthropic.AsyncAnthropic] = {}
         self._closers: dict[asyncio.AbstractEventLoop, AsyncIterator[None]] = {}
+        self._lock = threading.Lock()  # gthread workers: one loop per request thread, one registry
         self.opened = 0
         self.closed = 0
 
@@ -63,13 +65,15 @@ class LoopClients:
         client = self._clients.get(loop)
         if client is not None:
             return client
-        self._forget_closed_loops()
-        client = self._clients[loop] = self._factory()
-        self.opened += 1
+        client = self._factory()
         closer = self._close_at_shutdown(loop, client)
         # Run it to its ``yield``: from now on the loop tracks it and finalises it at shutdown.
-        await closer.__anext__()
-        self._closers[loop] = closer
+        await closer.__anext__()  # no suspension before its ``yield``: no other task of this loop ran
+        with self._lock:
+            self._forget_closed_loops()
+            self._clients[loop] = client
+            self._closers[loop] = closer
+            self.opened += 1
         return client
 
     async def _close_at_shutdown(self, loop: asyncio.AbstractEventLoop,
@@ -77,14 +81,16 @@ class LoopClients:
         try:
             yield
         finally:
-            self._clients.pop(loop, None)
-            self._closers.pop(loop, None)
+            with self._lock:
+                self._clients.pop(loop, None)
+                self._closers.pop(loop, None)
             await client.close()
-            self.closed += 1
+            with self._lock:
+                self.closed += 1
 
     def _forget_closed_loops(self) -> None:
         """A loop closed without ``shutdown_asyncgens`` (rare): drop its client rather than keep it."""
-        for loop in [lp for lp in self._clients if lp.is_closed()]:
+        for loop in [lp for lp in list(self._clients) if lp.is_closed()]:
             self._clients.pop(loop, None)
             self._closers.pop(loop, None)
 
