@@ -25,6 +25,7 @@ from flask_claude.tokens import upper_bound_tokens
 from .conftest import SECRET_KEY, FakeClock, free_port, user_msg
 
 FALLBACK = {"answer": None, "notice": "paused"}
+_apps = itertools.count()  # a storage prefix per app: two apps on one Redis never share a budget
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def make(sim: Simulator, clock: FakeClock | None, *, storage_uri: str = "memory:
     app = Flask("async_app")
     app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-opus-4-7", "claude-sonnet-4-6"],
                       CLAUDE_MAX_RETRIES=1, CLAUDE_STORAGE_URI=storage_uri, CLAUDE_FLAGS=StaticFlags(),
-                      CLAUDE_LOG_PATH="/dev/null")
+                      CLAUDE_LOG_PATH="/dev/null", CLAUDE_STORAGE_PREFIX=f"t{next(_apps)}")
     app.config.update(config)
     claude = Claude(app, simulator=sim, **({"clock": clock} if clock is not None else {}))
 
@@ -60,8 +61,15 @@ def outcome(response: Any) -> tuple[Any, ...]:
 
 # --- the happy path ---------------------------------------------------------------------------------
 
-def test_async_view_create_stream_and_count_tokens(sim: Simulator, clock: FakeClock, claude_log: CallLog) -> None:
-    app = make(sim, clock)
+@pytest.fixture(params=["memory", "redis"])
+def storage(request: pytest.FixtureRequest) -> str:
+    """Each test on both stores; on Redis every app gets its own key prefix (see ``make``)."""
+    return "memory://" if request.param == "memory" else str(request.getfixturevalue("redis_url"))
+
+
+def test_async_view_create_stream_and_count_tokens(storage: str, sim: Simulator, clock: FakeClock,
+                                                   claude_log: CallLog) -> None:
+    app = make(sim, clock, storage_uri=storage)
 
     async def ask() -> Any:
         claude = Claude()
@@ -151,10 +159,10 @@ EXPECTED = {
 }
 
 
-def _run_case(name: str, kind: str, sim: Simulator, clock: FakeClock) -> tuple[tuple[Any, ...], list[str]]:
+def _run_case(name: str, kind: str, sim: Simulator, clock: FakeClock,
+              storage: str) -> tuple[tuple[Any, ...], list[str]]:
     case = CASES[name]
     sim.reset()
-    storage = "memory://"
     if case.get("storage") == "dead-redis":
         storage = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     app = make(sim, None if case.get("real_clock") else clock, storage_uri=storage, CLAUDE_MAX_RETRIES=0,
@@ -198,10 +206,10 @@ def _run_case(name: str, kind: str, sim: Simulator, clock: FakeClock) -> tuple[t
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_each_degradation_reason_is_the_same_for_async_and_sync_views(name: str, sim: Simulator,
+def test_each_degradation_reason_is_the_same_for_async_and_sync_views(name: str, storage: str, sim: Simulator,
                                                                       clock: FakeClock) -> None:
-    async_outcome, async_requests = _run_case(name, "async", sim, clock)
-    sync_outcome, sync_requests = _run_case(name, "sync", sim, clock)
+    async_outcome, async_requests = _run_case(name, "async", sim, clock, storage)
+    sync_outcome, sync_requests = _run_case(name, "sync", sim, clock, storage)
     assert async_outcome == sync_outcome
     assert async_requests == sync_requests  # the same attempts reached the "API"
     status, reason = EXPECTED[name]
@@ -243,10 +251,9 @@ def _params(i: int) -> dict[str, Any]:
     return {"max_tokens": 200, "messages": user_msg(f"Write a poem about the number {i}.")}
 
 
-@pytest.mark.parametrize("storage", ["memory", "redis"])
 def test_gather_of_five_under_a_budget_that_holds_three(storage: str, sim: Simulator, clock: FakeClock,
-                                                        claude_log: CallLog, request: pytest.FixtureRequest) -> None:
-    uri = "memory://" if storage == "memory" else request.getfixturevalue("redis_url")
+                                                        claude_log: CallLog) -> None:
+    uri = storage
     per_call = upper_bound_tokens(_params(0)) + 200  # the hold of one call: input bound + max_tokens
     limit = per_call * 3 + per_call // 2
     app = make(sim, clock, storage_uri=uri, CLAUDE_BUDGET_WAIT=0, CLAUDE_MODELS=["claude-haiku-4-5"])
@@ -310,10 +317,8 @@ def test_max_calls_counts_every_gathered_call(sim: Simulator, clock: FakeClock, 
 
 # --- cancellation settles what was billed and releases the hold ------------------------------------
 
-@pytest.mark.parametrize("storage", ["memory", "redis"])
-def test_a_cancelled_call_releases_its_hold(storage: str, sim: Simulator, claude_log: CallLog,
-                                            request: pytest.FixtureRequest) -> None:
-    uri = "memory://" if storage == "memory" else request.getfixturevalue("redis_url")
+def test_a_cancelled_call_releases_its_hold(storage: str, sim: Simulator, claude_log: CallLog) -> None:
+    uri = storage
     app = make(sim, None, storage_uri=uri, CLAUDE_DAILY_BUDGET_USD=5)
     sim.latency(0.3)
 
@@ -333,10 +338,9 @@ def test_a_cancelled_call_releases_its_hold(storage: str, sim: Simulator, claude
     assert error["error_type"] == "cancelled" and "our_bug" not in error
 
 
-@pytest.mark.parametrize("storage", ["memory", "redis"])
-def test_a_stream_cancelled_mid_way_is_billed_for_what_arrived(storage: str, sim: Simulator, claude_log: CallLog,
-                                                               request: pytest.FixtureRequest) -> None:
-    uri = "memory://" if storage == "memory" else request.getfixturevalue("redis_url")
+def test_a_stream_cancelled_mid_way_is_billed_for_what_arrived(storage: str, sim: Simulator,
+                                                               claude_log: CallLog) -> None:
+    uri = storage
     app = make(sim, None, storage_uri=uri, CLAUDE_DAILY_BUDGET_USD=5)
     sim.trickle(0.05, chunks=30)  # 1.5 s of body
     received: list[str] = []
@@ -394,11 +398,9 @@ def test_an_async_stream_that_ends_without_message_stop_fails(sim: Simulator, cl
 
 # --- nothing bound to one event loop is reused on the next ------------------------------------------
 
-@pytest.mark.parametrize("storage", ["memory", "redis"])
-def test_sequential_async_requests_reuse_nothing_from_a_dead_loop(storage: str, sim: Simulator,
-                                                                  request: pytest.FixtureRequest) -> None:
-    """Over real loopback sockets: a connection pool of one request's loop would break the next."""
-    uri = "memory://" if storage == "memory" else request.getfixturevalue("redis_url")
+def test_sequential_async_requests_reuse_nothing_from_a_dead_loop(storage: str, sim: Simulator) -> None:
+    """Over real loopback sockets, one SDK client (and connection pool) per request's loop, each closed."""
+    uri = storage
     with sim.serve() as server:
         app = make(sim, None, storage_uri=uri, CLAUDE_BASE_URL=server.url, CLAUDE_DAILY_BUDGET_USD=5)
 
