@@ -399,7 +399,10 @@ def test_an_async_stream_that_ends_without_message_stop_fails(sim: Simulator, cl
 # --- nothing bound to one event loop is reused on the next ------------------------------------------
 
 def test_sequential_async_requests_reuse_nothing_from_a_dead_loop(storage: str, sim: Simulator) -> None:
-    """Over real loopback sockets, one SDK client (and connection pool) per request's loop, each closed."""
+    """Over real loopback sockets, one SDK client (and connection pool) per request's loop, each closed
+    (``AsyncAnthropic.close()``) while its loop shuts down. The simulator's werkzeug server closes every
+    connection after its response, so this cannot show a pooled connection outliving its loop; the
+    counters show that no client did."""
     uri = storage
     with sim.serve() as server:
         app = make(sim, None, storage_uri=uri, CLAUDE_BASE_URL=server.url, CLAUDE_DAILY_BUDGET_USD=5)
