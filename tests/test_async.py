@@ -398,14 +398,79 @@ def test_an_async_stream_that_ends_without_message_stop_fails(sim: Simulator, cl
 
 # --- nothing bound to one event loop is reused on the next ------------------------------------------
 
+class KeepAliveServer:
+    """The simulator behind hypercorn, which keeps HTTP/1.1 connections open (werkzeug's server closes
+    each one after its response, which would hide a connection pool outliving its event loop)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        import socket
+        import threading
+
+        from hypercorn.asyncio import serve
+        from hypercorn.config import Config
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        started = threading.Event()
+
+        async def main() -> None:
+            self._stop, self._loop = asyncio.Event(), asyncio.get_running_loop()
+            config = Config()
+            config.bind = [f"127.0.0.1:{self.port}"]
+            config.loglevel = "WARNING"
+            started.set()
+            await serve(sim, config, mode="wsgi", shutdown_trigger=self._stop.wait)  # type: ignore[arg-type]
+
+        self._thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+        self._thread.start()
+        started.wait(5)
+        deadline = time.monotonic() + 5
+        while True:  # until it accepts connections, bounded
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def client_connections(self) -> int:
+        """Established connections from this machine to the server (client side), from /proc/net/tcp."""
+        with open("/proc/net/tcp") as table:
+            rows = [line.split() for line in table.readlines()[1:]]
+        return sum(1 for row in rows if row[2] == f"0100007F:{self.port:04X}" and row[3] == "01")
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(5)
+
+
+def test_a_shared_async_client_breaks_on_the_next_loop_and_leaks(sim: Simulator) -> None:
+    """What the per-loop clients avoid, shown on the bare SDK: the trap is real on this stack."""
+    server = KeepAliveServer(sim)
+    try:
+        shared = anthropic.AsyncAnthropic(api_key="x", base_url=server.url, max_retries=0)
+
+        async def call() -> None:
+            await shared.messages.create(model="claude-haiku-4-5", max_tokens=20, messages=user_msg("hi"))
+
+        asyncio.run(call())
+        assert server.client_connections() == 1  # left open by a loop that is gone
+        with pytest.raises(anthropic.APIConnectionError):
+            asyncio.run(call())  # its pooled connection belongs to the dead loop
+    finally:
+        server.stop()
+
+
 def test_sequential_async_requests_reuse_nothing_from_a_dead_loop(storage: str, sim: Simulator) -> None:
-    """Over real loopback sockets, one SDK client (and connection pool) per request's loop, each closed
-    (``AsyncAnthropic.close()``) while its loop shuts down. The simulator's werkzeug server closes every
-    connection after its response, so this cannot show a pooled connection outliving its loop; the
-    counters show that no client did."""
-    uri = storage
-    with sim.serve() as server:
-        app = make(sim, None, storage_uri=uri, CLAUDE_BASE_URL=server.url, CLAUDE_DAILY_BUDGET_USD=5)
+    """Over real keep-alive connections: one SDK client (and connection pool) per request's loop,
+    closed with its connections while that loop shuts down, so the next request starts clean."""
+    server = KeepAliveServer(sim)
+    try:
+        app = make(sim, None, storage_uri=storage, CLAUDE_BASE_URL=server.url, CLAUDE_DAILY_BUDGET_USD=5)
 
         async def ask() -> Any:
             messages = Claude().async_messages
@@ -419,6 +484,9 @@ def test_sequential_async_requests_reuse_nothing_from_a_dead_loop(storage: str, 
         for _ in range(3):
             response = client.post("/ask")
             assert response.status_code == 200, response.get_data(as_text=True)
+            assert server.client_connections() == 0  # none outlived the request's loop
+    finally:
+        server.stop()
     clients = app.extensions["claude"].async_messages.clients
     assert clients.opened == 3 and clients.closed == 3 and clients.live == 0  # one per loop, each closed
     assert len(sim.requests) == 9
