@@ -245,6 +245,23 @@ def test_stacking_order_does_not_matter_for_async_views(order: tuple[str, ...], 
     assert [r[2] for r in results] == [None, "input_too_large", "rate_limited"]
 
 
+def test_an_async_fallback_callable_answers_the_degraded_request(sim: Simulator, clock: FakeClock) -> None:
+    app = make(sim, clock, CLAUDE_MAX_RETRIES=0)
+    sim.fail(529)
+
+    async def plain_answer(name: str) -> Any:
+        await asyncio.sleep(0)
+        return {"answer": f"no AI for {name} right now"}
+
+    async def ask(name: str) -> Any:
+        msg = await Claude().async_messages.create(max_tokens=50, messages=user_msg(name))
+        return {"answer": msg.content[0].text}
+
+    app.add_url_rule("/ask/<name>", view_func=fallback_to(plain_answer)(ai_feature("ask")(ask)), methods=["POST"])
+    response = app.test_client().post("/ask/bob")
+    assert outcome(response)[:3] == (503, {"answer": "no AI for bob right now"}, "upstream_unavailable")
+
+
 # --- asyncio.gather under budgets and max_calls ------------------------------------------------------
 
 def _params(i: int) -> dict[str, Any]:
