@@ -14,7 +14,7 @@ import anthropic
 import pytest
 from flask import Flask, request
 
-from flask_claude import Claude, UpstreamUnavailable, ai_feature, budgeted, fallback_to
+from flask_claude import Claude, UpstreamUnavailable, ai_feature, budgeted, claude_called, fallback_to
 from flask_claude.context import CallScope
 from flask_claude.errors import CallLimitExceeded
 from flask_claude.flags import StaticFlags
@@ -85,7 +85,14 @@ def test_async_view_create_stream_and_count_tokens(storage: str, sim: Simulator,
 
     route(app, ask, ai_feature("ask", max_tokens=100), budgeted(requests="10/minute", usd="1/day"),
           fallback_to(FALLBACK))
-    response = app.test_client().post("/ask")
+    signalled: list[dict[str, Any]] = []
+
+    def on_call(sender: Any, **fields: Any) -> None:
+        signalled.append(fields)
+
+    with claude_called.connected_to(on_call, sender=app):
+        response = app.test_client().post("/ask")
+    assert len(signalled) == 3 and all(f["feature"] == "ask" for f in signalled)
     assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
     assert body["answer"] == "hello async" and body["streamed"] and body["tokens"] > 0
