@@ -1,10 +1,13 @@
 """Guarded ``messages.create / stream / count_tokens``: the SDK's own signatures and return types.
 
-One call, top to bottom (``GuardedMessages._begin`` and ``_finish``):
+One call, top to bottom (``GuardedMessages._prepare``, ``_reserve``, ``ChainRun`` and ``_finish``):
 scope and call count -> history pruning, input checks -> ``max_tokens`` cap, prompt caching ->
 reserve the worst case against every budget -> model chain with per-model breaker, bounded retries
 and a total deadline -> cost from real usage -> settle the reservation -> one log line -> signals
 and alerts -> output checks (truncation, refusal, ``validate=``).
+
+Every decision lives here; ``aio.py`` (``claude.async_messages``) calls the same steps and only
+awaits where this module blocks: the attempt, the retry wait and the wait for a busy budget.
 """
 
 from __future__ import annotations
