@@ -9,6 +9,8 @@ WSGI callable (no network), its Claude call answered by the in-process simulator
   (c)        (b) on Redis
   (d-mem)    (a) + Flask-Limiter, one limit, memory://
   (d-redis)  (a) + Flask-Limiter, one limit, Redis
+  (e)-(g)    async, per call in one event loop: a bare AsyncAnthropic call vs claude.async_messages
+             on memory:// and on Redis; then the time the two synchronous Redis steps block the loop
 
 Variants run in rounds, each round in a rotated order, after a warm-up, so drift (CPU frequency,
 the other core's load, growing in-memory windows) lands on all of them alike; "added (paired)" is
@@ -303,11 +305,105 @@ def run(redis_server: RedisServer, log_path: str) -> None:
             callers[key]()
         print(f"  one request of {key.split()[0]}: " + " -> ".join(trips.commands))
 
+    async_rows(redis_server, log_path)
+
     print("\n== machine ==")
     print(machine_description(redis_server.version()))
     print(f"{quiet}; timing run: {load_report}")
     print(f"command: {sys.executable} bench/overhead.py  (BENCH_ROUNDS={ROUNDS} BENCH_BATCH={BATCH} "
           f"BENCH_WARMUP={WARMUP})")
+
+
+# --- async: claude.async_messages vs a bare AsyncAnthropic call -------------------------------------
+
+ASYNC_ROUNDS = int(os.environ.get("BENCH_ASYNC_ROUNDS", "20"))
+ASYNC_BATCH = int(os.environ.get("BENCH_ASYNC_BATCH", "60"))
+
+
+def async_rows(redis_server: RedisServer, log_path: str) -> None:
+    """Per call, inside one running event loop (an ASGI server's, or one request's under Flask):
+
+    (e) a bare ``AsyncAnthropic().messages.create`` on the simulator's transport;
+    (f) ``claude.async_messages.create`` on memory:// (global budget reserved and settled, log line);
+    (g) the same on Redis, whose two round trips per call are synchronous redis-py calls on the loop.
+
+    Then how long the storage steps block the loop: the reservation and the settlement on Redis, timed
+    one by one (redis-py is synchronous; the async client runs them on the loop, see aio.py).
+    """
+    import asyncio
+
+    sim = Simulator()
+    bare = anthropic.AsyncAnthropic(api_key="x", base_url="http://sim", max_retries=0,
+                                    http_client=anthropic.DefaultAsyncHttpxClient(transport=sim.transport()))
+    apps = {"(f)": app_guarded("memory://", log_path, "bench_f"),
+            "(g)": app_guarded(redis_server.url, log_path, "bench_g")}
+    params = {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": PROMPT}]}
+
+    def call_for(key: str) -> Callable[[], Any]:
+        if key == "(e)":
+            return lambda: bare.messages.create(**params)
+        messages = apps[key].extensions["claude"].async_messages
+        return lambda: messages.create(**params)
+
+    keys = ["(e)", "(f)", "(g)"]
+    labels = {"(e)": "(e) bare AsyncAnthropic", "(f)": "(f) claude.async_messages, memory",
+              "(g)": "(g) claude.async_messages, redis"}
+
+    async def batch(call: Callable[[], Any], n: int, out: list[float] | None) -> None:
+        perf = time.perf_counter_ns
+        for _ in range(n):
+            t0 = perf()
+            await call()
+            if out is not None:
+                out.append((perf() - t0) / 1000.0)
+
+    async def main_async() -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+        calls = {k: call_for(k) for k in keys}
+        for key in keys:
+            await batch(calls[key], WARMUP // 3, None)
+        samples: dict[str, list[float]] = {k: [] for k in keys}
+        medians: dict[str, list[float]] = {k: [] for k in keys}
+        for r in range(ASYNC_ROUNDS):
+            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+                before = len(samples[key])
+                gc.collect()
+                await batch(calls[key], ASYNC_BATCH, samples[key])
+                medians[key].append(percentile(samples[key][before:], 50))
+                sim.clear_requests()
+                for app in apps.values():
+                    app.extensions["claude"].simulator.clear_requests()
+        return samples, medians
+
+    started = time.monotonic()
+    with apps["(f)"].app_context():  # one context for the whole run: asyncio.run copies it into its tasks
+        samples, medians = asyncio.run(main_async())
+    elapsed = time.monotonic() - started
+    rows = []
+    for key in keys:
+        paired = percentile([m - b for m, b in zip(medians[key], medians["(e)"], strict=True)], 50)
+        rows.append([labels[key], f"{percentile(samples[key], 50):.0f}", f"{percentile(samples[key], 99):.0f}",
+                     f"{paired:+.0f}"])
+    print(f"\n== async: per call inside one event loop, simulator at zero latency ({ASYNC_ROUNDS} rounds x "
+          f"{ASYNC_BATCH} calls per variant; {elapsed:.0f} s) ==")
+    print(table(rows, ["variant", "median us", "p99 us", "added (paired)"]))
+    # The storage steps run on the loop, blocking it: how long each takes on Redis (loopback).
+    from flask_claude.context import CallScope
+
+    state = apps["(g)"].extensions["claude"]
+    scope = CallScope(feature="ask")
+    reserve: list[float] = []
+    settle: list[float] = []
+    for _ in range(COUNT_N * 5):
+        t0 = time.perf_counter_ns()
+        held, _ = state.budgets.begin(scope, [MODEL], params, 64, wait=False)
+        t1 = time.perf_counter_ns()
+        state.budgets.settle(held, 0.0001, 100, success=MODEL)
+        t2 = time.perf_counter_ns()
+        reserve.append((t1 - t0) / 1000.0)
+        settle.append((t2 - t1) / 1000.0)
+    print(f"the loop is blocked by the two synchronous Redis steps of a guarded call ({len(reserve)} each): "
+          f"reserve median {percentile(reserve, 50):.0f} us, p99 {percentile(reserve, 99):.0f} us; "
+          f"settle median {percentile(settle, 50):.0f} us, p99 {percentile(settle, 99):.0f} us")
 
 
 if __name__ == "__main__":

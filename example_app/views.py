@@ -11,6 +11,7 @@ The order of the three decorators does not matter.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -157,3 +158,25 @@ def chat() -> Any:
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.call_on_close(stream.close)  # a client gone before the first byte still releases the call
     return response
+
+
+@bp.post("/analyze")
+@ai_feature("analyze", models=["claude-haiku-4-5"], max_tokens=300, max_input_chars=20_000, max_calls=2)
+@budgeted(requests="20/minute", usd="0.50/day")
+@fallback_to({"summary": None, "label": "unknown", "notice": "Analysis is paused; try again soon."})
+async def analyze() -> Any:
+    """An async view: the summary and the label are asked for at once (``asyncio.gather``).
+
+    Each call is reserved, retried, logged and settled on its own; together they count as two calls
+    for ``max_calls`` and for the budgets, so a budget with room for one degrades instead of overspending.
+    """
+    text = text_field()
+    if text is None:
+        return bad_request('Send JSON {"text": "..."} with a non-empty string.')
+    summary, label = await asyncio.gather(
+        claude.async_messages.create(max_tokens=300, system=SUMMARIZE_SYSTEM,
+                                     messages=[{"role": "user", "content": user_content(text)}]),
+        claude.async_messages.create(max_tokens=20, system=CLASSIFY_SYSTEM,
+                                     messages=[{"role": "user", "content": text}]))
+    word = reply_text(label).strip().strip(".!").lower()
+    return {"summary": reply_text(summary), "label": word if word in LABELS else "unknown"}

@@ -240,7 +240,8 @@ class Budgets:
     # --- each Claude call: reserve (with admission and the breakers), settle ----------------
 
     def begin(self, scope: CallScope, chain: list[str], params: Any, max_tokens: int, *,
-              call_seconds: float | None = None) -> tuple[Reservation | None, dict[str, float | None] | None]:
+              call_seconds: float | None = None,
+              wait: bool = True) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold one call's worst case (input bound + ``max_tokens`` at the dearest model's prices).
 
         The same round trip admits the request (if not yet done) and reads the chain's breakers,
@@ -256,12 +257,17 @@ class Budgets:
         hold_seconds = (call_seconds or self.settings.deadline) + 30.0
         pre = scope.memo.pop("prehold", None)
         if pre is None:
-            return self.reserve_worst(scope, usd_micro, tokens, hold_seconds=hold_seconds, breakers=tuple(chain))
+            return self.reserve_worst(scope, usd_micro, tokens, hold_seconds=hold_seconds, breakers=tuple(chain),
+                                      wait=wait)
         if usd_micro <= pre.usd_micro and tokens <= pre.tokens:
             return pre.reservation, pre.breakers
         # The call needs more than the admission held: hold the difference, settle both as one.
-        extra, _ = self.reserve_worst(scope, max(0, usd_micro - pre.usd_micro), max(0, tokens - pre.tokens),
-                                      hold_seconds=hold_seconds)
+        try:
+            extra, _ = self.reserve_worst(scope, max(0, usd_micro - pre.usd_micro), max(0, tokens - pre.tokens),
+                                          hold_seconds=hold_seconds, wait=wait)
+        except ClaudeGuardError:
+            self.settle(pre.reservation, 0.0, 0)  # refused: give the admission's hold back too
+            raise
         held = pre.reservation
         if extra is None:  # storage down under the "open" policy: the admission's hold still stands
             return held, pre.breakers
@@ -337,13 +343,15 @@ class Budgets:
             self._overheads[scope.feature] = learned
 
     def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *, hold_seconds: float,
-                      breakers: tuple[str, ...] = (),
-                      optional: bool = False) -> tuple[Reservation | None, dict[str, float | None] | None]:
+                      breakers: tuple[str, ...] = (), optional: bool = False,
+                      wait: bool = True) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold ``usd_micro`` and ``tokens`` on every budget of ``scope`` in one step, or refuse.
 
         A hold lapses after ``hold_seconds``: a worker that died mid-call gives its room back.
         An ``optional`` hold is a guess made before the call is known: when the budgets have no
         room for it the step still admits the request (no refusal, no kill) and holds nothing.
+        ``wait=False`` refuses a busy budget at once (``budget_busy``): the async client waits for
+        room itself, with ``await``, since a blocking wait would stall the calls it waits for.
         """
         now = self.state.clock.time()
         lines, usd_idx, app_wide = self.budget_lines(scope, scope.budgets, usd=usd_micro, tokens=tokens, now=now)
@@ -351,14 +359,14 @@ class Budgets:
             return None, None
         rid = _new_id()
         breaker_snapshot = self._begin(scope, holds=lines, usd_idx=usd_idx, app_wide=app_wide, rid=rid,
-                                       hold_seconds=hold_seconds, breakers=breakers, optional=optional)
+                                       hold_seconds=hold_seconds, breakers=breakers, optional=optional, wait=wait)
         if not lines or (optional and scope.memo.pop("not_held", False)):
             return None, breaker_snapshot
         return Reservation(rid, lines, usd_idx, sorted(app_wide)), breaker_snapshot
 
     def _begin(self, scope: CallScope, *, holds: list[Line], usd_idx: list[int], app_wide: set[int], rid: str,
-               hold_seconds: float, breakers: tuple[str, ...],
-               optional: bool = False) -> dict[str, float | None] | None:
+               hold_seconds: float, breakers: tuple[str, ...], optional: bool = False,
+               wait: bool = True) -> dict[str, float | None] | None:
         """One atomic step; while in-flight holds (not spend) fill a budget, wait briefly for room.
 
         Holds are worst cases, often several times a call's real cost, so under a burst a budget
@@ -367,7 +375,7 @@ class Budgets:
         """
         gates, requests = scope.admission or ([], [])
         clock = self.state.clock
-        waited_until = clock.monotonic() + self.settings.budget_wait
+        waited_until = clock.monotonic() + (self.settings.budget_wait if wait else 0.0)
         pause = 0.02
         while True:
             now = clock.time()

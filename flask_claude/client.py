@@ -1,14 +1,18 @@
 """Guarded ``messages.create / stream / count_tokens``: the SDK's own signatures and return types.
 
-One call, top to bottom (``GuardedMessages._begin`` and ``_finish``):
+One call, top to bottom (``GuardedMessages._prepare``, ``_reserve``, ``ChainRun`` and ``_finish``):
 scope and call count -> history pruning, input checks -> ``max_tokens`` cap, prompt caching ->
 reserve the worst case against every budget -> model chain with per-model breaker, bounded retries
 and a total deadline -> cost from real usage -> settle the reservation -> one log line -> signals
 and alerts -> output checks (truncation, refusal, ``validate=``).
+
+Every decision lives here; ``aio.py`` (``claude.async_messages``) calls the same steps and only
+awaits where this module blocks: the attempt, the retry wait and the wait for a busy budget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,13 +29,14 @@ from .errors import (
     ConfigError,
     InputTooLarge,
     InvalidOutput,
+    InvalidRequest,
     TruncatedResponse,
     UpstreamUnavailable,
 )
 from .events import hash_text
 from .hygiene import check_output, prune_history, with_auto_cache
 from .pricing import TASK_BUDGET_BETA, TASK_BUDGET_MODELS
-from .resilience import Deadline, Failure, classify, current_deadline, model_chain
+from .resilience import AttemptMark, Deadline, Failure, classify, current_attempt, current_deadline, model_chain
 from .signals import circuit_opened, claude_called, model_fallback
 from .tokens import estimate_input_tokens, estimate_tokens, prompt_chars
 
@@ -88,6 +93,135 @@ def _deadline(configured: float, timeout: Any) -> float:
     return configured
 
 
+# What one attempt can raise that is the upstream's (or the network's) doing, not ours.
+SEND_ERRORS = (anthropic.APIError, httpx2.HTTPError, json.JSONDecodeError)
+
+
+def create_kwargs(call: _Call, model: str, timeout: httpx2.Timeout) -> tuple[bool, dict[str, Any]]:
+    """One attempt's SDK arguments; True when the task budget sends it through the beta endpoint."""
+    params = {**call.params, "model": model, "timeout": timeout}
+    if call.task_budget is not None and model in TASK_BUDGET_MODELS:
+        config = dict(params.pop("output_config", None) or {})
+        config["task_budget"] = {"type": "tokens", "total": call.task_budget}
+        params.update(output_config=config, betas=[TASK_BUDGET_BETA])
+        return True, params
+    return False, params
+
+
+class ChainRun:
+    """The attempt loop's decisions, without its I/O: which model next, with which timeout, whether a
+    failure is retried (after how long) or falls back, and what the caller is told in the end.
+
+    The sync client drives it with blocking sends and ``clock.sleep``, the async one with ``await``;
+    neither makes a decision of its own.
+    """
+
+    def __init__(self, owner: GuardedMessages, call: _Call) -> None:
+        self.owner = owner
+        self.state = owner._state
+        self.call = call
+        self.index = 0
+        self.attempt = 0
+        self.done = False
+        self.last_exc: BaseException | None = None
+        self.mark: AttemptMark | None = None
+
+    def next_attempt(self) -> httpx2.Timeout | None:
+        """The timeout of the next attempt on ``call.model``, or None when the chain is over."""
+        call, state = self.call, self.state
+        while not self.done:
+            model = call.model = call.chain[self.index]
+            # A closed breaker read with the reservation needs no round trip of its own.
+            known_closed = self.attempt == 0 and call.breakers is not None and \
+                model in call.breakers and call.breakers[model] is None
+            if not known_closed and not state.breaker.allow(model, state.clock.time()):
+                self._model_failed(Failure("circuit_open", None, "circuit_open"))
+                continue
+            remaining = call.deadline.remaining()
+            if remaining <= 0:
+                self._model_failed(Failure("deadline", None, "deadline_exceeded"))
+                continue
+            # Each read waits at most CLAUDE_ATTEMPT_TIMEOUT: a hung model leaves time for a retry or
+            # the next model; the deadline still bounds the whole call, trickling bodies included.
+            read = min(state.settings.attempt_timeout, remaining)
+            return httpx2.Timeout(read, connect=min(state.settings.connect_timeout, read))
+        return None
+
+    def enter_attempt(self) -> tuple[Any, Any]:
+        """Bind the call's deadline and a fresh "was it sent" mark to this attempt (the transports read them)."""
+        self.mark = AttemptMark()
+        return current_deadline.set(self.call.deadline), current_attempt.set(self.mark)
+
+    @staticmethod
+    def exit_attempt(tokens: tuple[Any, Any]) -> None:
+        current_attempt.reset(tokens[1])
+        current_deadline.reset(tokens[0])
+
+    def failed(self, exc: BaseException) -> float | None:
+        """An attempt failed upstream: seconds to wait before retrying the same model, or None to go on."""
+        call, policy = self.call, self.state.retry_policy
+        self.last_exc = exc
+        failure = classify(exc)
+        self.owner._record_outcome(call.model, ok=not failure.counts_against_model)  # a hang is the model's
+        if call.deadline.expired and failure.kind == "timeout":
+            failure = Failure("deadline", None, "deadline_exceeded")
+        if failure.retryable and self.attempt < policy.max_retries:
+            delay = policy.delay(self.attempt, failure)
+            if delay < call.deadline.remaining():  # a retry that could not start before the deadline is not made
+                call.retries += 1
+                self.attempt += 1
+                return delay
+        self._model_failed(failure)
+        return None
+
+    def unbuildable(self, exc: Exception) -> None:
+        """An exception that is not the upstream's: before the request was sent, an ``InvalidRequest``."""
+        if self.mark is not None and self.mark.sent:
+            return  # raised after sending: the caller's code or ours, let it surface as itself
+        # The SDK could not build the request (a lone surrogate, an unserialisable value, an argument it
+        # rejects): nothing left, the model is not at fault, and a retry would fail alike.
+        self.call.failure = Failure("invalid_request", None, "invalid_request")
+        self.call.extra["detail"] = type(exc).__name__
+        raise InvalidRequest(f"the request could not be built: {type(exc).__name__}") from None
+
+    def succeeded(self) -> None:
+        call = self.call
+        if call.reservation is not None:
+            call.success_model = call.model  # recorded on its breaker by the settlement
+        else:
+            self.owner._record_outcome(call.model, ok=True)
+        if self.index > 0:
+            call.fallback_from = call.chain[0]
+
+    def _model_failed(self, failure: Failure) -> None:
+        """The current model is done: fall back to the next one, or end the chain."""
+        call, state = self.call, self.state
+        call.failure = failure
+        falls_back = failure.kind in _FALLBACK_KINDS or (
+            failure.kind == "rate_limited" and state.settings.fallback_on_rate_limit)
+        if not falls_back or self.index == len(call.chain) - 1 or call.deadline.expired:
+            self.done = True
+            return
+        model, next_model = call.chain[self.index], call.chain[self.index + 1]
+        call.fallback_from = call.chain[0]
+        fields: dict[str, Any] = {"feature": call.scope.feature, "route": call.scope.route, "from_model": model,
+                                  "to_model": next_model, "reason": failure.error_type,
+                                  "status_code": failure.status_code,
+                                  # requests this call sent to from_model, all failed (0: skipped, its circuit was open)
+                                  "attempts": self.attempt if failure.kind == "circuit_open" else self.attempt + 1}
+        if failure.kind != "circuit_open" or self.attempt > 0 or self.owner._log_skip(model):  # throttle pure skips
+            state.events.emit("model_fallback", fields, level="WARNING")
+        model_fallback.send(state.app, **fields)
+        self.index += 1
+        self.attempt = 0
+
+    def error(self) -> BaseException:
+        """What the chain ends with: the last upstream error (turned into a guard error by the caller)."""
+        if self.last_exc is not None:
+            return self.last_exc
+        return UpstreamUnavailable("no model in the chain could be reached", reason="upstream_unavailable")
+
+
 def _usage_dict(usage: Any) -> dict[str, Any]:
     if usage is None:
         return {}
@@ -139,18 +273,24 @@ class GuardedMessages:
             raise self._as_guard_error(call, exc) from None
 
     def _send_create(self, call: _Call, model: str, timeout: httpx2.Timeout) -> Any:
-        """One attempt; a task budget goes through the beta endpoint on the models that take it."""
-        params = {**call.params, "model": model, "timeout": timeout}
-        if call.task_budget is not None and model in TASK_BUDGET_MODELS:
-            config = dict(params.pop("output_config", None) or {})
-            config["task_budget"] = {"type": "tokens", "total": call.task_budget}
-            beta: Any = self._state.client.beta.messages  # the beta overloads do not type a **params call
-            return beta.create(**params, output_config=config, betas=[TASK_BUDGET_BETA])
-        return self._state.client.messages.create(**params)
+        beta, params = create_kwargs(call, model, timeout)
+        client = self._state.client
+        endpoint: Any = client.beta.messages if beta else client.messages  # beta overloads do not type **params
+        return endpoint.create(**params)
 
     # --- the steps of a call ------------------------------------------------------------------
 
     def _begin(self, params: Mapping[str, Any], *, streaming: bool = False) -> _Call:
+        call = self._prepare(params, streaming=streaming)
+        self._reserve(call)
+        return call
+
+    def _prepare(self, params: Mapping[str, Any], *, streaming: bool = False) -> _Call:
+        """Every decision about a call that needs no I/O: count it, pick the chain, check and cap it.
+
+        Both clients run it before their first ``await``/block, so ``max_calls`` counts every call of
+        an ``asyncio.gather`` in the order they start.
+        """
         state = self._state
         settings = state.settings
         scope = current_scope()
@@ -198,7 +338,9 @@ class GuardedMessages:
         # max_tokens: clamp to the app's and the feature's cap (logged), never refuse a request for it.
         cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
         requested_max = params.get("max_tokens")
-        max_tokens = cap if requested_max is None else min(int(requested_max), cap)
+        if requested_max is not None and (isinstance(requested_max, bool) or not isinstance(requested_max, int)):
+            raise InvalidRequest(f"max_tokens must be a whole number, got {type(requested_max).__name__}")
+        max_tokens = cap if requested_max is None else min(requested_max, cap)
         call = _Call(params={**params, "max_tokens": max_tokens}, scope=scope, chain=chain,
                      requested_model=requested,
                      deadline=Deadline.after(state.clock, _deadline(
@@ -211,82 +353,35 @@ class GuardedMessages:
             call.extra["max_tokens_clamped_from"] = requested_max
         call.params.pop("model", None)
         call.params.pop("timeout", None)
-
-        # Reserve the worst case against every budget that applies, or refuse having reserved nothing.
-        call.reservation, call.breakers = state.budgets.begin(scope, chain, call.params, max_tokens,
-                                                              call_seconds=call.deadline.remaining())
         return call
+
+    def _reserve(self, call: _Call, *, wait: bool = True) -> None:
+        """Reserve the worst case against every budget that applies, or refuse having reserved nothing."""
+        call.reservation, call.breakers = self._state.budgets.begin(
+            call.scope, call.chain, call.params, call.params["max_tokens"],
+            call_seconds=call.deadline.remaining(), wait=wait)
 
     def _run_chain(self, call: _Call, send: Callable[[str, httpx2.Timeout], T]) -> T:
         """Try each model in turn: bounded retries per model, the breaker and the deadline for all."""
-        state = self._state
-        policy = state.retry_policy
-        breaker = state.breaker
-        clock = state.clock
-        last_exc: BaseException | None = None
-        for index, model in enumerate(call.chain):
-            call.model = model
-            failure: Failure | None = None
-            for attempt in range(policy.max_retries + 1):
-                # A closed breaker read with the reservation needs no round trip of its own.
-                known_closed = attempt == 0 and call.breakers is not None and \
-                    model in call.breakers and call.breakers[model] is None
-                if not known_closed and not breaker.allow(model, clock.time()):
-                    failure = Failure("circuit_open", None, "circuit_open")
-                    break
-                remaining = call.deadline.remaining()
-                if remaining <= 0:
-                    failure = Failure("deadline", None, "deadline_exceeded")
-                    break
-                # Each read waits at most CLAUDE_ATTEMPT_TIMEOUT: a hung model leaves time for a retry or
-                # the next model; the deadline still bounds the whole call, trickling bodies included.
-                read = min(state.settings.attempt_timeout, remaining)
-                timeout = httpx2.Timeout(read, connect=min(state.settings.connect_timeout, read))
-                token = current_deadline.set(call.deadline)
-                try:
-                    result = send(model, timeout)
-                except (anthropic.APIError, httpx2.HTTPError, json.JSONDecodeError) as exc:
-                    last_exc = exc
-                    failure = classify(exc)
-                    self._record_outcome(model, ok=not failure.counts_against_model)  # a hang is the model's
-                    if call.deadline.expired and failure.kind == "timeout":
-                        failure = Failure("deadline", None, "deadline_exceeded")
-                    if not failure.retryable or attempt == policy.max_retries:
-                        break
-                    delay = policy.delay(attempt, failure)
-                    if delay >= call.deadline.remaining():
-                        break  # the retry could not start before the deadline
-                    call.retries += 1
-                    clock.sleep(delay)
-                    continue
-                finally:
-                    current_deadline.reset(token)
-                if call.reservation is not None:
-                    call.success_model = model
-                else:
-                    self._record_outcome(model, ok=True)
-                if index > 0:
-                    call.fallback_from = call.chain[0]
+        chain = ChainRun(self, call)
+        while (timeout := chain.next_attempt()) is not None:
+            tokens = chain.enter_attempt()
+            delay: float | None = None
+            try:
+                result = send(call.model, timeout)
+            except SEND_ERRORS as exc:
+                delay = chain.failed(exc)
+            except Exception as exc:
+                chain.unbuildable(exc)
+                raise
+            else:
+                chain.succeeded()
                 return result
-
-            call.failure = failure
-            assert failure is not None
-            falls_back = failure.kind in _FALLBACK_KINDS or (
-                failure.kind == "rate_limited" and state.settings.fallback_on_rate_limit)
-            if not falls_back or index == len(call.chain) - 1 or call.deadline.expired:
-                break
-            next_model = call.chain[index + 1]
-            call.fallback_from = call.chain[0]
-            fields: dict[str, Any] = {"feature": call.scope.feature, "route": call.scope.route, "from_model": model,
-                      "to_model": next_model, "reason": failure.error_type, "status_code": failure.status_code,
-                      # requests this call sent to from_model, all failed (0: skipped, its circuit was open)
-                      "attempts": attempt if failure.kind == "circuit_open" else attempt + 1}
-            if failure.kind != "circuit_open" or attempt > 0 or self._log_skip(model):  # only pure skips throttled
-                state.events.emit("model_fallback", fields, level="WARNING")
-            model_fallback.send(state.app, **fields)
-        if last_exc is not None:
-            raise last_exc
-        raise UpstreamUnavailable("no model in the chain could be reached", reason="upstream_unavailable")
+            finally:
+                chain.exit_attempt(tokens)
+            if delay is not None:
+                self._state.clock.sleep(delay)
+        raise chain.error()
 
     def _log_skip(self, model: str) -> bool:
         """While a breaker is open every call skips its model: log that every few seconds, not per call."""
@@ -380,7 +475,10 @@ class GuardedMessages:
         state = self._state
         if call.reservation is not None:
             state.budgets.settle(call.reservation, 0.0, 0)
-        failure = call.failure or (classify(exc) if not isinstance(exc, ClaudeGuardError) else None)
+        if isinstance(exc, asyncio.CancelledError):  # the task was cancelled (client gone, wait_for)
+            failure: Failure | None = Failure("cancelled", None, "cancelled")
+        else:
+            failure = call.failure or (classify(exc) if not isinstance(exc, ClaudeGuardError) else None)
         fields = {"request_id": getattr(exc, "request_id", None), **self._base_fields(call),
                   "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
                   "cache_creation_input_tokens": 0, "stop_reason": None, "cost_usd": 0.0,
@@ -390,15 +488,21 @@ class GuardedMessages:
             fields["our_bug"] = True  # a 4xx from upstream means we sent a bad request
         state.events.emit("claude_api_error", fields, level="ERROR")
 
-    @staticmethod
-    def _as_guard_error(call: _Call, exc: BaseException) -> BaseException:
+    def _as_guard_error(self, call: _Call, exc: BaseException) -> BaseException:
         if isinstance(exc, ClaudeGuardError):
             return exc
-        if not isinstance(exc, (anthropic.APIError, httpx2.HTTPError, json.JSONDecodeError)):
+        if not isinstance(exc, SEND_ERRORS):
             return exc  # our caller's bug (a wrong argument): let it surface as itself
         failure = call.failure or classify(exc)
         reason = "deadline_exceeded" if failure.kind == "deadline" else "upstream_unavailable"
-        return UpstreamUnavailable(f"Claude call failed: {failure.error_type}", reason=reason)
+        retry_after: float | None = None
+        if failure.kind == "rate_limited":
+            # Pass the upstream's back-off on (capped), so well-behaved clients do not hammer a rate limit.
+            policy = self._state.retry_policy
+            wait = failure.retry_after if failure.retry_after is not None else policy.max_delay
+            retry_after = min(policy.retry_after_cap, wait)
+        return UpstreamUnavailable(f"Claude call failed: {failure.error_type}", reason=reason,
+                                   retry_after=retry_after)
 
 
 class GuardedStreamManager:
@@ -433,13 +537,15 @@ class GuardedStreamManager:
             self._stream.close()
 
 
-class GuardedMessageStream:
-    """Wraps the SDK's ``MessageStream`` (or raw ``Stream``) to bill what was streamed, however it ends.
+class StreamAccount:
+    """What a guarded stream knows and decides, sync or async: usage and text as they arrive, whether it
+    ended whole (``message_stop``), and the bill however it ended.
 
-    A mid-stream ``event: error`` (an ``APIStatusError`` with status 200) and a dropped connection (a
-    raw ``httpx2.RemoteProtocolError``) become ``UpstreamUnavailable``; a stream the client walked
-    away from is billed on ``close()``. Output tokens of an unfinished stream are the larger of the
-    last reported count and an estimate of the text received.
+    A mid-stream ``event: error`` (an ``APIStatusError`` with status 200), a dropped connection (a raw
+    ``httpx2.RemoteProtocolError``) and a body that ends before ``message_stop`` become
+    ``UpstreamUnavailable``; a stream the client walked away from (or a cancelled task) is billed on
+    close. Output tokens of an unfinished stream are the larger of the last reported count and an
+    estimate of the text received.
     """
 
     def __init__(self, owner: GuardedMessages, call: _Call, inner: Any, *, manager: Any) -> None:
@@ -451,31 +557,8 @@ class GuardedMessageStream:
         self._stop_reason: str | None = None
         self._text: list[str] = []
         self._completed = False
+        self._stopped = False  # ``message_stop`` arrived: the only sign that a stream is whole
         self._finished = False
-        self.text_stream: Iterator[str] = self._text_stream()
-
-    # --- iteration ---------------------------------------------------------------------------
-
-    def __iter__(self) -> Iterator[Any]:
-        try:
-            for event in self._inner:
-                self._observe(event)
-                yield event
-        except (anthropic.APIError, httpx2.HTTPError) as exc:
-            failure = classify(exc)
-            self._call.success_model = None  # the stream's start was fine; its end was not
-            if self._call.deadline.expired and failure.kind == "timeout":
-                failure = Failure("deadline", None, "deadline_exceeded")  # our limit, not the model's fault
-            self._owner._record_outcome(self._call.model, ok=not failure.counts_against_model)
-            self._settle(error=failure)
-            raise UpstreamUnavailable(f"stream failed: {failure.error_type}") from None
-        self._completed = True
-        self._settle()
-
-    def _text_stream(self) -> Iterator[str]:
-        for event in self:
-            if getattr(event, "type", None) == "content_block_delta" and event.delta.type == "text_delta":
-                yield event.delta.text
 
     def _observe(self, event: Any) -> None:
         kind = getattr(event, "type", None)
@@ -486,8 +569,85 @@ class GuardedMessageStream:
                 if value is not None:
                     self._usage[key] = value
             self._stop_reason = event.delta.stop_reason
+        elif kind == "message_stop":
+            self._stopped = True
         elif kind == "content_block_delta" and getattr(event.delta, "type", None) == "text_delta":
             self._text.append(event.delta.text)
+
+    @staticmethod
+    def _text_of(event: Any) -> str | None:
+        if getattr(event, "type", None) == "content_block_delta" and event.delta.type == "text_delta":
+            return str(event.delta.text)
+        return None
+
+    def _broken(self, exc: BaseException) -> UpstreamUnavailable:
+        """The body failed mid-way (an SDK or transport error)."""
+        failure = classify(exc)
+        if self._call.deadline.expired and failure.kind == "timeout":
+            failure = Failure("deadline", None, "deadline_exceeded")  # our limit, not the model's fault
+        return self._failed(failure)
+
+    def _ended(self) -> None:
+        """The body ended: whole only if ``message_stop`` arrived."""
+        if not self._stopped:
+            # A body that ended cleanly before ``message_stop`` is a cut reply, not a short one.
+            raise self._failed(Failure("stream", None, "incomplete_stream"))
+        self._completed = True
+        self._settle()
+
+    def _failed(self, failure: Failure) -> UpstreamUnavailable:
+        """Bill what arrived, hold the failure against the model, and tell the view."""
+        self._call.success_model = None  # the stream's start was fine; its end was not
+        self._owner._record_outcome(self._call.model, ok=not failure.counts_against_model)
+        self._settle(error=failure)
+        return UpstreamUnavailable(f"stream failed: {failure.error_type}")
+
+    @property
+    def current_message_snapshot(self) -> Any:
+        return self._inner.current_message_snapshot
+
+    @property
+    def request_id(self) -> str | None:
+        response = getattr(self._inner, "response", None)
+        return response.headers.get("request-id") if response is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _settle(self, *, error: Failure | None = None, abandoned: bool = False) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        usage = dict(self._usage)
+        text = "".join(self._text)
+        if not self._completed:
+            usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), estimate_tokens(text))
+        stop_reason = self._stop_reason if self._completed else ("client_disconnected" if abandoned else None)
+        self._owner._finish(self._call, usage=usage, stop_reason=stop_reason, request_id=self.request_id,
+                            error=error, reply_text=text, enforce_complete=False)
+
+
+class GuardedMessageStream(StreamAccount):
+    """Wraps the SDK's ``MessageStream`` (or raw ``Stream``) to bill what was streamed, however it ends."""
+
+    def __init__(self, owner: GuardedMessages, call: _Call, inner: Any, *, manager: Any) -> None:
+        super().__init__(owner, call, inner, manager=manager)
+        self.text_stream: Iterator[str] = self._text_stream()
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for event in self._inner:
+                self._observe(event)
+                yield event
+        except (anthropic.APIError, httpx2.HTTPError) as exc:
+            raise self._broken(exc) from None
+        self._ended()
+
+    def _text_stream(self) -> Iterator[str]:
+        for event in self:
+            text = self._text_of(event)
+            if text is not None:
+                yield text
 
     # --- the SDK's MessageStream surface -----------------------------------------------------
 
@@ -502,15 +662,6 @@ class GuardedMessageStream:
     def get_final_text(self) -> str:
         self.until_done()
         return str(self._inner.get_final_text())
-
-    @property
-    def current_message_snapshot(self) -> Any:
-        return self._inner.current_message_snapshot
-
-    @property
-    def request_id(self) -> str | None:
-        response = getattr(self._inner, "response", None)
-        return response.headers.get("request-id") if response is not None else None
 
     def close(self) -> None:
         """Release the connection; a stream closed before its end is billed for what arrived."""
@@ -528,20 +679,3 @@ class GuardedMessageStream:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    # --- accounting --------------------------------------------------------------------------
-
-    def _settle(self, *, error: Failure | None = None, abandoned: bool = False) -> None:
-        if self._finished:
-            return
-        self._finished = True
-        usage = dict(self._usage)
-        text = "".join(self._text)
-        if not self._completed:
-            usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), estimate_tokens(text))
-        stop_reason = self._stop_reason if self._completed else ("client_disconnected" if abandoned else None)
-        self._owner._finish(self._call, usage=usage, stop_reason=stop_reason, request_id=self.request_id,
-                            error=error, reply_text=text, enforce_complete=False)

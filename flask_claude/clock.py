@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Protocol
@@ -25,6 +26,21 @@ class SystemClock:
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
             time.sleep(seconds)
+
+    async def asleep(self, seconds: float) -> None:
+        """The async client's wait: yields the event loop instead of blocking it."""
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+
+
+async def asleep(clock: Clock, seconds: float) -> None:
+    """Wait on ``clock`` from async code: a clock without ``asleep`` (a test's fake) moves at once."""
+    native = getattr(clock, "asleep", None)
+    if native is not None:
+        await native(seconds)
+    else:
+        clock.sleep(seconds)
+        await asyncio.sleep(0)  # still let the loop's other tasks run, as a real wait would
 
 
 def utc_now(clock: Clock) -> datetime:

@@ -44,4 +44,10 @@ def current_scope() -> CallScope:
     if has_request_context():
         rule = request.url_rule
         return CallScope(route=rule.rule if rule is not None else request.path)
+    from .quart_support import quart_globals
+
+    quart = quart_globals()  # a Quart view: Quart's contexts are not Flask's
+    if quart is not None and quart.has_request_context():
+        rule = quart.request.url_rule
+        return CallScope(route=rule.rule if rule is not None else quart.request.path)
     return CallScope()

@@ -73,8 +73,13 @@ def _spec_of(view: F) -> tuple[ViewSpec, F]:
 
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from flask import has_app_context
+
         from .pipeline import run
 
+        if not has_app_context():  # e.g. a Quart view: see quart_support.py for why, and what works there
+            raise ConfigError("flask-claude's decorators work on Flask apps only; on Quart, call "
+                              "claude.async_messages in the view and answer the fallback yourself")
         return run(spec, view, args, kwargs)
 
     setattr(wrapper, _SPEC_ATTR, spec)

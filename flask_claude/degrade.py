@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from flask import Response, jsonify, make_response
+from flask import Response, current_app, jsonify, make_response
 
 from .errors import ClaudeGuardError, InputTooLarge
 from .signals import feature_degraded
@@ -45,8 +45,6 @@ def decorate(response: Response, exc: ClaudeGuardError, status: int | None = Non
 
 def handle_guard_error(exc: ClaudeGuardError) -> Response:
     """App-wide handler: a guarded call in an undecorated view still degrades instead of a 500."""
-    from flask import current_app
-
     from .context import current_scope
 
     state = current_app.extensions.get("claude")
@@ -123,8 +121,8 @@ def _fallback_response(state: ClaudeState, spec: ViewSpec, scope: CallScope, arg
         return None
     if isinstance(body, Response):
         return Response(body.get_data(), status=body.status_code, headers=list(body.headers.items()))
-    if callable(body):
-        return make_response(body(*args, **kwargs))
+    if callable(body):  # a non-AI path of your own, sync or ``async def``
+        return make_response(current_app.ensure_sync(body)(*args, **kwargs))
     if isinstance(body, (dict, list)):
         return jsonify(body)
     return make_response(body)
@@ -134,8 +132,9 @@ def degrade(state: ClaudeState, spec: ViewSpec, scope: CallScope, exc: ClaudeGua
             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Response:
     """The feature's fallback (or a short JSON error) with ``X-Claude-Degraded``; logged and signalled.
 
-    Client-caused refusals (400 invalid request, 413 input too large, 429 over a limit) keep their
-    own status and clear message; everything else answers the fallback with ``fallback_to(status=...)``.
+    Client-caused refusals (400 a request that cannot be sent, 413 input too large, 429 over a limit)
+    keep their own status and clear message; everything else answers the fallback with
+    ``fallback_to(status=...)``.
     """
     client_side = exc.status in (400, 413, 429)
     response: Response | None = None

@@ -100,8 +100,13 @@ class UnknownModel(ConfigError):
 
 
 class InvalidRequest(ClaudeGuardError):
-    """The caller sent something that cannot be turned into a Claude request: theirs to fix, so 400."""
+    """The caller sent something that cannot be turned into a Claude request: theirs to fix, so 400.
+
+    A body that is not usable JSON (``request_json``, or ``request.json`` nested too deeply), or a
+    request the SDK cannot build: text the JSON encoder refuses (a lone surrogate such as
+    ``"\\ud800"``), a value it cannot serialise, or an argument the SDK rejects. Nothing was sent.
+    """
 
     status = 400
     reason = "invalid_request"
-    public_message = "The request could not be processed."
+    public_message = "The request contains text or values that cannot be processed."

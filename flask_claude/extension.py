@@ -16,6 +16,7 @@ import anthropic
 import httpx2
 from flask import Flask, current_app, has_app_context
 
+from .aio import AsyncGuardedMessages
 from .budget import Budgets
 from .client import GuardedMessages
 from .clock import Clock, SystemClock
@@ -26,6 +27,7 @@ from .events import EventLog
 from .flags import make_provider
 from .outage import OutageGuard
 from .pricing import PriceTable
+from .quart_support import is_quart_app, quart_globals
 from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
 from .settings import Settings, load_settings
 from .storage import BreakerParams, MemoryStore, Store, make_store
@@ -67,6 +69,11 @@ class ClaudeState:
             self.simulator = None
             inner = http_transport or httpx2.HTTPTransport()
             api_key, base_url = settings.api_key, settings.base_url  # type: ignore[assignment]
+        # What the async client (``aio.py``) builds one SDK client per event loop from: the same key and
+        # URL, and a transport that is loop-free (the in-process simulator's) or None for a network pool.
+        self.sdk_options: dict[str, Any] = {"api_key": api_key, "base_url": base_url}
+        self.async_transport: httpx2.AsyncBaseTransport | None = (
+            inner if isinstance(inner, httpx2.AsyncBaseTransport) else None)
         # Retries are ours (resilience.py says why), so the SDK's are off.
         self.client = anthropic.Anthropic(
             api_key=api_key, base_url=base_url, max_retries=0,
@@ -91,6 +98,7 @@ class ClaudeState:
                                hash_users=settings.hash_users, log_content=settings.log_content,
                                salt=self.user_salt)
         self.messages = GuardedMessages(self)
+        self.async_messages = AsyncGuardedMessages(self)
         self.flags = make_provider(settings.flags, sdk_key=settings.launchdarkly_sdk_key,
                                    start_wait=settings.launchdarkly_start_wait, global_flag=settings.global_flag)
         self.response_cache = ResponseCache()
@@ -119,7 +127,12 @@ class Claude:
     def init_app(self, app: Flask) -> None:
         settings = load_settings(app.config, self._overrides)
         app.extensions[EXTENSION_KEY] = ClaudeState(app, settings, self, **self._objects)
-        app.register_error_handler(ClaudeGuardError, handle_guard_error)
+        if is_quart_app(app):
+            from .quart_support import handle_guard_error as handle_on_quart
+
+            app.register_error_handler(ClaudeGuardError, handle_on_quart)
+        else:
+            app.register_error_handler(ClaudeGuardError, handle_guard_error)
         if "claude" not in app.cli.commands:
             from .cli import claude_cli
 
@@ -131,6 +144,8 @@ class Claude:
         if app is None:
             if has_app_context():
                 app = current_app._get_current_object()  # type: ignore[attr-defined]
+            elif (quart := quart_globals()) is not None:
+                app = quart.current_app._get_current_object()
             elif self._app is not None:
                 app = self._app
             else:
@@ -145,6 +160,11 @@ class Claude:
     @property
     def messages(self) -> GuardedMessages:
         return self.state().messages
+
+    @property
+    def async_messages(self) -> AsyncGuardedMessages:
+        """``await claude.async_messages.create(...)``: the guarded client for ``async def`` views."""
+        return self.state().async_messages
 
     @property
     def settings(self) -> Settings:

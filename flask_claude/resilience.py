@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +129,19 @@ class Deadline:
 current_deadline: ContextVar[Deadline | None] = ContextVar("flask_claude_deadline", default=None)
 
 
+class AttemptMark:
+    """Set by the transport when an attempt's request reaches it: an exception raised before that
+    is a request the SDK could not build (unencodable text, a bad argument), never an upstream fault."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = False
+
+
+current_attempt: ContextVar[AttemptMark | None] = ContextVar("flask_claude_attempt", default=None)
+
+
 class _DeadlineStream(httpx2.SyncByteStream):
     """Ends a body that keeps trickling past the deadline (the SDK's timeout is per read)."""
 
@@ -155,6 +168,9 @@ class DeadlineTransport(httpx2.BaseTransport):
         self.inner = inner
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        mark = current_attempt.get()
+        if mark is not None:
+            mark.sent = True
         deadline = current_deadline.get()
         if deadline is not None and deadline.expired:
             raise httpx2.ConnectTimeout("flask-claude deadline exceeded before sending", request=request)
@@ -167,6 +183,49 @@ class DeadlineTransport(httpx2.BaseTransport):
 
     def close(self) -> None:
         self.inner.close()
+
+
+class _AsyncDeadlineStream(httpx2.AsyncByteStream):
+    """``_DeadlineStream`` for the async client."""
+
+    def __init__(self, inner: Any, deadline: Deadline) -> None:
+        self._inner = inner
+        self._deadline = deadline
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            if self._deadline.expired:
+                raise httpx2.ReadTimeout("flask-claude deadline exceeded while reading the response")
+            yield chunk
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class AsyncDeadlineTransport(httpx2.AsyncBaseTransport):
+    """``DeadlineTransport`` for the async client: the same deadline and "was it sent" mark."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        mark = current_attempt.get()
+        if mark is not None:
+            mark.sent = True
+        deadline = current_deadline.get()
+        if deadline is not None and deadline.expired:
+            raise httpx2.ConnectTimeout("flask-claude deadline exceeded before sending", request=request)
+        response = await self.inner.handle_async_request(request)
+        if deadline is None:
+            return response
+        return httpx2.Response(status_code=response.status_code, headers=response.headers,
+                               stream=_AsyncDeadlineStream(response.stream, deadline),
+                               extensions=response.extensions, request=request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 # --- circuit breaker -------------------------------------------------------------------------

@@ -141,7 +141,7 @@ class SystemClock:
         time.sleep(seconds)
 
 
-FaultKind = Literal["status", "stream_error", "drop_stream", "truncate"]
+FaultKind = Literal["status", "stream_error", "drop_stream", "end_stream", "truncate"]
 Endpoint = Literal["messages", "count_tokens", "batches", "any"]
 
 
@@ -574,6 +574,30 @@ class Simulator:
         )
         return self._add_fault(fault)
 
+    def end_stream(
+        self,
+        *,
+        model: str | None = None,
+        after_deltas: int = 2,
+        times: int | None = None,
+        rate: float | None = None,
+    ) -> Fault:
+        """End streaming replies cleanly after ``after_deltas`` text deltas, without ``message_delta``
+        or ``message_stop``: a proxy or load balancer that closes a chunked body properly mid-reply.
+
+        No exception reaches the client (the body is well formed, just short), so only a client that
+        checks for ``message_stop`` knows the reply is incomplete. Non-streaming requests are not
+        affected and do not use the fault up.
+        """
+        fault = Fault(
+            kind="end_stream",
+            model=model,
+            times=_check_times(times),
+            rate=_check_rate(rate),
+            after_deltas=max(0, after_deltas),
+        )
+        return self._add_fault(fault)
+
     def truncate(self, *, model: str | None = None, times: int | None = None, rate: float | None = None) -> Fault:
         """Make replies use up their whole budget: ``stop_reason`` "max_tokens" and
         ``output_tokens == max_tokens``, the worst case a cost guard has to expect."""
@@ -952,7 +976,8 @@ class Simulator:
             _sse("content_block_start", block_start),
         ]
         deltas = _deltas(reply.text)
-        cut = fault.after_deltas if fault is not None and fault.kind in ("stream_error", "drop_stream") else None
+        cut = (fault.after_deltas if fault is not None and fault.kind in ("stream_error", "drop_stream", "end_stream")
+               else None)
         for piece in deltas[:cut]:
             delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}
             events.append(_sse("content_block_delta", delta))
@@ -962,6 +987,8 @@ class Simulator:
             events.append(_sse("error", error))
         elif fault is not None and fault.kind == "drop_stream":
             drop = True
+        elif fault is not None and fault.kind == "end_stream":
+            pass  # the body just ends: no content_block_stop, message_delta or message_stop
         else:
             final_usage = {
                 "input_tokens": usage.input_tokens,
@@ -1161,29 +1188,37 @@ class _SimByteStream(httpx2.SyncByteStream, httpx2.AsyncByteStream):
     def __init__(self, chunks: Iterable[bytes], request: httpx2.Request) -> None:
         self._chunks = chunks
         self._request = request
+        # A cancelled async reader leaves its ``next()`` running in a worker thread; closing the body
+        # must wait for it, or the generator is closed while it executes.
+        self._lock = threading.Lock()
 
     def __iter__(self) -> Iterator[bytes]:
         with _network_errors(self._request):
             yield from self._chunks
+
+    def _next(self, iterator: Iterator[bytes], done: object) -> object:
+        with self._lock:
+            return next(iterator, done)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         iterator = iter(self._chunks)
         done = object()
         while True:
             with _network_errors(self._request):
-                chunk = await asyncio.to_thread(next, iterator, done)
+                chunk = await asyncio.to_thread(self._next, iterator, done)
             if chunk is done:
                 return
             assert isinstance(chunk, bytes)
             yield chunk
 
     def close(self) -> None:
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+        with self._lock:
+            close = getattr(self._chunks, "close", None)
+            if close is not None:
+                close()
 
     async def aclose(self) -> None:
-        self.close()
+        await asyncio.to_thread(self.close)
 
 
 class _network_errors:

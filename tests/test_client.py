@@ -275,3 +275,153 @@ def test_a_hung_model_times_out_per_attempt_counts_against_it_and_falls_back(tmp
     before = len(sim.requests_for("claude-opus-4-7"))
     assert create(app).model == "claude-sonnet-4-6"
     assert len(sim.requests_for("claude-opus-4-7")) == before  # skipped while open
+
+
+# --- a request the SDK cannot build degrades with 400 invalid_request, never a 500 -----------------
+
+_UNSENDABLE = {
+    "lone surrogate in messages": {"messages": user_msg("bad \ud800 text")},
+    "lone surrogate in system": {"system": "You are \udc00 helpful.", "messages": user_msg("hi")},
+    "unserialisable object in params": {"messages": user_msg("hi"), "metadata": {"user_id": object()}},
+}
+
+
+@pytest.mark.parametrize("kind", ["create", "stream"])
+@pytest.mark.parametrize("case", list(_UNSENDABLE))
+def test_a_request_that_cannot_be_built_degrades_with_400_invalid_request(make_app, sim: Simulator,
+                                                                          claude_log: CallLog, kind: str,
+                                                                          case: str) -> None:
+    from flask_claude import ai_feature, fallback_to
+
+    app = make_app(CLAUDE_DAILY_BUDGET_USD=5.0)
+    params = {"max_tokens": 50, **_UNSENDABLE[case]}
+
+    @app.post("/ask")
+    @ai_feature("ask")
+    @fallback_to({"answer": None}, status=200)  # a fallback must not hide the caller's bad request
+    def ask() -> Any:
+        messages = app.extensions["claude"].messages
+        if kind == "create":
+            return {"answer": messages.create(**params).content[0].text}
+        with messages.stream(**params) as stream:
+            return {"answer": "".join(stream.text_stream)}
+
+    response = app.test_client().post("/ask")
+    assert response.status_code == 400
+    assert response.headers["X-Claude-Degraded"] == "invalid_request"
+    assert response.get_json() == {"error": "invalid_request",
+                                   "message": "The request contains text or values that cannot be "
+                                              "processed."}
+    assert sim.requests == []  # nothing left the process
+    [error] = claude_log.events("claude_api_error")
+    assert error["error_type"] == "invalid_request" and error["cost_usd"] == 0.0
+    assert error["detail"] in ("UnicodeEncodeError", "TypeError")
+    assert "our_bug" not in error
+    [degraded] = claude_log.events("feature_degraded")
+    assert degraded["reason"] == "invalid_request" and degraded["status"] == 400
+    with app.app_context():
+        [budget] = app.extensions["claude"].budgets.usage_report()
+    assert budget["reserved_usd"] == 0 and budget["spent_usd"] == 0  # the hold was released
+    # not held against the model, not retried, no fallback
+    assert claude_log.events("model_fallback") == []
+    with app.app_context():
+        assert app.extensions["claude"].breaker.state("claude-opus-4-7", 0.0) == "closed"
+
+
+def test_an_unbuildable_request_outside_a_decorated_view_is_a_400_too(make_app, sim: Simulator) -> None:
+    app = make_app()
+
+    @app.post("/plain")
+    def plain() -> Any:
+        app.extensions["claude"].messages.count_tokens(model="claude-sonnet-4-6", messages=user_msg("\ud800"))
+        return {}
+
+    response = app.test_client().post("/plain")
+    assert response.status_code == 400 and response.headers["X-Claude-Degraded"] == "invalid_request"
+    assert sim.requests == []
+
+
+# --- a stream is complete only when message_stop arrived --------------------------------------------
+
+@pytest.mark.parametrize("how", ["stream", "create_stream_true"])
+def test_a_stream_that_ends_without_message_stop_is_a_failed_stream(make_app, sim: Simulator, claude_log: CallLog,
+                                                                    how: str) -> None:
+    app = make_app()
+    sim.end_stream(after_deltas=2)
+    received: list[str] = []
+    messages = app.extensions["claude"].messages
+    with pytest.raises(UpstreamUnavailable), app.app_context():
+        if how == "stream":
+            with messages.stream(model="claude-sonnet-4-6", max_tokens=300,
+                                 messages=user_msg("Tell me a long story.")) as stream:
+                received.extend(stream.text_stream)
+        else:
+            for event in messages.create(model="claude-sonnet-4-6", max_tokens=300, stream=True,
+                                         messages=user_msg("Tell me a long story.")):
+                if event.type == "content_block_delta":
+                    received.append(event.delta.text)
+    assert len(received) == 2  # both deltas reached the view before the body ended
+    assert claude_log.events("claude_api_call") == []  # not a success
+    [line] = claude_log.events("claude_api_error")
+    assert line["error_type"] == "incomplete_stream" and line["stop_reason"] is None
+    # billed for what arrived: at least the estimate of the two deltas' text, not the 1 of message_start
+    from flask_claude.tokens import estimate_tokens
+
+    assert line["output_tokens"] >= max(2, estimate_tokens("".join(received)))
+    assert line["cost_usd"] == pytest.approx((line["input_tokens"] * 3 + line["output_tokens"] * 15) / 1e6)
+
+
+def test_an_incomplete_stream_counts_against_the_models_breaker(make_app, sim: Simulator, clock: FakeClock,
+                                                                 claude_log: CallLog) -> None:
+    # The stream's start is one success on the breaker, its cut end one failure: 1 of 2 reaches 0.5.
+    app = make_app(CLAUDE_BREAKER_MIN_CALLS=2, CLAUDE_MODELS=["claude-sonnet-4-6"])
+    sim.end_stream(after_deltas=1)
+    with pytest.raises(UpstreamUnavailable), app.app_context(), app.extensions["claude"].messages.stream(
+            model="claude-sonnet-4-6", max_tokens=100, messages=user_msg("hi")) as stream:
+        stream.until_done()
+    assert [e["model"] for e in claude_log.events("circuit_opened")] == ["claude-sonnet-4-6"]
+
+
+# --- an upstream 429 that outlasts the retries degrades with the upstream's Retry-After, capped ------
+
+@pytest.mark.parametrize(("upstream", "cap", "expected"), [(7, 20.0, "7"), (3600, 12.5, "13"), (None, 20.0, "8")])
+def test_a_rate_limited_chain_degrades_with_retry_after(make_app, sim: Simulator, claude_log: CallLog,
+                                                        upstream: float | None, cap: float, expected: str) -> None:
+    from flask_claude import ai_feature, fallback_to
+
+    app = make_app(CLAUDE_MAX_RETRIES=1, CLAUDE_RETRY_AFTER_CAP=cap)
+    sim.fail(429, retry_after=upstream)
+
+    @app.post("/ask")
+    @ai_feature("ask")
+    @fallback_to({"answer": None})
+    def ask() -> Any:
+        return {"answer": app.extensions["claude"].messages.create(
+            max_tokens=50, messages=user_msg("hi")).content[0].text}
+
+    @app.post("/plain")  # an undecorated view answers the same header
+    def plain() -> Any:
+        app.extensions["claude"].messages.create(max_tokens=50, messages=user_msg("hi"))
+        return {}
+
+    response = app.test_client().post("/ask")
+    assert response.status_code == 503 and response.headers["X-Claude-Degraded"] == "upstream_unavailable"
+    assert response.headers["Retry-After"] == expected
+    [error] = claude_log.events("claude_api_error")
+    assert error["status_code"] == 429
+
+    response = app.test_client().post("/plain")
+    assert response.status_code == 503 and response.headers["Retry-After"] == expected
+
+
+def test_a_chain_ending_on_a_server_error_has_no_retry_after(make_app, sim: Simulator) -> None:
+    app = make_app(CLAUDE_MAX_RETRIES=0)
+    sim.fail(529, retry_after=5)
+
+    @app.post("/plain")
+    def plain() -> Any:
+        app.extensions["claude"].messages.create(max_tokens=50, messages=user_msg("hi"))
+        return {}
+
+    response = app.test_client().post("/plain")
+    assert response.status_code == 503 and "Retry-After" not in response.headers

@@ -269,7 +269,7 @@ def test_users_views_answer_400_too(make_example: Callable[..., Flask]) -> None:
         raise ValueError("the view's own bug")
 
     client = app.test_client()
-    refused = {"error": "invalid_request", "message": "The request could not be processed."}
+    refused = {"error": "invalid_request", "message": "The request contains text or values that cannot be processed."}
     response = client.post("/raw", data=b"[" * 100_000, content_type=JSON)
     assert (response.status_code, response.headers["X-Claude-Degraded"], response.get_json()) == \
         (400, "invalid_request", refused)

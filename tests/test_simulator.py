@@ -366,6 +366,15 @@ def test_drop_stream_on_create_stream_true(sim: Simulator, client: anthropic.Ant
     assert seen == ["message_start", "content_block_start", "content_block_delta", "content_block_delta"]
 
 
+def test_end_stream_ends_the_body_cleanly_without_message_stop(sim: Simulator, client: anthropic.Anthropic) -> None:
+    fault = sim.end_stream(after_deltas=2, times=1)
+    events = [e.type for e in client.messages.create(model=MODEL, max_tokens=200, messages=user("hi"), stream=True)]
+    assert events == ["message_start", "content_block_start", "content_block_delta", "content_block_delta"]
+    assert fault.fired == 1
+    events = [e.type for e in client.messages.create(model=MODEL, max_tokens=200, messages=user("hi"), stream=True)]
+    assert events[-1] == "message_stop"  # used up
+
+
 def test_truncate_uses_the_whole_max_tokens(sim: Simulator, client: anthropic.Anthropic) -> None:
     sim.truncate(times=2)
 

@@ -1,0 +1,50 @@
+"""What flask-claude does on a Quart app: ``claude.async_messages`` and the guard-error handler.
+
+Quart keeps its application and request contexts in context variables of its own, so Flask's
+``current_app``, ``g`` and ``request`` are unbound inside a Quart view. flask-claude finds the app and
+the route through Quart's globals when Flask has none (``quart_globals``); Quart is never imported
+unless the app already imported it.
+
+The decorators are not supported on Quart: their pipeline (flags, limits, the view, the fallback
+response and its cache) is written against Flask's request and response objects and runs the view
+synchronously through ``ensure_sync``; on Quart it would need an awaitable twin of every step.
+``quart_example/`` shows the pattern instead: ``claude.async_messages`` in the view, and the
+fallback answered from ``ClaudeGuardError`` (or left to the handler registered here, which answers
+the JSON error with ``X-Claude-Degraded``).
+"""
+
+from __future__ import annotations
+
+import sys
+from types import ModuleType
+from typing import Any
+
+from .errors import ClaudeGuardError
+
+
+def quart_globals() -> ModuleType | None:
+    """The ``quart`` module when the current code runs inside a Quart app context, else None."""
+    module = sys.modules.get("quart")
+    if module is None or not module.has_app_context():
+        return None
+    return module
+
+
+def is_quart_app(app: Any) -> bool:
+    module = sys.modules.get("quart")
+    return module is not None and isinstance(app, module.Quart)
+
+
+async def handle_guard_error(exc: ClaudeGuardError) -> Any:
+    """Quart's version of ``degrade.handle_guard_error``: the same body, headers, log line and signal."""
+    import quart
+
+    from .context import current_scope
+    from .degrade import decorate, public_body, record_degradation
+
+    state = quart.current_app.extensions.get("claude")
+    status = state.settings.degraded_status if state is not None and exc.status == 503 else exc.status
+    response = decorate(quart.jsonify(public_body(exc)), exc, status)  # type: ignore[arg-type]
+    if state is not None:
+        record_degradation(state, current_scope(), exc, response.status_code)
+    return response
