@@ -295,8 +295,10 @@ class Budgets:
                                retry_after=result.retry_after)
         raise error.with_status(503) if result.failed in app_wide else error
 
-    def settle(self, reservation: Reservation, usd: float, tokens: int, *, success: str | None = None) -> None:
-        """Replace the hold by the real cost (and record the model's success on its breaker)."""
+    def settle(self, reservation: Reservation, usd: float, tokens: int, *, success: str | None = None,
+               rollup: dict[str, int] | None = None) -> None:
+        """Replace the hold by the real cost (and record the model's success on its breaker and the
+        call's rollup increments, in the same step)."""
         now = self.state.clock.time()
         actual = [Line(line.key, line.limit, math.ceil(usd * MICRO) if i in reservation.usd_lines else tokens,
                        line.expires_at, line.name) for i, line in enumerate(reservation.lines)]
@@ -308,7 +310,7 @@ class Budgets:
                                    level="WARNING")
         try:
             crossed = self.store.settle(actual, reservation.rid, self.settings.budget_alerts, now,
-                                        success=success, breaker=self.state.breaker.params)
+                                        success=success, breaker=self.state.breaker.params, rollup=rollup)
         except StorageUnavailable as exc:
             # The call happened and was paid for: never fail the response now. The spend is in the
             # log line; the hold lapses after its deadline.

@@ -16,6 +16,7 @@ import anthropic
 import httpx2
 from flask import Flask, current_app, has_app_context
 
+from .alerts import OpsAlerts
 from .budget import Budgets
 from .client import GuardedMessages
 from .clock import Clock, SystemClock
@@ -26,6 +27,7 @@ from .events import EventLog
 from .flags import make_provider
 from .pricing import PriceTable
 from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
+from .rollups import AppRollups
 from .settings import Settings, load_settings
 from .storage import BreakerParams, make_store
 
@@ -90,6 +92,8 @@ class ClaudeState:
                                    start_wait=settings.launchdarkly_start_wait, global_flag=settings.global_flag)
         self.response_cache = ResponseCache()
         self.budgets = Budgets(self, self.store)
+        self.rollups = AppRollups(self)  # per-minute numbers every worker shares (rollups.py)
+        self.ops_alerts = OpsAlerts(self)
 
 
 class Claude:
@@ -103,6 +107,7 @@ class Claude:
         self._objects = {k: overrides.pop(k) for k in _OBJECT_OVERRIDES if k in overrides}
         self._overrides = overrides
         self._user_loader: Callable[[], Any] | None = None
+        self._dashboard_access: Callable[[], Any] | None = None
         self._app: Flask | None = None
         if app is not None:
             self._app = app  # lets scripts outside an app context use the only app there is
@@ -112,6 +117,13 @@ class Claude:
         settings = load_settings(app.config, self._overrides)
         app.extensions[EXTENSION_KEY] = ClaudeState(app, settings, self, **self._objects)
         app.register_error_handler(ClaudeGuardError, handle_guard_error)
+        if not app.extensions.get("claude_ops_hook"):
+            app.extensions["claude_ops_hook"] = True
+            app.after_request(_evaluate_ops_alerts)
+        if settings.dashboard:
+            from .dashboard import register_dashboard
+
+            register_dashboard(app, self, settings.dashboard_prefix)
         if "claude" not in app.cli.commands:
             from .cli import claude_cli
 
@@ -152,10 +164,32 @@ class Claude:
     budgeted = staticmethod(budgeted)
     fallback_to = staticmethod(fallback_to)
 
+    def dashboard_access(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Register who may see the ops dashboard: ``fn()`` runs in the request; truthy lets it in.
+
+        Without one the dashboard answers 403 to everyone (it shows spend, errors and flag states).
+        """
+        self._dashboard_access = fn
+        return fn
+
+    def metrics_view(self) -> Any:
+        """A Flask view answering the Prometheus text format: ``app.get("/metrics")(claude.metrics_view)``."""
+        from .prometheus import metrics_response
+
+        return metrics_response(self.state())
+
     def user_loader(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Register how the current user's key is found: return a string, or ``(key, attributes)``."""
         self._user_loader = fn
         return fn
+
+
+def _evaluate_ops_alerts(response: Any) -> Any:
+    """After each request: the ops alerts, at most every ``CLAUDE_ALERT_EVAL_INTERVAL`` s per process."""
+    state = current_app.extensions.get(EXTENSION_KEY)
+    if state is not None:
+        state.ops_alerts.maybe_evaluate()
+    return response
 
 
 def state_for(app: Flask | None = None) -> ClaudeState:

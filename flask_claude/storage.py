@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .rollups import ROLLUP_LUA, MemoryRollups, RedisRollups
+
 BREAKER_BUCKETS = 10  # the failure window is counted in this many time buckets: O(1) per record
 # A refused call marks its budget exhausted (the automatic kill switch) only if its worst case is a
 # typical share of the budget: one oversized request must not switch a feature off for everyone.
@@ -94,10 +96,13 @@ class StorageUnavailable(Exception):
 class Store(Protocol):
     def begin(self, step: Begin, now: float) -> Outcome: ...
 
+    rollups: Any  # rollups.MemoryRollups or rollups.RedisRollups
+
     def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
-               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+               success: str | None = None, breaker: BreakerParams | None = None,
+               rollup: dict[str, int] | None = None) -> list[Crossed]:
         """Replace the hold by the real amount; report alert thresholds crossed first here; record
-        ``success`` on that model's breaker."""
+        ``success`` on that model's breaker; add the call's ``rollup`` increments (rollups.py)."""
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         """(spent, reserved) for each budget key."""
@@ -147,6 +152,7 @@ class MemoryStore:
         self._alerts: dict[str, float] = {}
         self._breakers: dict[str, _Breaker] = {}
         self._records: dict[str, str] = {}
+        self.rollups = MemoryRollups()
 
     def _budget(self, key: str, expires_at: float, now: float) -> _Budget:
         budget = self._budgets.get(key)
@@ -196,8 +202,11 @@ class MemoryStore:
             return Outcome(True, remaining=tuple(remaining), breakers=breakers)
 
     def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
-               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+               success: str | None = None, breaker: BreakerParams | None = None,
+               rollup: dict[str, int] | None = None) -> list[Crossed]:
         crossed = []
+        if rollup:
+            self.rollups.write(rollup, now)
         with self._lock:
             for line in lines:
                 budget = self._budget(line.key, line.expires_at, now)
@@ -417,7 +426,7 @@ return out
 
 # KEYS: budget keys, then the success model's breaker key if any. ARGV: now, rid, nt, thresholds...,
 # nl, per line (limit, amount, expires), then (min_calls, rate, window, cooldown) when recording.
-_LUA_SETTLE = _LUA_FUNCTIONS + """
+_LUA_SETTLE = _LUA_FUNCTIONS + ROLLUP_LUA + """
 local now = tonumber(ARGV[1]); local rid = ARGV[2]; local nt = tonumber(ARGV[3])
 local nl = tonumber(ARGV[4 + nt])
 local base = 4 + nt
@@ -436,7 +445,7 @@ for i = 1, nl do
     end
   end
 end
-if #KEYS > nl then
+if #KEYS > nl + roll_keys then
   local p = base + 3 * nl
   record_outcome(KEYS[nl + 1], true, now, tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]),
                  tonumber(ARGV[p + 4]))
@@ -480,6 +489,7 @@ class RedisStore:
         self._settle = self.client.register_script(_LUA_SETTLE)
         self._allow = self.client.register_script(_LUA_BREAKER_ALLOW)
         self._record = self.client.register_script(_LUA_BREAKER_RECORD)
+        self.rollups = RedisRollups(self)
 
     def _k(self, key: str) -> str:
         return f"{self.tag}:{key}"
@@ -517,7 +527,8 @@ class RedisStore:
         return Outcome(True, remaining=remaining, breakers=breakers)
 
     def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
-               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+               success: str | None = None, breaker: BreakerParams | None = None,
+               rollup: dict[str, int] | None = None) -> list[Crossed]:
         keys = [self._k(line.key) for line in lines]
         args: list[Any] = [repr(now), rid, len(thresholds), *(repr(t) for t in thresholds), len(lines)]
         for line in lines:
@@ -525,6 +536,7 @@ class RedisStore:
         if success is not None and breaker is not None:
             keys.append(self._b(success))
             args += [breaker.min_calls, repr(breaker.failure_rate), repr(breaker.window), repr(breaker.cooldown)]
+        self.rollups.extend(keys, args, rollup, now)
         res = self._call(self._settle, keys=keys, args=args)
         return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
 
