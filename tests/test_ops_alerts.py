@@ -128,7 +128,7 @@ def test_redis_rollup_rides_on_the_settlement(redis_url: str, sim: Simulator, no
     store = app.extensions["claude"].store
     sent: list[Any] = []
     pool = store.client.connection_pool
-    connection = pool.get_connection("PING")
+    connection = pool.get_connection()
     pool.release(connection)
     original = type(connection).send_packed_command
 
