@@ -99,9 +99,10 @@ def _callable_or_none(key: str, value: Any) -> Any:
 
 
 def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
-    """``None`` (or an empty string from the environment) switches the thing off."""
+    """``None`` (or ``""``, ``"none"``, ``"off"`` from the environment) switches the thing off."""
     def wrapped(key: str, value: Any) -> Any:
-        return None if value is None or value == "" else parse(key, value)
+        off = value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off"))
+        return None if off else parse(key, value)
     return wrapped
 
 

@@ -33,6 +33,8 @@ def create_app() -> Flask:
     if latency:
         app.extensions["claude"].simulator.latency(latency)
 
+    app.get("/metrics")(claude.metrics_view)
+
     @app.get("/healthz")
     def healthz() -> str:
         return "ok"

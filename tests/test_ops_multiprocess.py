@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,6 +15,7 @@ from flask_claude.simulator import Simulator, SimulatorServer
 
 from .conftest import wait_for
 from .test_multiprocess import Gunicorn, gunicorn  # noqa: F401  (the fixture)
+from .test_prometheus import samples, total
 
 ALERT_ENV = {"TEST_CLAUDE_ALERT_WINDOW": "60", "TEST_CLAUDE_ALERT_MIN_CALLS": "20",
              "TEST_CLAUDE_ALERT_EVAL_INTERVAL": "0.2"}
@@ -76,3 +78,22 @@ def test_latency_injection_fires_latency_p95_once(gunicorn: Any, sim_server: Sim
     _burst(server, 4)
     alerts = [(e["alert"], e["state"]) for e in _events(gunicorn.log_path, "ops_alert")]
     assert alerts == [("latency_p95", "firing")]
+
+
+def test_every_worker_scrapes_the_same_totals_and_they_match_the_log(gunicorn: Any,  # noqa: F811
+                                                                    sim_server: SimulatorServer) -> None:
+    server = gunicorn(TEST_SIM_URL=sim_server.url, TEST_CLAUDE_ALERT_WINDOW="None")
+    sim_server.simulator.fail(529, rate=0.1)
+    _burst(server, 60)
+    pages = set()
+    for _ in range(12):  # several connections: gunicorn hands them to different workers
+        with urllib.request.urlopen(f"{server.base}/metrics", timeout=5) as response:
+            pages.add(response.read().decode())
+    assert len(pages) == 1  # whichever worker answers, the same numbers: no double counting
+    found = samples(pages.pop())
+    calls = _events(gunicorn.log_path, "claude_api_call")
+    errors = _events(gunicorn.log_path, "claude_api_error")
+    assert total(found, "flask_claude_calls_total", outcome="ok") == len(calls)
+    assert total(found, "flask_claude_calls_total", outcome="error") == len(errors) == 6
+    cost_micro = round(total(found, "flask_claude_cost_usd_total") * 1_000_000)
+    assert cost_micro == sum(round(e["cost_usd"] * 1_000_000) for e in calls + errors)
