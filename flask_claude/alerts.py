@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .rollups import DAY, MICRO, Stats, hourly_cost_micro, window_hours, window_minutes, window_stats
+from .rollups import DAY, MICRO, hourly_cost_micro, window_hours, window_minutes, window_stats
 from .signals import ops_alert
 
 if TYPE_CHECKING:
@@ -118,19 +118,6 @@ class OpsAlerts:
                 sent.append(self._announce(check))
         return sent
 
-    def firing(self) -> dict[str, Any]:
-        """The alerts firing now, from the shared states (for the dashboard, metrics and status)."""
-        states = self.state.rollups.read().alerts
-        out = {}
-        for name, raw in states.items():
-            alert, _, feature = name.partition("|")
-            try:
-                detail = json.loads(raw)
-            except ValueError:
-                detail = {}
-            out[alert if not feature else f"{alert}|{feature}"] = detail
-        return out
-
     def _announce(self, check: Check) -> dict[str, Any]:
         fields: dict[str, Any] = {"alert": check.alert, "state": "firing" if check.firing else "resolved",
                                   "value": check.value, "threshold": check.threshold,
@@ -147,9 +134,3 @@ class OpsAlerts:
                 state.events.emit("alert_hook_failed", {"error_type": type(exc).__name__}, level="ERROR")
         return fields
 
-
-def window_summary(state: ClaudeState, now: float | None = None) -> Stats:
-    """The alert window's numbers (for ``status``)."""
-    now = state.clock.time() if now is None else now
-    minutes = window_minutes(now, state.settings.alert_window or 300.0)
-    return window_stats(state.rollups.read([m for m, _ in minutes]), minutes)

@@ -11,8 +11,8 @@ nothing per user. The same increments go to three places in one step:
 - ``roll:m:<minute>``: a hash per UTC minute (``floor(now / 60)``), kept ``CLAUDE_ROLLUP_RETENTION``;
   alert windows and the dashboard's charts read these, so a window can be any whole number of
   seconds from 60 up;
-- ``roll:h:<hour>``: the cost fields only, per hour, for the cost spike's trailing 24 hours (25
-  reads instead of 1,440);
+- ``roll:h:<hour>``: the same per hour, for the cost spike's trailing 24 hours and the dashboard's
+  day (25 reads instead of 1,440);
 - ``roll:total``: lifetime totals that never expire, so Prometheus counters only ever go up.
 
 Metrics: ``c`` calls, ``e:<error_type>`` calls that ended in ``claude_api_error``, ``f`` answered by
@@ -121,7 +121,7 @@ do
       local f, amount = ARGV[i], ARGV[i + 1]
       redis.call('HINCRBY', minute_key, f, amount)
       redis.call('HINCRBY', total_key, f, amount)
-      if string.sub(f, 1, 2) == 'u|' then redis.call('HINCRBY', hour_key, f, amount) end
+      redis.call('HINCRBY', hour_key, f, amount)
     end
     redis.call('PEXPIRE', minute_key, ttl)
     redis.call('PEXPIRE', hour_key, ttl)
@@ -249,8 +249,7 @@ class MemoryRollups:
             for name, amount in rollup.items():
                 bucket[name] += amount
                 self._totals[name] += amount
-                if name.startswith("u|"):
-                    hourly[name] += amount
+                hourly[name] += amount
 
     def _evict(self, now: float) -> None:
         oldest = now - self.retention - GRACE_S
@@ -384,19 +383,21 @@ def _window(now: float, window_s: float, width: int) -> list[tuple[int, float]]:
     return out
 
 
-def window_stats(snapshot: Snapshot, buckets: Iterable[tuple[int, float]]) -> Stats:
+def window_stats(snapshot: Snapshot, buckets: Iterable[tuple[int, float]], *, hourly: bool = False,
+                 feature: str | None = None) -> Stats:
     stats = Stats()
-    for m, weight in buckets:
-        fields = snapshot.minutes.get(m)
+    source = snapshot.hours if hourly else snapshot.minutes
+    for b, weight in buckets:
+        fields = source.get(b)
         if fields:
-            stats.add(fields, weight)
+            stats.add(fields, weight, feature)
     return stats
 
 
 def hourly_cost_micro(snapshot: Snapshot, buckets: Iterable[tuple[int, float]]) -> float:
     total = 0.0
     for h, weight in buckets:
-        total += sum(snapshot.hours.get(h, {}).values()) * weight
+        total += sum(v for k, v in snapshot.hours.get(h, {}).items() if k.startswith("u|")) * weight
     return total
 
 
