@@ -184,3 +184,10 @@ def test_the_dashboard_in_chromium(page: Any, served: tuple[str, Flask], sim: Si
     page.screenshot(path=str(ROOT / "docs" / "dashboard.png"), full_page=True)
     assert errors == []
     assert math.isfinite(float(page.locator("#latency-chart circle").first.get_attribute("cy")))
+
+
+def test_the_example_app_lets_local_operators_in(make_example: Callable[..., Flask]) -> None:
+    app = make_example()
+    assert app.test_client().get("/claude/").status_code == 200
+    remote = app.test_client().get("/claude/api/summary", environ_base={"REMOTE_ADDR": "203.0.113.9"})
+    assert remote.status_code == 403
