@@ -72,8 +72,11 @@ def to_micro(usd: float) -> int:
 
 def call_fields(*, feature: str | None, model: str | None, error_type: str | None, fallback: bool,
                 retries: int, input_tokens: int, output_tokens: int, cache_read: int, cache_creation: int,
-                cost_usd: float, latency_s: float) -> dict[str, int]:
-    """The increments one call (a ``claude_api_call`` or ``claude_api_error`` line) adds."""
+                cost_usd: float, latency_s: float | None) -> dict[str, int]:
+    """The increments one call (a ``claude_api_call`` or ``claude_api_error`` line) adds.
+
+    A batch result has no latency of its own (``None``): it is counted everywhere but the latency histogram.
+    """
     fields: dict[str, int] = {}
 
     def add(metric: str, amount: int) -> None:
@@ -91,8 +94,9 @@ def call_fields(*, feature: str | None, model: str | None, error_type: str | Non
     add("tcr", cache_read)
     add("tcw", cache_creation)
     add("u", to_micro(cost_usd))
-    add(f"l:{bisect.bisect_left(LATENCY_BUCKETS, latency_s)}", 1)
-    add("ls", round(latency_s * MICRO))
+    if latency_s is not None:
+        add(f"l:{bisect.bisect_left(LATENCY_BUCKETS, latency_s)}", 1)
+        add("ls", round(latency_s * MICRO))
     total_input = input_tokens + cache_read + cache_creation
     add(f"hi:{bisect.bisect_left(TOKEN_BUCKETS, total_input)}", 1)
     add(f"ho:{bisect.bisect_left(TOKEN_BUCKETS, output_tokens)}", 1)

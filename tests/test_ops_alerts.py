@@ -292,3 +292,23 @@ def test_window_and_quantile_arithmetic() -> None:
     counts[-1] = 100
     assert histogram_quantile(0.99, counts) == LATENCY_BUCKETS[-1]
     assert histogram_quantile(0.5, [0.0] * 15) is None
+
+
+def test_batch_results_are_counted_once(storage_uri: str, sim: Simulator, now_clock: FakeClock,
+                                        log_path: Path) -> None:
+    app = ops_app("batch_app", storage_uri, sim, now_clock, log_path, CLAUDE_DAILY_BUDGET_USD=1.0)
+    requests = [{"custom_id": f"r{i}", "params": {"model": "claude-haiku-4-5", "max_tokens": 50,
+                                                  "messages": [{"role": "user", "content": f"item {i}"}]}}
+                for i in range(3)]
+    state = app.extensions["claude"]
+    with app.app_context():
+        batch = state.messages.batches.create(requests=requests)
+        while state.messages.batches.retrieve(batch.id).processing_status != "ended":
+            pass
+        list(state.messages.batches.results(batch.id))
+        list(state.messages.batches.results(batch.id))  # read again: nothing counted twice
+    lines = [e for e in events(log_path, "claude_api_call") if e.get("batch_id") == batch.id]
+    totals = state.rollups.read(totals=True).totals
+    assert totals["c|-|claude-haiku-4-5"] == len(lines) == 3
+    assert totals["u|-|claude-haiku-4-5"] == sum(to_micro(e["cost_usd"]) for e in lines)
+    assert not any(k.startswith("l:") for k in totals)  # no latency of their own: not in the histogram
