@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -156,7 +157,7 @@ def _an_hour_of_traffic(app: Flask, sim: Simulator, clock: FakeClock) -> None:
 
 
 def test_the_dashboard_in_chromium(page: Any, served: tuple[str, Flask], sim: Simulator,  # noqa: F811
-                                   clock: FakeClock) -> None:
+                                   clock: FakeClock, tmp_path: Path) -> None:
     url, app = served
     _an_hour_of_traffic(app, sim, clock)
     stranger = page.context.browser.new_context()  # a visitor without the cookie the app asks for
@@ -181,7 +182,10 @@ def test_the_dashboard_in_chromium(page: Any, served: tuple[str, Flask], sim: Si
     page.wait_for_function("document.getElementById('updated').textContent.startsWith('updated')", timeout=10_000)
     assert page.locator("#latency-chart circle").count() > 10
     page.set_viewport_size({"width": 1280, "height": 1100})
-    page.screenshot(path=str(ROOT / "docs" / "dashboard.png"), full_page=True)
+    # UPDATE_SCREENSHOTS=1 refreshes the README's picture; otherwise it goes to the test's temporary directory.
+    target = ROOT / "docs" / "dashboard.png" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path / "dashboard.png"
+    page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 10_000
     assert errors == []
     assert math.isfinite(float(page.locator("#latency-chart circle").first.get_attribute("cy")))
 

@@ -97,3 +97,21 @@ def test_every_worker_scrapes_the_same_totals_and_they_match_the_log(gunicorn: A
     assert total(found, "flask_claude_calls_total", outcome="error") == len(errors) == 6
     cost_micro = round(total(found, "flask_claude_cost_usd_total") * 1_000_000)
     assert cost_micro == sum(round(e["cost_usd"] * 1_000_000) for e in calls + errors)
+
+
+def test_quiet_traffic_pages_nobody_and_a_burst_of_spend_fires_one_cost_spike(
+        gunicorn: Any, sim_server: SimulatorServer) -> None:  # noqa: F811
+    server = gunicorn(TEST_SIM_URL=sim_server.url, TEST_CLAUDE_ALERT_COST_SPIKE_MIN_USD="0.002", **ALERT_ENV)
+    log = gunicorn.log_path
+    assert _burst(server, 3) == [200] * 3  # a fraction of a cent: under the floor
+    assert _events(log, "ops_alert") == []
+
+    def spiking() -> bool:
+        _burst(server, 16)
+        return bool(_events(log, "ops_alert"))
+
+    assert wait_for(spiking, timeout=15)
+    _burst(server, 16)
+    alerts = _events(log, "ops_alert")
+    assert [(e["alert"], e["state"]) for e in alerts] == [("cost_spike", "firing")]
+    assert alerts[0]["value"] > alerts[0]["threshold"] >= 0.002
