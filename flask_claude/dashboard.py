@@ -67,6 +67,7 @@ def _summary() -> dict[str, Any]:
     from .cli import collect_status
 
     state = current_app.extensions["claude"]
+    state.ops_alerts.maybe_evaluate()  # before reading, so a page refresh shows an alert it just found
     return collect_status(state, current_app._get_current_object(), series=True)  # type: ignore[attr-defined]
 
 
