@@ -305,6 +305,7 @@ def run(redis_server: RedisServer, log_path: str) -> None:
             callers[key]()
         print(f"  one request of {key.split()[0]}: " + " -> ".join(trips.commands))
 
+    rollup_cost(apps[b_key], apps[c_key])
     async_rows(redis_server, log_path)
 
     print("\n== machine ==")
@@ -404,6 +405,53 @@ def async_rows(redis_server: RedisServer, log_path: str) -> None:
     print(f"the loop is blocked by the two synchronous Redis steps of a guarded call ({len(reserve)} each): "
           f"reserve median {percentile(reserve, 50):.0f} us, p99 {percentile(reserve, 99):.0f} us; "
           f"settle median {percentile(settle, 50):.0f} us, p99 {percentile(settle, 99):.0f} us")
+
+
+def rollup_cost(memory_app: Flask, redis_app: Flask) -> None:
+    """What the shared rollups add to a request: their increments inside the settlement step (the same
+    round trip), building those increments in Python, and the periodic alert evaluation's read.
+
+    Measured directly on the store, interleaved (with, without, with, ...) so drift lands on both:
+    the request-level figures above move by more than this from run to run.
+    """
+    from flask_claude.rollups import call_fields
+    from flask_claude.storage import Line
+
+    n = int(os.environ.get("BENCH_ROLLUP_N", "3000"))
+    fields = call_fields(feature="ask", model=MODEL, error_type=None, fallback=False, retries=0, input_tokens=40,
+                         output_tokens=64, cache_read=0, cache_creation=0, cost_usd=0.00108, latency_s=0.004)
+    print(f"\n== the rollups' added time ({n} settlement steps each, interleaved; a call's rollup is "
+          f"{len(fields)} fields in 3 hashes) ==")
+    rows = []
+    for label, app in (("memory://", memory_app), ("redis", redis_app)):
+        state = app.extensions["claude"]
+        store, params = state.store, state.breaker.params
+        now = time.time()
+        lines = [Line(f"bench:rollup:{i}", 10**12, 1000, now + 86400, f"line {i}") for i in range(4)]
+        plain: list[float] = []
+        rolled: list[float] = []
+        perf = time.perf_counter_ns
+        for i in range(n):
+            for rollup, out in ((None, plain), (fields, rolled)) if i % 2 else ((fields, rolled), (None, plain)):
+                t0 = perf()
+                store.settle(lines, f"r{i}", (0.5, 0.8, 1.0), now, success=MODEL, breaker=params, rollup=rollup)
+                out.append((perf() - t0) / 1000.0)
+        built: list[float] = []
+        for _ in range(n):
+            t0 = perf()
+            call_fields(feature="ask", model=MODEL, error_type=None, fallback=False, retries=0, input_tokens=40,
+                        output_tokens=64, cache_read=0, cache_creation=0, cost_usd=0.00108, latency_s=0.004)
+            built.append((perf() - t0) / 1000.0)
+        evals: list[float] = []
+        for _ in range(200):
+            t0 = perf()
+            state.ops_alerts.checks()
+            evals.append((perf() - t0) / 1000.0)
+        rows.append([label, f"{percentile(plain, 50):.1f}", f"{percentile(rolled, 50):.1f}",
+                     f"{percentile(rolled, 50) - percentile(plain, 50):+.1f}", f"{percentile(built, 50):.1f}",
+                     f"{percentile(evals, 50):.0f}"])
+    print(table(rows, ["store", "settle us", "settle+rollup us", "added us", "build fields us",
+                       "alert read us (every 5 s/process)"]))
 
 
 if __name__ == "__main__":

@@ -37,10 +37,15 @@ DEFAULT_FLAGS_FILE = Path(__file__).with_name("flags.json")
 
 
 def page_oncall(alert: dict[str, Any]) -> None:
-    """``CLAUDE_ALERT_HOOK``: called once per budget and threshold crossed (50%, 80%, 100% by default).
+    """``CLAUDE_ALERT_HOOK``: called once per budget and threshold crossed (50%, 80%, 100% by default),
+    and once when an ops alert (error rate, p95 latency, cost spike) starts firing and once when it resolves.
 
     Wire this to your pager or chat; an exception here is logged and never fails the request.
     """
+    if "alert" in alert:
+        print(f"OPS ALERT {alert['state'].upper()}: {alert['alert']} = {alert['value']} "
+              f"(threshold {alert['threshold']}, last {alert['window_s']:g} s)", file=sys.stderr, flush=True)
+        return
     print(f"BUDGET ALERT: {alert['budget']} passed {alert['threshold']:.0%} "
           f"({alert['spent']} of {alert['limit']} {alert['unit']})", file=sys.stderr, flush=True)
 
@@ -56,6 +61,8 @@ def config_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         "CLAUDE_STORAGE_URI": environ.get("REDIS_URL") or "memory://",
         "CLAUDE_LOG_PATH": environ.get("CLAUDE_LOG_PATH", "claude-calls.jsonl"),
         "CLAUDE_ALERT_HOOK": page_oncall,
+        # The ops dashboard at /claude/ (views.local_operators_only decides who gets in).
+        "CLAUDE_DASHBOARD": True,
         "EXAMPLE_FLAGS_FILE": environ.get("EXAMPLE_FLAGS_FILE", str(DEFAULT_FLAGS_FILE)),
     }
     # Any CLAUDE_* setting in the environment wins (CLAUDE_BASE_URL, CLAUDE_MAX_RETRIES, ...).

@@ -16,7 +16,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, render_template, stream_with_context
+from flask import Blueprint, Response, jsonify, render_template, request, stream_with_context
 
 from flask_claude import (
     Claude,
@@ -31,6 +31,13 @@ from flask_claude import (
 
 claude = Claude()  # create_app() calls claude.init_app(app)
 bp = Blueprint("example", __name__)
+
+
+@claude.dashboard_access
+def local_operators_only() -> bool:
+    """Who may open the ops dashboard at /claude/: here, whoever is on this machine. A real app checks
+    its own login (e.g. ``current_user.is_admin``); the dashboard shows spend, errors and flag states."""
+    return request.remote_addr in ("127.0.0.1", "::1")
 
 LABELS = ("positive", "negative", "neutral")
 MAX_CHAT_MESSAGES = 20  # older messages are pruned before each call (max_history_turns)

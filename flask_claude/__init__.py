@@ -18,7 +18,7 @@ from .errors import (
 )
 from .extension import Claude
 from .hygiene import prune_history, user_content
-from .signals import budget_alert, circuit_opened, claude_called, feature_degraded, model_fallback
+from .signals import budget_alert, circuit_opened, claude_called, feature_degraded, model_fallback, ops_alert
 
 __all__ = [
     "BudgetExceeded",
@@ -42,6 +42,7 @@ __all__ = [
     "fallback_to",
     "feature_degraded",
     "model_fallback",
+    "ops_alert",
     "prune_history",
     "request_json",
     "user_content",

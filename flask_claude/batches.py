@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .budget import MICRO, Reservation
 from .context import current_scope
 from .errors import ConfigError
+from .rollups import call_fields
 from .storage import Line, StorageUnavailable
 from .tokens import upper_bound_tokens
 
@@ -96,6 +98,7 @@ class GuardedBatches:
         user = record.get("user") if record else state.events.user(current_scope().user)
         total_usd = 0.0
         total_tokens = 0
+        rollup: Counter[str] = Counter()
         decoder = self._passthrough(lambda timeout: state.client.messages.batches.results(
             batch_id, timeout=timeout, **kwargs))
         for item in decoder:
@@ -117,17 +120,26 @@ class GuardedBatches:
                     "latency_ms": None, "retries": 0, "stop_reason": message.stop_reason,
                     "cost_usd": round(cost.usd, 8), "system_prompt_hash": None,
                     "batch_id": batch_id, "custom_id": item.custom_id})
+                rollup.update(call_fields(
+                    feature=feature, model=message.model, error_type=None, fallback=False, retries=0,
+                    input_tokens=cost.input_tokens, output_tokens=cost.output_tokens,
+                    cache_read=cost.cache_read_input_tokens, cache_creation=cost.cache_creation_input_tokens,
+                    cost_usd=cost.usd, latency_s=None))
             elif counted:
                 state.events.emit("claude_api_error", {
                     "feature": feature, "route": route, "batch_id": batch_id, "custom_id": item.custom_id,
                     "error_type": f"batch_{result.type}", "status_code": None, "cost_usd": 0.0})
+                rollup.update(call_fields(
+                    feature=feature, model=None, error_type=f"batch_{result.type}", fallback=False, retries=0,
+                    input_tokens=0, output_tokens=0, cache_read=0, cache_creation=0, cost_usd=0.0, latency_s=None))
             yield item
         if counted:
-            self._settle(batch_id, record, total_usd, total_tokens)
+            self._settle(batch_id, record, total_usd, total_tokens, dict(rollup))
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _settle(self, batch_id: str, record: dict[str, Any] | None, usd: float, tokens: int) -> None:
+    def _settle(self, batch_id: str, record: dict[str, Any] | None, usd: float, tokens: int,
+                rollup: dict[str, int] | None = None) -> None:
         state = self._state
         held = (record or {}).get("reservation")
         reservation: Reservation | None
@@ -143,7 +155,9 @@ class GuardedBatches:
                                                                   now=state.clock.time())
             reservation = Reservation("unheld", lines, usd_idx, sorted(app_wide)) if lines else None
         if reservation is not None:
-            state.budgets.settle(reservation, usd, tokens)
+            state.budgets.settle(reservation, usd, tokens, rollup=rollup)
+        else:
+            state.rollups.write(rollup)
         self._put(batch_id, {**(record or {}), "state": "settled", "cost_usd": usd})
         state.events.emit("batch_settled", {"batch_id": batch_id, "cost_usd": round(usd, 8)})
 

@@ -422,8 +422,10 @@ class Budgets:
                                retry_after=result.retry_after)
         raise error.with_status(503) if result.failed in app_wide else error
 
-    def settle(self, reservation: Reservation, usd: float, tokens: int, *, success: str | None = None) -> None:
-        """Replace the hold by the real cost (and record the model's success on its breaker)."""
+    def settle(self, reservation: Reservation, usd: float, tokens: int, *, success: str | None = None,
+               rollup: dict[str, int] | None = None) -> None:
+        """Replace the hold by the real cost (and record the model's success on its breaker and the
+        call's rollup increments, in the same step)."""
         now = self.state.clock.time()
         actual = [Line(line.key, line.limit, math.ceil(usd * MICRO) if i in reservation.usd_lines else tokens,
                        line.expires_at, line.name) for i, line in enumerate(reservation.lines)]
@@ -447,10 +449,10 @@ class Budgets:
         try:
             if later is not None:  # written behind: it rides on the next round trip (storage.py)
                 later(actual, reservation.rids, self.settings.budget_alerts, now, done,
-                      success=success, breaker=self.state.breaker.params)
+                      success=success, breaker=self.state.breaker.params, rollup=rollup)
             else:
                 done(self.store.settle(actual, reservation.rids, self.settings.budget_alerts, now,
-                                       success=success, breaker=self.state.breaker.params), None)
+                                       success=success, breaker=self.state.breaker.params, rollup=rollup), None)
         except StorageUnavailable:
             # The call happened and was paid for: never fail the response now. The spend is kept
             # here and added to the budgets when storage is back; the holds lapse on their own.

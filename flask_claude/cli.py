@@ -156,8 +156,8 @@ def _flag(state: ClaudeState, flag: str) -> bool | None:
         return None
 
 
-def collect_status(state: ClaudeState, app: Flask) -> dict[str, Any]:
-    """Flags, breakers and today's budgets, read from the app's own provider and storage."""
+def collect_status(state: ClaudeState, app: Flask, *, series: bool = False) -> dict[str, Any]:
+    """Flags, breakers, today's budgets and the shared rollups, read from the app's provider and storage."""
     from .budget import period_bounds
     from .storage import StorageUnavailable
 
@@ -198,6 +198,14 @@ def collect_status(state: ClaudeState, app: Flask) -> dict[str, Any]:
         breakers[model] = state.breaker.state(model, now)
         if breakers[model] == "unknown":  # the breaker swallows outages (calls go through); we report them
             storage.update(ok=False, error="storage unavailable (breaker state could not be read)")
+    ops: dict[str, Any] | None = None
+    if storage["ok"]:
+        from .summary import ops_summary
+
+        try:
+            ops = ops_summary(state, now, series=series)
+        except StorageUnavailable as exc:
+            storage.update(ok=False, error=f"storage unavailable ({exc})")
     return {
         "app": app.name,
         "storage": storage,
@@ -206,6 +214,7 @@ def collect_status(state: ClaudeState, app: Flask) -> dict[str, Any]:
         "features": features,
         "breakers": breakers,
         "budgets": budgets,
+        "ops": ops,
     }
 
 
@@ -268,7 +277,36 @@ def render_status(status: dict[str, Any]) -> str:
         out.append(f"  {item['budget']}: spent ${item['spent_usd']:.4f} of ${item['limit_usd']:.2f}, "
                    f"reserved ${item['reserved_usd']:.4f}, remaining ${item['remaining_usd']:.4f}; "
                    f"alerts passed: {passed}{flag}")
+    ops = status.get("ops")
+    if ops is not None:
+        out += ["", *_render_ops(ops, storage["shared"])]
     return "\n".join(out)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def _stats_line(stats: dict[str, Any]) -> str:
+    rate = "-" if stats["error_rate"] is None else _pct(round(stats["error_rate"], 4))
+    return (f"{stats['calls']:g} calls, {stats['errors']:g} errors ({rate}), {stats['fallbacks']:g} fallbacks, "
+            f"${stats['cost_usd']:.4f}; latency p50 {_seconds(stats['latency_p50_s'])} "
+            f"p95 {_seconds(stats['latency_p95_s'])} p99 {_seconds(stats['latency_p99_s'])}")
+
+
+def _render_ops(ops: dict[str, Any], shared: bool) -> list[str]:
+    window = ops["window"]
+    whose = "all workers" if shared else "this process"
+    out = [f"Calls ({whose}), last {window['seconds']:g} s: {_stats_line(window)}",
+           f"Calls ({whose}), last 24 h: {_stats_line(ops['last_24h'])}"]
+    for feature, entry in ops["last_24h"]["by_feature"].items():
+        degraded = ", ".join(f"{k} {v:g}" for k, v in entry["degraded"].items())
+        out.append(f"  {feature}: {entry['calls']:g} calls, {entry['errors']:g} errors, "
+                   f"${entry['cost_usd']:.4f}" + (f"; degraded: {degraded}" if degraded else ""))
+    firing = ops["alerts"]["firing"]
+    out.append("Alerts firing: " + (", ".join(f"{a['alert']} ({a.get('value')} > {a.get('threshold')})"
+                                              for a in firing) or "none"))
+    return out
 
 
 @claude_cli.command("status")

@@ -64,6 +64,7 @@ class _Call:
     reservation: Any = None
     breakers: dict[str, float | None] | None = None  # breaker states read with the reservation
     success_model: str | None = None  # recorded on its breaker by the settlement, not a round trip of its own
+    settles: bool = False  # ends in _finish/_fail, whose one storage step records the success and the rollup
     task_budget: int | None = None
     model: str = ""
     fallback_from: str | None = None
@@ -186,7 +187,7 @@ class ChainRun:
 
     def succeeded(self) -> None:
         call = self.call
-        if call.reservation is not None:
+        if call.reservation is not None or call.settles:
             call.success_model = call.model  # recorded on its breaker by the settlement
         else:
             self.owner._record_outcome(call.model, ok=True)
@@ -347,7 +348,7 @@ class GuardedMessages:
                          settings.stream_deadline if streaming else settings.deadline, params.get("timeout"))),
                      started=time.perf_counter(),
                      system_prompt_hash=_system_hash(params.get("system")),
-                     max_tokens_requested=requested_max)
+                     max_tokens_requested=requested_max, settles=True)
         call.task_budget = task_budget
         if requested_max is not None and requested_max > cap:
             call.extra["max_tokens_clamped_from"] = requested_max
@@ -418,14 +419,18 @@ class GuardedMessages:
         """Cost from real usage, settle, log once, signal; then refuse a truncated reply if asked."""
         state = self._state
         cost = state.prices.cost(call.model, usage, batch=batch)
+        base = self._base_fields(call)
+        rollup = state.rollups.call_fields(call, base, cost, error)
         if call.reservation is not None:
             state.budgets.settle(call.reservation, cost.usd, cost.input_tokens + cost.cache_read_input_tokens
                                  + cost.cache_creation_input_tokens + cost.output_tokens,
-                                 success=call.success_model)
+                                 success=call.success_model, rollup=rollup)
+        else:
+            state.rollups.write(rollup, success=call.success_model)
         call.scope.spend_usd += cost.usd
         fields = {
             "request_id": request_id,
-            **self._base_fields(call),
+            **base,
             "input_tokens": cost.input_tokens,
             "output_tokens": cost.output_tokens,
             "cache_read_input_tokens": cost.cache_read_input_tokens,
@@ -473,16 +478,21 @@ class GuardedMessages:
     def _fail(self, call: _Call, exc: BaseException) -> None:
         """A call that got no reply: release the reservation, log the error once."""
         state = self._state
-        if call.reservation is not None:
-            state.budgets.settle(call.reservation, 0.0, 0)
         if isinstance(exc, asyncio.CancelledError):  # the task was cancelled (client gone, wait_for)
             failure: Failure | None = Failure("cancelled", None, "cancelled")
         else:
             failure = call.failure or (classify(exc) if not isinstance(exc, ClaudeGuardError) else None)
-        fields = {"request_id": getattr(exc, "request_id", None), **self._base_fields(call),
+        error_type = failure.error_type if failure else type(exc).__name__
+        base = self._base_fields(call)
+        rollup = state.rollups.failed_call_fields(call, base, error_type)
+        if call.reservation is not None:
+            state.budgets.settle(call.reservation, 0.0, 0, rollup=rollup)
+        else:  # no hold to release: the rollup is this failure's one extra storage step
+            state.rollups.write(rollup)
+        fields = {"request_id": getattr(exc, "request_id", None), **base,
                   "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
                   "cache_creation_input_tokens": 0, "stop_reason": None, "cost_usd": 0.0,
-                  "error_type": failure.error_type if failure else type(exc).__name__,
+                  "error_type": error_type,
                   "status_code": failure.status_code if failure else None, **call.extra}
         if failure is not None and failure.kind == "client":
             fields["our_bug"] = True  # a 4xx from upstream means we sent a bad request

@@ -63,6 +63,7 @@ def record_degradation(state: ClaudeState, scope: CallScope, exc: ClaudeGuardErr
     if fallback_error:
         fields["fallback_error"] = fallback_error
     state.events.emit("feature_degraded" if exc.status != 429 else "limit_exceeded", fields, level="WARNING")
+    state.rollups.degraded(scope.feature, exc.reason)  # one storage write, on a path that already failed
     feature_degraded.send(state.app, **fields)
 
 

@@ -17,6 +17,7 @@ import httpx2
 from flask import Flask, current_app, has_app_context
 
 from .aio import AsyncGuardedMessages
+from .alerts import OpsAlerts
 from .budget import Budgets
 from .client import GuardedMessages
 from .clock import Clock, SystemClock
@@ -29,6 +30,7 @@ from .outage import OutageGuard
 from .pricing import PriceTable
 from .quart_support import is_quart_app, quart_globals
 from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
+from .rollups import AppRollups
 from .settings import Settings, load_settings
 from .storage import BreakerParams, MemoryStore, Store, make_store
 
@@ -103,6 +105,8 @@ class ClaudeState:
                                    start_wait=settings.launchdarkly_start_wait, global_flag=settings.global_flag)
         self.response_cache = ResponseCache()
         self.budgets = Budgets(self, self.store)
+        self.rollups = AppRollups(self)  # per-minute numbers every worker shares (rollups.py)
+        self.ops_alerts = OpsAlerts(self)
 
     def _storage_event(self, event: str, fields: dict[str, Any]) -> None:
         self.events.emit(event, fields, level="ERROR" if event == "storage_unavailable" else "WARNING")
@@ -119,6 +123,7 @@ class Claude:
         self._objects = {k: overrides.pop(k) for k in _OBJECT_OVERRIDES if k in overrides}
         self._overrides = overrides
         self._user_loader: Callable[[], Any] | None = None
+        self._dashboard_access: Callable[[], Any] | None = None
         self._app: Flask | None = None
         if app is not None:
             self._app = app  # lets scripts outside an app context use the only app there is
@@ -133,6 +138,13 @@ class Claude:
             app.register_error_handler(ClaudeGuardError, handle_on_quart)
         else:
             app.register_error_handler(ClaudeGuardError, handle_guard_error)
+            if not app.extensions.get("claude_ops_hook"):
+                app.extensions["claude_ops_hook"] = True
+                app.after_request(_evaluate_ops_alerts)
+        if settings.dashboard:
+            from .dashboard import register_dashboard
+
+            register_dashboard(app, self, settings.dashboard_prefix)
         if "claude" not in app.cli.commands:
             from .cli import claude_cli
 
@@ -180,10 +192,32 @@ class Claude:
     budgeted = staticmethod(budgeted)
     fallback_to = staticmethod(fallback_to)
 
+    def dashboard_access(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Register who may see the ops dashboard: ``fn()`` runs in the request; truthy lets it in.
+
+        Without one the dashboard answers 403 to everyone (it shows spend, errors and flag states).
+        """
+        self._dashboard_access = fn
+        return fn
+
+    def metrics_view(self) -> Any:
+        """A Flask view answering the Prometheus text format: ``app.get("/metrics")(claude.metrics_view)``."""
+        from .prometheus import metrics_response
+
+        return metrics_response(self.state())
+
     def user_loader(self, fn: Callable[[], Any]) -> Callable[[], Any]:
         """Register how the current user's key is found: return a string, or ``(key, attributes)``."""
         self._user_loader = fn
         return fn
+
+
+def _evaluate_ops_alerts(response: Any) -> Any:
+    """After each request: the ops alerts, at most every ``CLAUDE_ALERT_EVAL_INTERVAL`` s per process."""
+    state = current_app.extensions.get(EXTENSION_KEY)
+    if state is not None:
+        state.ops_alerts.maybe_evaluate()
+    return response
 
 
 def state_for(app: Flask | None = None) -> ClaudeState:

@@ -111,17 +111,23 @@ class OutageGuard:
         return self._call(self.inner.begin, step, now)  # type: ignore[no-any-return]
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
-               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+               success: str | None = None, breaker: BreakerParams | None = None,
+               rollup: dict[str, int] | None = None) -> list[Crossed]:
         return self._call(self.inner.settle, lines, rids, thresholds, now,  # type: ignore[no-any-return]
-                          success=success, breaker=breaker)
+                          success=success, breaker=breaker, rollup=rollup)
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
-                     done: Any, success: str | None = None, breaker: BreakerParams | None = None) -> None:
+                     done: Any, success: str | None = None, breaker: BreakerParams | None = None,
+                     rollup: dict[str, int] | None = None) -> None:
         later = getattr(self.inner, "settle_later", None)
         if later is None:
-            done(self.settle(lines, rids, thresholds, now, success=success, breaker=breaker), None)
+            done(self.settle(lines, rids, thresholds, now, success=success, breaker=breaker, rollup=rollup), None)
         else:
-            self._call(later, lines, rids, thresholds, now, done, success=success, breaker=breaker)
+            self._call(later, lines, rids, thresholds, now, done, success=success, breaker=breaker, rollup=rollup)
+
+    @property
+    def rollups(self) -> Any:
+        return self.inner.rollups
 
     def flush(self) -> None:
         flush = getattr(self.inner, "flush", None)

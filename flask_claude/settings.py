@@ -98,6 +98,28 @@ def _callable_or_none(key: str, value: Any) -> Any:
     return value
 
 
+def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    """``None`` (or ``""``, ``"none"``, ``"off"`` from the environment) switches the thing off."""
+    def wrapped(key: str, value: Any) -> Any:
+        off = value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off"))
+        return None if off else parse(key, value)
+    return wrapped
+
+
+def _fraction(key: str, value: Any) -> float:
+    number = _number(key, value, allow_zero=False)
+    if number > 1:
+        raise ConfigError(f"{key} must be a fraction in (0, 1], got {value!r}")
+    return float(number)
+
+
+def _prefix(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or (value.endswith("/") and value != "/"):
+        raise ConfigError(f"{key} must be a URL path starting with '/' and not ending with one, such as "
+                          f"'/claude', got {value!r}")
+    return "" if value == "/" else value
+
+
 def _any(key: str, value: Any) -> Any:
     return value
 
@@ -174,8 +196,21 @@ class Settings:
     budget_wait: float = _setting(2.0, _number)
     alert_hook: Callable[..., Any] | None = _setting(None, _callable_or_none)
     degraded_status: int = _setting(503, lambda k, v: _number(k, v, integer=True, minimum=400))
+    rollup_retention: float = _setting(172800.0, lambda k, v: _number(k, v, minimum=3600))
+    alert_window: float | None = _setting(300.0, _optional(lambda k, v: _number(k, v, minimum=60)))
+    alert_error_rate: float | None = _setting(0.05, _optional(_fraction))
+    alert_min_calls: int | None = _setting(20, _optional(lambda k, v: _number(k, v, integer=True, minimum=1)))
+    alert_latency_p95: float | None = _setting(10.0, _optional(lambda k, v: _number(k, v, allow_zero=False)))
+    alert_cost_spike: float | None = _setting(3.0, _optional(lambda k, v: _number(k, v, allow_zero=False)))
+    alert_cost_spike_min_usd: float | None = _setting(1.0, _optional(_number))
+    alert_eval_interval: float = _setting(5.0, lambda k, v: _number(k, v, allow_zero=False))
+    dashboard: bool = _setting(False, _bool)
+    dashboard_prefix: str = _setting("/claude", _prefix)
 
     def __post_init__(self) -> None:
+        if self.alert_window is not None and self.alert_window > self.rollup_retention:
+            raise ConfigError(f"CLAUDE_ALERT_WINDOW ({self.alert_window:g} s) must not exceed "
+                              f"CLAUDE_ROLLUP_RETENTION ({self.rollup_retention:g} s), which it is read from")
         if self.breaker_failure_rate > 1:
             raise ConfigError(f"CLAUDE_BREAKER_FAILURE_RATE must be a fraction <= 1, got {self.breaker_failure_rate}")
         if not isinstance(self.flags, str) and not all(

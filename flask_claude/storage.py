@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from .redis_wire import Call, LeanScripts, NotSent
 from .redis_wire import usable as lean_usable
+from .rollups import ROLLUP_LUA, MemoryRollups, RedisRollups
 
 BREAKER_BUCKETS = 10  # the failure window is counted in this many time buckets: O(1) per record
 # A refused call marks its budget exhausted (the automatic kill switch) only if its worst case is a
@@ -104,10 +105,15 @@ class StorageUnavailable(Exception):
 class Store(Protocol):
     def begin(self, step: Begin, now: float) -> Outcome: ...
 
+    @property
+    def rollups(self) -> Any:
+        """rollups.MemoryRollups or rollups.RedisRollups"""
+
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
-               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+               success: str | None = None, breaker: BreakerParams | None = None,
+               rollup: dict[str, int] | None = None) -> list[Crossed]:
         """Replace the holds ``rids`` by the real amount; report alert thresholds crossed first here; record
-        ``success`` on that model's breaker."""
+        ``success`` on that model's breaker; add the call's ``rollup`` increments (rollups.py)."""
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         """(spent, reserved) for each budget key."""
@@ -193,6 +199,7 @@ class MemoryStore:
         self._records: dict[str, tuple[str, float]] = {}
         self._expiries = _Expiries()
         self._now = 0.0  # the latest time a caller gave: records expire on it (put_record has no clock)
+        self.rollups = MemoryRollups()
 
     def size(self) -> int:
         """Entries held (budgets, windows, alert claims, records): what eviction keeps bounded."""
@@ -289,8 +296,11 @@ class MemoryStore:
             return Outcome(True, remaining=tuple(remaining), breakers=breakers, held=held)
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
-               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+               success: str | None = None, breaker: BreakerParams | None = None,
+               rollup: dict[str, int] | None = None) -> list[Crossed]:
         crossed = []
+        if rollup:
+            self.rollups.write(rollup, now)
         with self._lock:
             self._evict(now)
             for line in lines:
@@ -524,7 +534,7 @@ return out
 
 # KEYS: budget keys, then the success model's breaker key if any. ARGV: now, rids (space-separated), nt, thresholds...,
 # nl, per line (limit, amount, expires), then (min_calls, rate, window, cooldown) when recording.
-_LUA_SETTLE = _LUA_FUNCTIONS + """
+_LUA_SETTLE = _LUA_FUNCTIONS + ROLLUP_LUA + """
 local now = tonumber(ARGV[1]); local nt = tonumber(ARGV[3])
 local nl = tonumber(ARGV[4 + nt])
 local base = 4 + nt
@@ -543,7 +553,7 @@ for i = 1, nl do
     end
   end
 end
-if #KEYS > nl then
+if #KEYS > nl + roll_keys then
   local p = base + 3 * nl
   record_outcome(KEYS[nl + 1], true, now, tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]),
                  tonumber(ARGV[p + 4]))
@@ -568,6 +578,7 @@ return record_outcome(KEYS[1], ARGV[2] == '1', tonumber(ARGV[1]), tonumber(ARGV[
 
 
 MAX_PENDING = 256  # settlements waiting at most: past this one is sent at once
+FLUSHER_IDLE_S = 5.0  # a flusher thread with nothing to send for this long ends
 
 SettleDone = Callable[[list[Crossed] | None, str | None], None]  # (crossed, failure: "not_sent" | "uncertain")
 
@@ -614,6 +625,7 @@ class RedisStore:
         self._flush_wakeup = threading.Event()
         self._flusher: tuple[int, threading.Thread] | None = None
         _STORES.add(self)
+        self.rollups = RedisRollups(self)
 
     def _k(self, key: str) -> str:
         return f"{self.tag}:{key}"
@@ -676,17 +688,23 @@ class RedisStore:
             pass  # each one's ``done`` was told
 
     def _flush_soon(self) -> None:
-        """A flusher thread per process (a forked worker starts its own) for quiet moments."""
+        """A flusher thread per process (a forked worker starts its own) for quiet moments; it ends
+        after a quiet spell and the next settlement starts it again."""
         pid = os.getpid()
-        if self._flusher is None or self._flusher[0] != pid or not self._flusher[1].is_alive():
-            thread = threading.Thread(target=self._flush_loop, name="flask-claude-settle", daemon=True)
-            self._flusher = (pid, thread)
-            thread.start()
-        self._flush_wakeup.set()
+        with self._pending_lock:
+            if self._flusher is None or self._flusher[0] != pid or not self._flusher[1].is_alive():
+                thread = threading.Thread(target=self._flush_loop, name="flask-claude-settle", daemon=True)
+                self._flusher = (pid, thread)
+                thread.start()
+            self._flush_wakeup.set()
 
     def _flush_loop(self) -> None:
         while True:
-            self._flush_wakeup.wait()
+            if not self._flush_wakeup.wait(timeout=FLUSHER_IDLE_S):
+                with self._pending_lock:
+                    if not self._flush_wakeup.is_set():
+                        self._flusher = None
+                        return
             self._flush_wakeup.clear()
             time.sleep(self._settle_delay)  # a request that comes meanwhile takes them along for free
             self.flush()
@@ -716,14 +734,16 @@ class RedisStore:
         return Outcome(True, remaining=remaining, breakers=breakers, held=bool(int(res[7])))
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
-               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
-        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker)
+               success: str | None = None, breaker: BreakerParams | None = None,
+               rollup: dict[str, int] | None = None) -> list[Crossed]:
+        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker, rollup)
         return self._crossed(lines, self._call(self._settle, keys=keys, args=args))
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
-                     done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None) -> None:
+                     done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
+                     rollup: dict[str, int] | None = None) -> None:
         """``settle``, written behind: ``done(crossed, failure)`` is called once it was sent."""
-        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker)
+        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker, rollup)
         with self._pending_lock:
             self._pending.append(_Pending(keys, args, lines, done, time.monotonic()))
             full = len(self._pending) >= MAX_PENDING
@@ -736,7 +756,8 @@ class RedisStore:
         return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
 
     def _settle_call(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
-                     success: str | None, breaker: BreakerParams | None) -> tuple[list[str], list[Any]]:
+                     success: str | None, breaker: BreakerParams | None,
+                     rollup: dict[str, int] | None) -> tuple[list[str], list[Any]]:
         keys = [self._k(line.key) for line in lines]
         args: list[Any] = [repr(now), " ".join(rids), len(thresholds), *(repr(t) for t in thresholds), len(lines)]
         for line in lines:
@@ -744,6 +765,7 @@ class RedisStore:
         if success is not None and breaker is not None:
             keys.append(self._b(success))
             args += [breaker.min_calls, repr(breaker.failure_rate), repr(breaker.window), repr(breaker.cooldown)]
+        self.rollups.extend(keys, args, rollup, now)
         return keys, args
 
     def ping(self) -> None:
@@ -789,7 +811,7 @@ _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
 
 
 @atexit.register
-def _flush_all() -> None:
+def flush_all() -> None:
     """A worker stopping cleanly (gunicorn's graceful exit, ``sys.exit``) writes what is waiting."""
     for store in list(_STORES):
         store.flush()

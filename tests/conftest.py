@@ -142,6 +142,9 @@ class RedisServer:
         self.client = client
 
     def flush(self) -> None:
+        from flask_claude.storage import flush_all
+
+        flush_all()  # settlements an earlier test's app wrote behind land now, not in the next test's data
         self.client.flushall()
 
     def stop(self) -> None:

@@ -24,10 +24,16 @@ def create_app() -> Flask:
         CLAUDE_MAX_RETRIES=0,
         CLAUDE_FLAGS=StaticFlags(),
     )
+    if os.environ.get("TEST_SIM_URL"):  # one loopback simulator the test scripts for every worker
+        app.config["CLAUDE_BASE_URL"] = os.environ["TEST_SIM_URL"]
+    # Any other setting: TEST_CLAUDE_ALERT_WINDOW=60 sets CLAUDE_ALERT_WINDOW (strings are parsed as config).
+    app.config.update({k[len("TEST_"):]: v for k, v in os.environ.items() if k.startswith("TEST_CLAUDE_")})
     claude.init_app(app)
     latency = float(os.environ.get("TEST_SIM_LATENCY", "0"))
     if latency:
         app.extensions["claude"].simulator.latency(latency)
+
+    app.get("/metrics")(claude.metrics_view)
 
     @app.get("/healthz")
     def healthz() -> str:

@@ -373,12 +373,13 @@ def test_a_stream_that_ends_without_message_stop_is_a_failed_stream(make_app, si
 
 def test_an_incomplete_stream_counts_against_the_models_breaker(make_app, sim: Simulator, clock: FakeClock,
                                                                  claude_log: CallLog) -> None:
-    # The stream's start is one success on the breaker, its cut end one failure: 1 of 2 reaches 0.5.
+    # A stream's outcome is recorded once, at its end: two cut streams are 2 failures of 2 calls.
     app = make_app(CLAUDE_BREAKER_MIN_CALLS=2, CLAUDE_MODELS=["claude-sonnet-4-6"])
-    sim.end_stream(after_deltas=1)
-    with pytest.raises(UpstreamUnavailable), app.app_context(), app.extensions["claude"].messages.stream(
-            model="claude-sonnet-4-6", max_tokens=100, messages=user_msg("hi")) as stream:
-        stream.until_done()
+    for _ in range(2):
+        sim.end_stream(after_deltas=1)
+        with pytest.raises(UpstreamUnavailable), app.app_context(), app.extensions["claude"].messages.stream(
+                model="claude-sonnet-4-6", max_tokens=100, messages=user_msg("hi")) as stream:
+            stream.until_done()
     assert [e["model"] for e in claude_log.events("circuit_opened")] == ["claude-sonnet-4-6"]
 
 

@@ -1,0 +1,470 @@
+"""Shared per-minute rollups of every Claude call: what alerts, metrics, the dashboard and ``status`` read.
+
+Why rollups in the app's storage rather than per-process counters: on gunicorn each worker sees a
+quarter of the traffic, and a second host none of it. Counting into the same store the budgets
+live in (memory or Redis) gives every reader (any worker, any host, the CLI) the same numbers.
+
+Layout. A call adds integer increments to *fields* named ``<metric>|<feature>|<model>`` (feature
+``-`` outside an ``ai_feature``), so cardinality is features x models x a fixed set of metrics;
+nothing per user. The same increments go to three places in one step:
+
+- ``roll:m:<minute>``: a hash per UTC minute (``floor(now / 60)``), kept ``CLAUDE_ROLLUP_RETENTION``;
+  alert windows and the dashboard's charts read these, so a window can be any whole number of
+  seconds from 60 up;
+- ``roll:h:<hour>``: the same per hour, for the cost spike's trailing 24 hours and the dashboard's
+  day (25 reads instead of 1,440);
+- ``roll:total``: lifetime totals that never expire, so Prometheus counters only ever go up.
+
+Metrics: ``c`` calls, ``e:<error_type>`` calls that ended in ``claude_api_error``, ``f`` answered by
+a fallback model, ``r`` retries, ``ti``/``to``/``tcr``/``tcw`` tokens (input, output, cache read,
+cache creation), ``u`` cost in micro-dollars, ``l:<i>`` latency histogram counts over
+``LATENCY_BUCKETS`` (``i == len`` is +Inf) and ``ls`` their sum in microseconds, ``hi:<i>``/``ho:<i>``
+token histograms over ``TOKEN_BUCKETS`` (input counts cache tokens too, as OpenTelemetry's
+``gen_ai.usage.input_tokens`` does for Anthropic), ``d:<reason>`` degraded responses (model ``-``).
+
+On Redis the increments ride on the settlement script a call already runs (``ROLLUP_LUA`` is
+prepended to it): no extra round trip on the success path. Expiries are relative (``PEXPIRE``), so
+neither the app's clock nor a test's fake clock can delete a bucket early.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+MICRO = 1_000_000
+MINUTE = 60
+HOUR = 3600
+DAY = 86400
+# OpenTelemetry GenAI semantic conventions: gen_ai.client.operation.duration / gen_ai.client.token.usage.
+LATENCY_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
+                                      40.96, 81.92)
+TOKEN_BUCKETS: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
+                                  16777216, 67108864)
+GRACE_S = 3600  # a bucket outlives the retention by this much, so a reader at the edge still finds it
+NO_FEATURE = "-"
+
+
+def _clean(value: str | None, default: str = NO_FEATURE) -> str:
+    """Field parts must not contain the separator; error types and reasons are short enums."""
+    return (value or default).replace("|", "/")[:80]
+
+
+def field_name(metric: str, feature: str | None, model: str | None) -> str:
+    return f"{metric}|{_clean(feature)}|{_clean(model)}"
+
+
+def split_field(name: str) -> tuple[str, str, str]:
+    metric, rest = name.split("|", 1)
+    feature, model = rest.rsplit("|", 1)
+    return metric, feature, model
+
+
+def to_micro(usd: float) -> int:
+    """A call's cost in whole micro-dollars, to the nearest: what the rollups and metrics count."""
+    return round(usd * MICRO)
+
+
+def call_fields(*, feature: str | None, model: str | None, error_type: str | None, fallback: bool,
+                retries: int, input_tokens: int, output_tokens: int, cache_read: int, cache_creation: int,
+                cost_usd: float, latency_s: float | None) -> dict[str, int]:
+    """The increments one call (a ``claude_api_call`` or ``claude_api_error`` line) adds.
+
+    A batch result has no latency of its own (``None``): it is counted everywhere but the latency histogram.
+    """
+    fields: dict[str, int] = {}
+
+    def add(metric: str, amount: int) -> None:
+        if amount:
+            key = field_name(metric, feature, model)
+            fields[key] = fields.get(key, 0) + amount
+
+    add("c", 1)
+    if error_type is not None:
+        add(f"e:{_clean(error_type, 'error')}", 1)
+    add("f", 1 if fallback else 0)
+    add("r", retries)
+    add("ti", input_tokens)
+    add("to", output_tokens)
+    add("tcr", cache_read)
+    add("tcw", cache_creation)
+    add("u", to_micro(cost_usd))
+    if latency_s is not None:
+        add(f"l:{bisect.bisect_left(LATENCY_BUCKETS, latency_s)}", 1)
+        add("ls", round(latency_s * MICRO))
+    total_input = input_tokens + cache_read + cache_creation
+    add(f"hi:{bisect.bisect_left(TOKEN_BUCKETS, total_input)}", 1)
+    add(f"ho:{bisect.bisect_left(TOKEN_BUCKETS, output_tokens)}", 1)
+    return fields
+
+
+def degraded_fields(feature: str | None, reason: str) -> dict[str, int]:
+    return {field_name(f"d:{_clean(reason, 'unknown')}", feature, None): 1}
+
+
+# --- Redis ------------------------------------------------------------------------------------------
+
+# Prepended to the settlement script (and run alone by ``RedisRollups.write``). The caller appends
+# KEYS minute, hour, total and ARGV ttl_ms, field1, amount1, ..., fieldN, amountN, N; N = 0 (and no
+# keys) when a step has no rollup. ``roll_keys`` tells the rest of the script how many KEYS were ours.
+ROLLUP_LUA = """
+local roll_keys = 0
+do
+  local roll_n = tonumber(ARGV[#ARGV])
+  if roll_n and roll_n > 0 then
+    roll_keys = 3
+    local minute_key, hour_key, total_key = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
+    local first = #ARGV - 2 * roll_n
+    local ttl = ARGV[first - 1]
+    for i = first, #ARGV - 1, 2 do
+      local f, amount = ARGV[i], ARGV[i + 1]
+      redis.call('HINCRBY', minute_key, f, amount)
+      redis.call('HINCRBY', total_key, f, amount)
+      redis.call('HINCRBY', hour_key, f, amount)
+    end
+    redis.call('PEXPIRE', minute_key, ttl)
+    redis.call('PEXPIRE', hour_key, ttl)
+  end
+end
+"""
+
+# An alert episode's shared state: KEYS alerts hash; ARGV field, '1' (firing) or '0', value, ttl_ms.
+# Returns 1 when this caller made the transition (and so is the one to announce it).
+_LUA_TRANSITION = """
+if ARGV[2] == '1' then
+  local claimed = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return claimed
+end
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+
+
+@dataclass
+class Snapshot:
+    """Raw rollup hashes as read: minute -> fields, hour -> cost fields, lifetime totals, alert states."""
+
+    minutes: dict[int, dict[str, int]] = field(default_factory=dict)
+    hours: dict[int, dict[str, int]] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)
+    alerts: dict[str, str] = field(default_factory=dict)
+
+
+def _decode_hash(raw: Mapping[Any, Any]) -> dict[str, int]:
+    out = {}
+    for k, v in raw.items():
+        out[k.decode() if isinstance(k, bytes) else str(k)] = int(v)
+    return out
+
+
+class RedisRollups:
+    """The rollup half of ``RedisStore``: key names, the settle-script arguments, the readers."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._client = store.client
+        self._tag = store.tag
+        self.retention = 2 * DAY
+        self._write = self._client.register_script(ROLLUP_LUA + "\nreturn 0\n")
+        self._transition = self._client.register_script(_LUA_TRANSITION)
+
+    def _key(self, name: str) -> str:
+        return f"{self._tag}:roll:{name}"
+
+    def extend(self, keys: list[str], args: list[Any], rollup: Mapping[str, int] | None, now: float) -> None:
+        """Append a rollup to a script's KEYS/ARGV (always the trailing count, 0 for none)."""
+        if not rollup:
+            args.append(0)
+            return
+        keys += [self._key(f"m:{math.floor(now / MINUTE)}"), self._key(f"h:{math.floor(now / HOUR)}"),
+                 self._key("total")]
+        args.append(int((self.retention + GRACE_S) * 1000))
+        for name, amount in rollup.items():
+            args += [name, amount]
+        args.append(len(rollup))
+
+    def write(self, rollup: Mapping[str, int], now: float) -> None:
+        keys: list[str] = []
+        args: list[Any] = []
+        self.extend(keys, args, rollup, now)
+        self._store._call(self._write, keys=keys, args=args)
+
+    def read(self, minutes: Sequence[int] = (), hours: Sequence[int] = (), *, totals: bool = False) -> Snapshot:
+        """One pipelined round trip, whatever is asked for (after this process's settlements written
+        behind, so what it shows includes its own latest calls)."""
+        self._store.flush()
+        pipe = self._client.pipeline(transaction=False)
+        for m in minutes:
+            pipe.hgetall(self._key(f"m:{m}"))
+        for h in hours:
+            pipe.hgetall(self._key(f"h:{h}"))
+        if totals:
+            pipe.hgetall(self._key("total"))
+        pipe.hgetall(self._key("alerts"))
+        res = self._store._call(pipe.execute)
+        snap = Snapshot()
+        i = 0
+        for m in minutes:
+            if res[i]:
+                snap.minutes[m] = _decode_hash(res[i])
+            i += 1
+        for h in hours:
+            if res[i]:
+                snap.hours[h] = _decode_hash(res[i])
+            i += 1
+        if totals:
+            snap.totals = _decode_hash(res[i])
+            i += 1
+        snap.alerts = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+                       for k, v in res[i].items()}
+        return snap
+
+    def transition(self, name: str, firing: bool, value: str) -> bool:
+        args = [name, "1" if firing else "0", value, int((self.retention + GRACE_S) * 1000)]
+        return bool(self._store._call(self._transition, keys=[self._key("alerts")], args=args))
+
+
+# --- memory -----------------------------------------------------------------------------------------
+
+
+class MemoryRollups:
+    """The same layout in one process, under its own lock; old minutes are dropped as new ones start."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.retention = 2 * DAY
+        self._minutes: dict[int, Counter[str]] = {}
+        self._hours: dict[int, Counter[str]] = {}
+        self._totals: Counter[str] = Counter()
+        self._alerts: dict[str, str] = {}
+
+    def write(self, rollup: Mapping[str, int], now: float) -> None:
+        minute = math.floor(now / MINUTE)
+        hour = math.floor(now / HOUR)
+        with self._lock:
+            bucket = self._minutes.get(minute)
+            if bucket is None:
+                bucket = self._minutes[minute] = Counter()
+                self._evict(now)
+            hourly = self._hours.setdefault(hour, Counter())
+            for name, amount in rollup.items():
+                bucket[name] += amount
+                self._totals[name] += amount
+                hourly[name] += amount
+
+    def _evict(self, now: float) -> None:
+        oldest = now - self.retention - GRACE_S
+        for m in [m for m in self._minutes if (m + 1) * MINUTE < oldest]:
+            del self._minutes[m]
+        for h in [h for h in self._hours if (h + 1) * HOUR < oldest]:
+            del self._hours[h]
+
+    def read(self, minutes: Sequence[int] = (), hours: Sequence[int] = (), *, totals: bool = False) -> Snapshot:
+        with self._lock:
+            return Snapshot(minutes={m: dict(self._minutes[m]) for m in minutes if m in self._minutes},
+                            hours={h: dict(self._hours[h]) for h in hours if h in self._hours},
+                            totals=dict(self._totals) if totals else {}, alerts=dict(self._alerts))
+
+    def transition(self, name: str, firing: bool, value: str) -> bool:
+        with self._lock:
+            if firing:
+                if name in self._alerts:
+                    return False
+                self._alerts[name] = value
+                return True
+            return self._alerts.pop(name, None) is not None
+
+
+# --- reading: windows, series, percentiles -----------------------------------------------------------
+
+
+@dataclass
+class Stats:
+    """A window's numbers (fractional when the oldest bucket is only partly inside the window)."""
+
+    calls: float = 0.0
+    errors: float = 0.0
+    fallbacks: float = 0.0
+    retries: float = 0.0
+    cost_micro: float = 0.0
+    latency: list[float] = field(default_factory=lambda: [0.0] * (len(LATENCY_BUCKETS) + 1))
+    errors_by_type: dict[str, float] = field(default_factory=dict)
+    degraded: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, float] = field(default_factory=dict)
+
+    def add(self, fields: Mapping[str, int], weight: float = 1.0, feature: str | None = None) -> None:
+        for name, amount in fields.items():
+            metric, feat, _ = split_field(name)
+            if feature is not None and feat != feature:
+                continue
+            value = amount * weight
+            if metric == "c":
+                self.calls += value
+            elif metric.startswith("e:"):
+                self.errors += value
+                self.errors_by_type[metric[2:]] = self.errors_by_type.get(metric[2:], 0.0) + value
+            elif metric == "f":
+                self.fallbacks += value
+            elif metric == "r":
+                self.retries += value
+            elif metric == "u":
+                self.cost_micro += value
+            elif metric.startswith("l:"):
+                self.latency[int(metric[2:])] += value
+            elif metric.startswith("d:"):
+                self.degraded[metric[2:]] = self.degraded.get(metric[2:], 0.0) + value
+            elif metric in ("ti", "to", "tcr", "tcw"):
+                self.tokens[metric] = self.tokens.get(metric, 0.0) + value
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.calls if self.calls > 0 else None
+
+    def quantile(self, q: float) -> float | None:
+        return histogram_quantile(q, self.latency)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"calls": round(self.calls, 3), "errors": round(self.errors, 3),
+                "error_rate": None if self.error_rate is None else round(self.error_rate, 4),
+                "fallbacks": round(self.fallbacks, 3), "retries": round(self.retries, 3),
+                "cost_usd": round(self.cost_micro / MICRO, 6),
+                "latency_p50_s": _r(self.quantile(0.5)), "latency_p95_s": _r(self.quantile(0.95)),
+                "latency_p99_s": _r(self.quantile(0.99)),
+                "errors_by_type": {k: round(v, 3) for k, v in sorted(self.errors_by_type.items())},
+                "degraded": {k: round(v, 3) for k, v in sorted(self.degraded.items())}}
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def histogram_quantile(q: float, counts: Sequence[float]) -> float | None:
+    """Prometheus' estimate: linear inside the bucket holding the rank; +Inf answers the last bound."""
+    total = sum(counts)
+    if total <= 0:
+        return None
+    rank = q * total
+    cumulative = 0.0
+    for i, count in enumerate(counts):
+        if count <= 0:
+            continue
+        if cumulative + count >= rank:
+            if i >= len(LATENCY_BUCKETS):
+                return LATENCY_BUCKETS[-1]
+            lower = LATENCY_BUCKETS[i - 1] if i > 0 else 0.0
+            upper = LATENCY_BUCKETS[i]
+            return lower + (upper - lower) * max(0.0, rank - cumulative) / count
+        cumulative += count
+    return LATENCY_BUCKETS[-1]
+
+
+def window_minutes(now: float, window_s: float) -> list[tuple[int, float]]:
+    """The minute buckets of the window ``[now - window_s, now]`` and each one's weight.
+
+    Buckets wholly inside count fully (the current, partial minute too: all of it is recent); the
+    oldest counts by the share of it still inside, as a sliding-window counter does, so a window
+    slides smoothly instead of dropping a whole minute at once.
+    """
+    return _window(now, window_s, MINUTE)
+
+
+def window_hours(now: float, window_s: float) -> list[tuple[int, float]]:
+    return _window(now, window_s, HOUR)
+
+
+def _window(now: float, window_s: float, width: int) -> list[tuple[int, float]]:
+    start = now - window_s
+    first = math.floor(start / width)
+    last = math.floor(now / width)
+    out = []
+    for b in range(first, last + 1):
+        weight = 1.0 if b * width >= start else ((b + 1) * width - start) / width
+        if weight > 0:
+            out.append((b, weight))
+    return out
+
+
+def window_stats(snapshot: Snapshot, buckets: Iterable[tuple[int, float]], *, hourly: bool = False,
+                 feature: str | None = None) -> Stats:
+    stats = Stats()
+    source = snapshot.hours if hourly else snapshot.minutes
+    for b, weight in buckets:
+        fields = source.get(b)
+        if fields:
+            stats.add(fields, weight, feature)
+    return stats
+
+
+def hourly_cost_micro(snapshot: Snapshot, buckets: Iterable[tuple[int, float]]) -> float:
+    total = 0.0
+    for h, weight in buckets:
+        total += sum(v for k, v in snapshot.hours.get(h, {}).items() if k.startswith("u|")) * weight
+    return total
+
+
+# --- one app's view: what its calls write, what its readers ask ---------------------------------------
+
+
+def _ignore(crossed: Any, failure: str | None) -> None:
+    """A rollup has no alerts to raise, and a lost one is only numbers (the log line has them)."""
+
+
+class AppRollups:
+    """Builds a call's increments and writes those that have no settlement to ride on.
+
+    A write never fails a request: on a storage outage the numbers are lost (the log line still
+    has them), as the breaker's own records are.
+    """
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+        self.store = state.store
+        self.store.rollups.retention = state.settings.rollup_retention
+
+    @staticmethod
+    def call_fields(call: Any, base: Mapping[str, Any], cost: Any, error: Any = None) -> dict[str, int]:
+        latency_ms = base.get("latency_ms")
+        return call_fields(feature=base.get("feature"), model=base.get("model"),
+                           error_type=None if error is None else error.error_type,
+                           fallback=base.get("fallback_from") is not None, retries=int(base.get("retries") or 0),
+                           input_tokens=cost.input_tokens, output_tokens=cost.output_tokens,
+                           cache_read=cost.cache_read_input_tokens, cache_creation=cost.cache_creation_input_tokens,
+                           cost_usd=cost.usd, latency_s=(latency_ms or 0.0) / 1000)
+
+    @staticmethod
+    def failed_call_fields(call: Any, base: Mapping[str, Any], error_type: str) -> dict[str, int]:
+        return call_fields(feature=base.get("feature"), model=base.get("model"), error_type=error_type,
+                           fallback=base.get("fallback_from") is not None, retries=int(base.get("retries") or 0),
+                           input_tokens=0, output_tokens=0, cache_read=0, cache_creation=0, cost_usd=0.0,
+                           latency_s=(base.get("latency_ms") or 0.0) / 1000)
+
+    def write(self, rollup: Mapping[str, int] | None, *, success: str | None = None) -> None:
+        """One storage step: the rollup, and a model's success on its breaker when there is one."""
+        from .storage import StorageUnavailable
+
+        if not rollup and success is None:
+            return
+        breaker = self.state.breaker.params if success is not None else None
+        later = getattr(self.store, "settle_later", None)
+        try:
+            if later is not None:  # written behind, like a settlement: it rides on the next round trip
+                later((), (), (), self.state.clock.time(), _ignore, success=success, breaker=breaker,
+                      rollup=dict(rollup) if rollup else None)
+            else:
+                self.store.settle((), (), (), self.state.clock.time(), success=success, breaker=breaker,
+                                  rollup=dict(rollup) if rollup else None)
+        except StorageUnavailable:
+            pass
+
+    def degraded(self, feature: str | None, reason: str) -> None:
+        """A degraded response: already a failure path, so its one write is not on a success's clock."""
+        self.write(degraded_fields(feature, reason))
+
+    def read(self, minutes: Sequence[int] = (), hours: Sequence[int] = (), *, totals: bool = False) -> Snapshot:
+        """Raises ``storage.StorageUnavailable`` on an outage: readers decide what to show."""
+        return self.store.rollups.read(minutes, hours, totals=totals)  # type: ignore[no-any-return]
