@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anthropic
 import httpx2
 
+from . import telemetry
 from .context import CallScope, current_scope
 from .errors import (
     CallLimitExceeded,
@@ -65,6 +66,7 @@ class _Call:
     retries: int = 0
     failure: Failure | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    span: telemetry.CallSpan = telemetry.NO_SPAN  # OpenTelemetry: the SDK's spans are its children
 
     @classmethod
     def bare(cls, state: ClaudeState, scope: CallScope, model: str) -> _Call:
@@ -215,6 +217,8 @@ class GuardedMessages:
         # Reserve the worst case against every budget that applies, or refuse having reserved nothing.
         call.reservation, call.breakers = state.budgets.begin(scope, chain, call.params, max_tokens,
                                                               call_seconds=call.deadline.remaining())
+        call.span = telemetry.start_call(operation="chat", chain=chain, max_tokens=max_tokens, feature=scope.feature,
+                                         route=scope.route, user=scope.user, salt=state.user_salt, streaming=streaming)
         return call
 
     def _run_chain(self, call: _Call, send: Callable[[str, httpx2.Timeout], T]) -> T:
@@ -244,7 +248,8 @@ class GuardedMessages:
                 timeout = httpx2.Timeout(read, connect=min(state.settings.connect_timeout, read))
                 token = current_deadline.set(call.deadline)
                 try:
-                    result = send(model, timeout)
+                    with call.span.current():
+                        result = send(model, timeout)
                 except (anthropic.APIError, httpx2.HTTPError, json.JSONDecodeError) as exc:
                     last_exc = exc
                     failure = classify(exc)
@@ -257,6 +262,7 @@ class GuardedMessages:
                     if delay >= call.deadline.remaining():
                         break  # the retry could not start before the deadline
                     call.retries += 1
+                    call.span.retry(model, attempt, failure.error_type, delay)
                     clock.sleep(delay)
                     continue
                 finally:
@@ -282,6 +288,7 @@ class GuardedMessages:
             if failure.kind != "circuit_open" or self._log_skip(model):
                 state.events.emit("model_fallback", fields, level="WARNING")
             model_fallback.send(state.app, **fields)
+            call.span.fallback(model, next_model, failure.error_type)
         if last_exc is not None:
             raise last_exc
         raise UpstreamUnavailable("no model in the chain could be reached", reason="upstream_unavailable")
@@ -347,6 +354,8 @@ class GuardedMessages:
         else:
             fields.update(error_type=error.error_type, status_code=error.status_code)
             state.events.emit("claude_api_error", fields, level="ERROR")
+        call.span.finish(model=call.model, retries=call.retries, fallback_from=call.fallback_from, cost=cost,
+                         stop_reason=stop_reason, error_type=error.error_type if error is not None else None)
         if claude_called.receivers:
             claude_called.send(state.app, **fields)
         if enforce_complete and error is None:
@@ -387,6 +396,9 @@ class GuardedMessages:
         if failure is not None and failure.kind == "client":
             fields["our_bug"] = True  # a 4xx from upstream means we sent a bad request
         state.events.emit("claude_api_error", fields, level="ERROR")
+        call.span.finish(model=None, retries=call.retries, fallback_from=call.fallback_from,
+                         error_type=fields["error_type"],
+                         degradation_reason=getattr(self._as_guard_error(call, exc), "reason", None))
 
     @staticmethod
     def _as_guard_error(call: _Call, exc: BaseException) -> BaseException:

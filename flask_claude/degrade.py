@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Response, jsonify, make_response
 
+from . import telemetry
 from .errors import ClaudeGuardError, InputTooLarge
 from .signals import feature_degraded
 
@@ -66,6 +67,7 @@ def record_degradation(state: ClaudeState, scope: CallScope, exc: ClaudeGuardErr
         fields["fallback_error"] = fallback_error
     state.events.emit("feature_degraded" if exc.status != 429 else "limit_exceeded", fields, level="WARNING")
     feature_degraded.send(state.app, **fields)
+    telemetry.degraded(exc.reason, scope.feature)  # on the request's span, when the app traces requests
 
 
 class ResponseCache:
