@@ -40,25 +40,35 @@ def test_a_users_serialized_sink_sees_the_fields_flat_in_extra(make_app, tmp_pat
     assert "claude_fields" not in extra and not any(isinstance(v, dict) for v in extra.values())
 
 
-def test_a_filter_routes_the_events_to_their_own_file_and_a_formatter_reads_the_fields(make_app,
-                                                                                      tmp_path: Path) -> None:
+def test_the_readmes_routing_filter_and_formatter(make_app, tmp_path: Path) -> None:
+    """The README's set-up: events to their own serialized file, out of the app's log, a formatter."""
     app = make_app()
-    costs = tmp_path / "costs.log"
-    others: list[str] = []
-    sink = logger.add(str(costs), level="INFO", format="{extra[event]} {extra[model]} cost={extra[cost_usd]}",
-                      filter=lambda record: record["extra"].get("event") == "claude_api_call")
-    other = logger.add(others.append, level="INFO", format="{message}",
-                       filter=lambda record: "event" not in record["extra"])
+
+    def is_claude(record: Any) -> bool:
+        return bool(record["name"] == "flask_claude.events")
+
+    app_lines: list[str] = []
+    paid: list[str] = []
+    events = tmp_path / "claude-events.log"
+    sinks = [
+        logger.add(app_lines.append, level="INFO", format="{message}", filter=lambda r: not is_claude(r)),
+        logger.add(str(events), serialize=True, level="INFO", filter=is_claude),
+        logger.add(paid.append, level="INFO", filter=lambda r: r["extra"].get("event") == "claude_api_call",
+                   format="{time:HH:mm:ss} {extra[feature]} {extra[model]} ${extra[cost_usd]:.4f} "
+                          "{extra[latency_ms]} ms\n"),
+    ]
     try:
         logger.info("an unrelated app line")
         call(app)
     finally:
-        logger.remove(sink)
-        logger.remove(other)
-    [line] = costs.read_text().splitlines()
-    event, model, cost = line.split(" ")
-    assert event == "claude_api_call" and model == "claude-opus-4-7" and float(cost.removeprefix("cost=")) > 0
-    assert [o.strip() for o in others] == ["an unrelated app line"]
+        for sink in sinks:
+            logger.remove(sink)
+    assert [line.strip() for line in app_lines] == ["an unrelated app line"]
+    [line] = paid
+    _, feature, model, cost, latency, unit = line.split()
+    assert (feature, model, unit) == ("None", "claude-opus-4-7", "ms") and float(cost[1:]) > 0 and float(latency) >= 0
+    [record] = [json.loads(x)["record"] for x in events.read_text().splitlines()]
+    assert record["extra"]["event"] == "claude_api_call" and record["message"] == "claude_api_call"
 
 
 def test_our_own_file_line_is_unchanged_and_excludes_the_apps_context(make_app, tmp_path: Path) -> None:
