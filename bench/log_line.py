@@ -1,36 +1,38 @@
 """What one ``claude_api_call`` log line costs on the request's hot path: ``EventLog.emit``, per call.
 
-Three set-ups, each in rounds, in one process; the fastest round's mean is printed (the figure least
-moved by other load on a shared machine), then the median round's:
+Three set-ups, in one process:
 
   ours only        our own sink (flat JSON line to a file), loguru's default handler removed
   + user filter    also a user's sink whose filter says no (``record["extra"].get("event") == "x"``)
   + user json      also a user's ``logger.add(file, serialize=True)`` that takes every record
 
-Run against two commits in turn to compare them (a snapshot keeps other sessions' edits out):
+To compare with another commit's ``events.py`` (it imports nothing of flask_claude, so it loads on
+its own), name it in BENCH_BEFORE: both run in the same process, in alternating rounds, so the load of
+a shared machine lands on both alike:
 
-  SHA=53fb9ac; mkdir -p /tmp/fc-snap/$SHA && git archive $SHA flask_claude | tar -x -C /tmp/fc-snap/$SHA
-  PYTHONPATH=/tmp/fc-snap/$SHA .venv/bin/python bench/log_line.py
-  .venv/bin/python bench/log_line.py                     # the working tree
+  git show 53fb9ac:flask_claude/events.py > /tmp/events_before.py
+  BENCH_BEFORE=/tmp/events_before.py .venv/bin/python bench/log_line.py
 
-Sizes: BENCH_ROUNDS (default 15), BENCH_N (calls per round, default 2000).
+Printed per set-up: the fastest round's mean (the figure least moved by other load) and the median
+round's, in microseconds per emit. Sizes: BENCH_ROUNDS (default 21), BENCH_N (calls per round, 1000).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 from loguru import logger
 
-import flask_claude
-from flask_claude.events import EventLog
+from flask_claude import events as events_now
 
-ROUNDS = int(os.environ.get("BENCH_ROUNDS", "15"))
-N = int(os.environ.get("BENCH_N", "2000"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "21"))
+N = int(os.environ.get("BENCH_N", "1000"))
 
 FIELDS = {"request_id": "req_sim_abcdef0123456789abcdef01", "feature": "ask", "route": "/ask",
           "user": "0123456789abcdef", "model": "claude-sonnet-4-6", "requested_model": "claude-sonnet-4-6",
@@ -39,38 +41,52 @@ FIELDS = {"request_id": "req_sim_abcdef0123456789abcdef01", "feature": "ask", "r
           "cache_creation_input_tokens": 0, "stop_reason": "end_turn", "cost_usd": 0.0001}
 
 
-def per_call_us(fn: Callable[[], object]) -> tuple[float, float]:
-    rounds = []
+def load(path: str) -> Any:
+    spec = importlib.util.spec_from_file_location("events_before", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rounds(variants: dict[str, Callable[[], object]]) -> dict[str, tuple[float, float]]:
+    """Each variant N calls per round, the variants alternating within every round."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(ROUNDS):
-        t0 = time.perf_counter()
-        for _ in range(N):
-            fn()
-        rounds.append((time.perf_counter() - t0) / N * 1e6)
-    return min(rounds), statistics.median(rounds)
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(N):
+                fn()
+            times[name].append((time.perf_counter() - t0) / N * 1e6)
+    return {name: (min(t), statistics.median(t)) for name, t in times.items()}
 
 
 def main() -> None:
     logger.remove()
     tmp = tempfile.mkdtemp(prefix="bench-logline-")
-    log = EventLog(path=os.path.join(tmp, "claude.jsonl"), secrets=("sk-x",), hash_users=True,
-                   log_content=False, salt="s")
-
-    def emit() -> None:
-        log.emit("claude_api_call", FIELDS)
-
-    for _ in range(2000):
-        emit()  # warm-up
-    rows = [("ours only", per_call_us(emit))]
+    modules = {"now": events_now}
+    if before := os.environ.get("BENCH_BEFORE"):
+        modules = {"before": load(before), **modules}
+    emitters: dict[str, Callable[[], object]] = {}
+    for name, module in modules.items():
+        log = module.EventLog(path=os.path.join(tmp, f"{name}.jsonl"), secrets=("sk-x",), hash_users=True,
+                              log_content=False, salt="s")
+        emitters[name] = lambda log=log: log.emit("claude_api_call", FIELDS)
+    for fn in emitters.values():
+        for _ in range(2000):
+            fn()  # warm-up
+    results = [("ours only", rounds(emitters))]
     no = logger.add(lambda m: None, filter=lambda r: r["extra"].get("event") == "x", level="INFO")
-    rows.append(("+ user filter (says no)", per_call_us(emit)))
+    results.append(("+ user filter (says no)", rounds(emitters)))
     logger.remove(no)
     user = logger.add(os.path.join(tmp, "app.log"), serialize=True, level="INFO")
-    rows.append(("+ user serialize=True sink", per_call_us(emit)))
+    results.append(("+ user serialize=True sink", rounds(emitters)))
     logger.remove(user)
-    print(f"flask_claude from {os.path.dirname(flask_claude.__file__)}; {ROUNDS} rounds x {N} calls, "
-          "us per emit: fastest round, median round")
-    for label, (best, median) in rows:
-        print(f"  {label:28s} {best:7.2f} {median:7.2f}")
+    print(f"{ROUNDS} rounds x {N} emits; us per emit, fastest round / median round"
+          + ("; 'before' is " + before if before else ""))
+    for label, by_name in results:
+        cells = "   ".join(f"{name} {best:6.2f} / {median:6.2f}" for name, (best, median) in by_name.items())
+        print(f"  {label:28s} {cells}")
 
 
 if __name__ == "__main__":
