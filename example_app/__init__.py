@@ -49,7 +49,7 @@ def config_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     """The app's settings: our defaults, then the environment."""
     config: dict[str, Any] = {
         # The app-wide fallback chain; /summarize and /classify pick their own models.
-        "CLAUDE_MODELS": ["claude-sonnet-4-6", "claude-haiku-4-5"],
+        "CLAUDE_MODELS": ["claude-sonnet-5-5", "claude-haiku-5-5"],
         "CLAUDE_DAILY_BUDGET_USD": environ.get("CLAUDE_DAILY_BUDGET_USD", "5.0"),
         # No single feature may burn the whole day's budget.
         "CLAUDE_FEATURE_BUDGETS_USD": {"chat": 2.0},

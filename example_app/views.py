@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, render_template, request, stream_with_context
+from flask import Blueprint, Response, jsonify, render_template, stream_with_context
 
 from flask_claude import (
     Claude,
@@ -24,6 +24,7 @@ from flask_claude import (
     ai_feature,
     budgeted,
     fallback_to,
+    request_json,
     user_content,
 )
 
@@ -46,8 +47,12 @@ def bad_request(message: str) -> tuple[Response, int]:
 
 
 def text_field() -> str | None:
-    """The request's JSON ``text``, or None when it is missing, empty or not a string."""
-    body = request.get_json(silent=True)
+    """The request's JSON ``text``, or None when it is missing, empty or not a string.
+
+    ``request_json`` rather than ``request.get_json(silent=True)``: the latter still raises (a 500) on
+    a body nested too deeply to parse, and lets through text no UTF-8 encoder takes (a lone surrogate).
+    """
+    body = request_json(silent=True)
     text = body.get("text") if isinstance(body, dict) else None
     return text if isinstance(text, str) and text.strip() else None
 
@@ -69,7 +74,7 @@ def healthz() -> str:
 
 @bp.post("/summarize")
 @ai_feature("summarize", max_tokens=400, max_input_chars=20_000,
-            models=["claude-opus-4-7", "claude-sonnet-4-6"],  # Opus, falling back to Sonnet
+            models=["claude-opus-5-5", "claude-sonnet-5-5"],  # Opus, falling back to Sonnet
             model_flag="summarize-model")  # a flag can roll out another first model, per user
 @budgeted(requests="20/minute", tokens="200000/day", usd="1.00/day")  # per user
 @fallback_to({"summary": None, "notice": "Summaries are paused; try again soon."}, cache=True)
@@ -85,7 +90,7 @@ def summarize() -> Any:
 
 
 @bp.post("/classify")
-@ai_feature("classify", models=["claude-haiku-4-5"], max_tokens=20, require_complete=True)
+@ai_feature("classify", models=["claude-haiku-5-5"], max_tokens=20, require_complete=True)
 @budgeted(requests="60/minute")
 @fallback_to({"label": "unknown"})
 def classify() -> Any:
@@ -105,7 +110,7 @@ def classify() -> Any:
 
 def chat_history() -> list[dict[str, str]] | None:
     """The request's messages, or None unless each is a user/assistant text turn and the last is the user's."""
-    body = request.get_json(silent=True)
+    body = request_json(silent=True)  # None for anything that is not usable JSON, see text_field
     messages = body.get("messages") if isinstance(body, dict) else None
     if not isinstance(messages, list) or not messages:
         return None

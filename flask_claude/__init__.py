@@ -1,5 +1,6 @@
 """flask-claude: the production layer for Claude calls in a Flask app."""
 
+from .body import request_json
 from .decorators import ai_feature, budgeted, fallback_to
 from .errors import (
     BudgetExceeded,
@@ -9,6 +10,7 @@ from .errors import (
     FeatureDisabled,
     InputTooLarge,
     InvalidOutput,
+    InvalidRequest,
     LimitExceeded,
     TruncatedResponse,
     UnknownModel,
@@ -27,6 +29,7 @@ __all__ = [
     "FeatureDisabled",
     "InputTooLarge",
     "InvalidOutput",
+    "InvalidRequest",
     "LimitExceeded",
     "TruncatedResponse",
     "UnknownModel",
@@ -40,5 +43,6 @@ __all__ = [
     "feature_degraded",
     "model_fallback",
     "prune_history",
+    "request_json",
     "user_content",
 ]

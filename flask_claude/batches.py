@@ -68,7 +68,7 @@ class GuardedBatches:
                 state.budgets.settle(reservation, 0.0, 0)  # nothing was submitted: give the room back
             raise
         record = {"state": "pending", "feature": scope.feature, "route": scope.route,
-                  "user": state.events.user(scope.user),
+                  "user": state.events.user(scope.user), "submitted_at": state.clock.time(),
                   "reservation": asdict(reservation) if reservation is not None else None}
         self._put(batch.id, record)
         state.events.emit("batch_submitted", {"batch_id": batch.id, "feature": scope.feature, "route": scope.route,
@@ -102,7 +102,9 @@ class GuardedBatches:
             result = item.result
             if counted and result.type == "succeeded":
                 message = result.message
-                cost = state.prices.cost(message.model, message.usage, batch=True)
+                # Priced as of submission: a price change while the batch ran does not reach it.
+                cost = state.prices.cost(message.model, message.usage, batch=True,
+                                         at=record.get("submitted_at") if record else None)
                 total_usd += cost.usd
                 total_tokens += (cost.input_tokens + cost.output_tokens + cost.cache_read_input_tokens
                                  + cost.cache_creation_input_tokens)

@@ -14,7 +14,7 @@ import itertools
 import math
 import os
 import random
-import time
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from .errors import BudgetExceeded, ClaudeGuardError, LimitExceeded
 from .events import hash_text
 from .hygiene import has_cache_control
 from .signals import budget_alert
-from .storage import Begin, Line, Outcome, StorageUnavailable, Store
+from .storage import Begin, Crossed, Line, Outcome, StorageUnavailable, Store
 from .tokens import upper_bound_tokens
 
 if TYPE_CHECKING:
@@ -80,6 +80,32 @@ class Reservation:
     lines: list[Line]
     usd_lines: list[int]  # indexes of lines counted in micro-dollars (others are tokens)
     app_wide: list[int] = field(default_factory=list)  # indexes of the global and feature budgets
+    topups: tuple[str, ...] = ()  # holds added when a call needed more than its admission held
+
+    @property
+    def rids(self) -> tuple[str, ...]:
+        return (self.rid, *self.topups)
+
+
+@dataclass
+class PreHold:
+    """The first call's hold, taken with the admission before the view (one round trip for both)."""
+
+    reservation: Reservation
+    breakers: dict[str, float | None] | None
+    usd_micro: int
+    tokens: int
+
+
+MAX_KEPT_BUDGETS = 10_000  # budget keys whose outage-time spend a process keeps for later
+
+
+@dataclass
+class _Kept:
+    line: Line
+    usd: bool
+    app_wide: bool
+    amount: int = 0
 
 
 def _granularity(item: RateLimitItem) -> str:
@@ -94,8 +120,12 @@ class Budgets:
         self.store = store
         self.settings = state.settings
         self.tz = ZoneInfo(self.settings.budget_timezone)
-        self._last_storage_warning = 0.0
+        self._kept: dict[str, _Kept] = {}  # budget key -> spend settled while storage was down
+        self._kept_lock = threading.Lock()
+        self._lost = 0  # micro-dollars past MAX_KEPT_BUDGETS, reported when storage is back
         self._periods: dict[tuple[str, int], tuple[str, float, float]] = {}
+        # feature -> (largest system/tools token bound, any cache_control, largest max_tokens) of its calls
+        self._overheads: dict[str, tuple[int, bool, int]] = {}
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -214,20 +244,106 @@ class Budgets:
         """Hold one call's worst case (input bound + ``max_tokens`` at the dearest model's prices).
 
         The same round trip admits the request (if not yet done) and reads the chain's breakers,
-        so the call needs no other storage step before it is sent.
+        so the call needs no other storage step before it is sent. A hold taken with the admission
+        (``admit_before_view``) serves the request's first call with no round trip at all when it is
+        large enough, and is topped up by the difference when it is not.
         """
         input_bound = upper_bound_tokens(params)
         cached = has_cache_control(params)
+        self._learn_overhead(scope, params, input_bound, cached, max_tokens)
         worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens, cache_write=cached)
-        return self.reserve_worst(scope, math.ceil(worst_usd * MICRO), input_bound + max_tokens,
-                                  hold_seconds=(call_seconds or self.settings.deadline) + 30.0,
-                                  breakers=tuple(chain))
+        usd_micro, tokens = math.ceil(worst_usd * MICRO), input_bound + max_tokens
+        hold_seconds = (call_seconds or self.settings.deadline) + 30.0
+        pre = scope.memo.pop("prehold", None)
+        if pre is None:
+            return self.reserve_worst(scope, usd_micro, tokens, hold_seconds=hold_seconds, breakers=tuple(chain))
+        if usd_micro <= pre.usd_micro and tokens <= pre.tokens:
+            return pre.reservation, pre.breakers
+        # The call needs more than the admission held: hold the difference, settle both as one.
+        extra, _ = self.reserve_worst(scope, max(0, usd_micro - pre.usd_micro), max(0, tokens - pre.tokens),
+                                      hold_seconds=hold_seconds)
+        held = pre.reservation
+        if extra is None:  # storage down under the "open" policy: the admission's hold still stands
+            return held, pre.breakers
+        lines = [Line(h.key, h.limit, h.amount + e.amount, h.expires_at, h.name)
+                 for h, e in zip(held.lines, extra.lines, strict=True)]
+        return Reservation(held.rid, lines, held.usd_lines, held.app_wide, (*held.topups, extra.rid)), pre.breakers
+
+    # --- refusal before the view ------------------------------------------------------------
+
+    def admit_before_view(self, scope: CallScope) -> None:
+        """Check the request's limits before the view runs, so a refused request has no side effect.
+
+        When the feature bounds its input (``max_input_chars`` / ``max_input_tokens``) the first
+        call's worst case is nearly known here, so its hold is taken in the same round trip as the
+        admission and the call itself needs none (``begin`` tops it up if the call turns out larger).
+        The hold is sized from what the feature's earlier calls in this process added to the input
+        (system prompt, tools, ``max_tokens``); a budget without room for it refuses the request here,
+        before the view. Before the feature's first call is seen, the guess (the ``max_tokens`` cap)
+        may be far above the real call, so then a budget without room only skips the hold.
+        """
+        bound = self._input_bound(scope)
+        lines = self._templates(scope, scope.budgets, self.state.clock.time())[0] if bound is not None else []
+        if bound is None or not lines:
+            self.finish_admission(scope)
+            return
+        settings = self.settings
+        configured = scope.models or settings.models
+        chain = list(dict.fromkeys([scope.first_model or configured[0], *configured]))
+        cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
+        learned = self._overheads.get(scope.feature or "")
+        overhead, cached, seen_max = learned or (0, settings.auto_cache, cap)
+        max_tokens = min(cap, seen_max)
+        tokens = bound + overhead + max_tokens
+        try:
+            worst = self.state.prices.worst_case_usd(chain, bound + overhead, max_tokens, cache_write=cached)
+        except ClaudeGuardError:  # an unpriced model: the call will be refused with its own message
+            self.finish_admission(scope)
+            return
+        usd_micro = math.ceil(worst * MICRO)
+        reservation, breakers = self.reserve_worst(scope, usd_micro, tokens, hold_seconds=settings.deadline + 60.0,
+                                                   breakers=tuple(chain), optional=learned is None)
+        if reservation is not None:
+            scope.memo["prehold"] = PreHold(reservation, breakers, usd_micro, tokens)
+
+    def release_unused(self, scope: CallScope) -> None:
+        """Give back a hold taken before the view that no call used (the view made no call, or failed)."""
+        pre: PreHold | None = scope.memo.pop("prehold", None)
+        if pre is not None:
+            self.settle(pre.reservation, 0.0, 0)
+
+    def _input_bound(self, scope: CallScope) -> int | None:
+        """An upper bound of the tokens of what callers send, from the feature's declared input caps."""
+        bounds = []
+        if scope.max_input_chars is not None:
+            bounds.append(2 * scope.max_input_chars)  # upper_bound_tokens: at most 2 tokens per character
+        if scope.max_input_tokens is not None:
+            bounds.append(6 * scope.max_input_tokens)  # the cap's estimate is 3 chars a token, the bound 2 a char
+        if not bounds:
+            return None
+        turns = scope.max_history_turns or 8
+        return min(bounds) + 16 + 16 * turns
+
+    def _learn_overhead(self, scope: CallScope, params: Any, input_bound: int, cached: bool, max_tokens: int) -> None:
+        """What a feature's calls add to the user's input (system prompt, tools), whether they mark
+        ``cache_control`` and the largest ``max_tokens`` they ask: the next admission's hold is sized
+        from these, so a feature's hold matches its calls after the first one."""
+        if scope.feature is None or (scope.max_input_chars is None and scope.max_input_tokens is None):
+            return
+        user_part = upper_bound_tokens({"messages": params.get("messages") or ()})
+        known = self._overheads.get(scope.feature, (0, False, 0))
+        learned = (max(known[0], input_bound - user_part), known[1] or cached, max(known[2], max_tokens))
+        if learned != known:
+            self._overheads[scope.feature] = learned
 
     def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *, hold_seconds: float,
-                      breakers: tuple[str, ...] = ()) -> tuple[Reservation | None, dict[str, float | None] | None]:
+                      breakers: tuple[str, ...] = (),
+                      optional: bool = False) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold ``usd_micro`` and ``tokens`` on every budget of ``scope`` in one step, or refuse.
 
         A hold lapses after ``hold_seconds``: a worker that died mid-call gives its room back.
+        An ``optional`` hold is a guess made before the call is known: when the budgets have no
+        room for it the step still admits the request (no refusal, no kill) and holds nothing.
         """
         now = self.state.clock.time()
         lines, usd_idx, app_wide = self.budget_lines(scope, scope.budgets, usd=usd_micro, tokens=tokens, now=now)
@@ -235,13 +351,14 @@ class Budgets:
             return None, None
         rid = _new_id()
         breaker_snapshot = self._begin(scope, holds=lines, usd_idx=usd_idx, app_wide=app_wide, rid=rid,
-                                       hold_seconds=hold_seconds, breakers=breakers)
-        if not lines:
+                                       hold_seconds=hold_seconds, breakers=breakers, optional=optional)
+        if not lines or (optional and scope.memo.pop("not_held", False)):
             return None, breaker_snapshot
         return Reservation(rid, lines, usd_idx, sorted(app_wide)), breaker_snapshot
 
     def _begin(self, scope: CallScope, *, holds: list[Line], usd_idx: list[int], app_wide: set[int], rid: str,
-               hold_seconds: float, breakers: tuple[str, ...]) -> dict[str, float | None] | None:
+               hold_seconds: float, breakers: tuple[str, ...],
+               optional: bool = False) -> dict[str, float | None] | None:
         """One atomic step; while in-flight holds (not spend) fill a budget, wait briefly for room.
 
         Holds are worst cases, often several times a call's real cost, so under a burst a budget
@@ -257,7 +374,7 @@ class Budgets:
             step = Begin(gates=gates, requests=requests, holds=holds, member=_new_id(), rid=rid,
                          hold_until=now + hold_seconds,
                          exhausted_alert=repr(1.0) if 1.0 in self.settings.budget_alerts else "",
-                         breakers=breakers)
+                         breakers=breakers, optional_holds=optional)
             result = self._guarded(lambda step=step, now=now: self.store.begin(step, now))
             if result is None:  # storage down, policy "open": serve without limits
                 scope.admission = None
@@ -268,6 +385,8 @@ class Budgets:
             pause = min(pause * 2, 0.25)
         if not result.ok:
             self._refuse(result, gates, requests, holds, usd_idx, app_wide)
+        if not result.held:
+            scope.memo["not_held"] = True
         scope.admission = None
         if requests:
             tightest = min(range(len(requests)), key=lambda i: result.remaining[i])
@@ -306,19 +425,80 @@ class Budgets:
             self.state.events.emit("reservation_exceeded", {"budgets": [name for name, _ in over],
                                                             "excess": [amount for _, amount in over]},
                                    level="WARNING")
+        self._replay_if_back()
+
+        def done(crossed: list[Crossed] | None, failure: str | None) -> None:
+            if failure == "not_sent":
+                self._keep(actual, reservation)
+            elif failure == "uncertain":  # sent to a Redis that did not answer: it may still apply it
+                self.state.events.emit("settle_uncertain", {"cost_usd": round(usd, 8)}, level="WARNING")
+            else:
+                self._raise_alerts(crossed or [], actual, reservation)
+
+        later = getattr(self.store, "settle_later", None)
         try:
-            crossed = self.store.settle(actual, reservation.rid, self.settings.budget_alerts, now,
-                                        success=success, breaker=self.state.breaker.params)
-        except StorageUnavailable as exc:
-            # The call happened and was paid for: never fail the response now. The spend is in the
-            # log line; the hold lapses after its deadline.
-            self.state.events.emit("settle_failed", {"error_type": str(exc), "cost_usd": round(usd, 8)},
-                                   level="ERROR")
-            return
+            if later is not None:  # written behind: it rides on the next round trip (storage.py)
+                later(actual, reservation.rids, self.settings.budget_alerts, now, done,
+                      success=success, breaker=self.state.breaker.params)
+            else:
+                done(self.store.settle(actual, reservation.rids, self.settings.budget_alerts, now,
+                                       success=success, breaker=self.state.breaker.params), None)
+        except StorageUnavailable:
+            # The call happened and was paid for: never fail the response now. The spend is kept
+            # here and added to the budgets when storage is back; the holds lapse on their own.
+            self._keep(actual, reservation)
+
+    def _raise_alerts(self, crossed: list[Crossed], lines: list[Line], reservation: Reservation) -> None:
         for alert in crossed:
-            index = next(i for i, li in enumerate(actual) if li.key == alert.key)
+            index = next(i for i, li in enumerate(lines) if li.key == alert.key)
             if index in reservation.app_wide:  # per-user budgets refuse quietly; they are not pager news
-                self._alert(actual[index], alert.threshold, alert.spent, index in reservation.usd_lines)
+                self._alert(lines[index], alert.threshold, alert.spent, index in reservation.usd_lines)
+
+    # --- spend made while storage was down --------------------------------------------------
+
+    def _keep(self, lines: list[Line], reservation: Reservation) -> None:
+        """Add a settlement that storage could not take to the spend kept in this process.
+
+        Kept per budget key, so it stays as small as the budgets touched during the outage; past
+        ``MAX_KEPT_BUDGETS`` keys the rest is counted as lost and said so when storage is back.
+        """
+        with self._kept_lock:
+            for i, line in enumerate(lines):
+                kept = self._kept.get(line.key)
+                if kept is None:
+                    if len(self._kept) >= MAX_KEPT_BUDGETS:
+                        self._lost += line.amount if i in reservation.usd_lines else 0
+                        continue
+                    self._kept[line.key] = kept = _Kept(line, i in reservation.usd_lines,
+                                                        i in reservation.app_wide)
+                kept.amount += line.amount
+
+    def _replay_if_back(self) -> None:
+        """Storage answers again: add what was spent meanwhile, so an outage is not free money."""
+        if not self._kept or not getattr(self.store, "healthy", True):
+            return
+        with self._kept_lock:
+            kept, self._kept = self._kept, {}
+            lost, self._lost = self._lost, 0
+        now = self.state.clock.time()
+        live = [k for k in kept.values() if k.line.expires_at > now]  # an ended period enforces nothing
+        lines = [Line(k.line.key, k.line.limit, k.amount, k.line.expires_at, k.line.name) for k in live]
+        try:
+            crossed = self.store.settle(lines, (), self.settings.budget_alerts, now) if lines else []
+        except StorageUnavailable:
+            with self._kept_lock:  # down again: keep it all for the next time
+                for key, k in kept.items():
+                    self._kept.setdefault(key, _Kept(k.line, k.usd, k.app_wide)).amount += k.amount
+                self._lost += lost
+            return
+        # every call adds its cost to each of its USD budgets: the largest is the outage's spend
+        # when an app-wide budget is set (all calls touch it)
+        fields = {"budgets": len(lines), "usd": round(max([k.amount for k in live if k.usd], default=0) / MICRO, 6),
+                  "lost_usd": round(lost / MICRO, 6)}
+        self.state.events.emit("spend_replayed", fields, level="WARNING")
+        replay = Reservation("", lines, [i for i, k in enumerate(live) if k.usd],
+                             [i for i, k in enumerate(live) if k.app_wide])
+        self._raise_alerts(crossed, lines, replay)
 
     def _alert(self, line: Line, threshold: float, spent: int, unit_usd: bool) -> None:
         """Log, signal and call the hook: once per threshold, app-wide budget and period, across all workers.
@@ -342,16 +522,14 @@ class Budgets:
     # --- a storage outage -----------------------------------------------------------------
 
     def _guarded(self, step: Any) -> Any:
+        """A storage step under ``CLAUDE_STORAGE_FAILURE``; the outage itself is logged once per
+        episode by the store's guard (``outage.py``), not here per request."""
+        self._replay_if_back()
         try:
             return step()
         except StorageUnavailable as exc:
             if self.settings.storage_failure == "closed":
                 raise StorageDown(f"storage unavailable: {exc}") from None
-            now = time.monotonic()
-            if now - self._last_storage_warning > 10:
-                self._last_storage_warning = now
-                self.state.events.emit("storage_unavailable", {"error_type": str(exc), "policy": "open"},
-                                       level="ERROR")
             return None
 
     def usage_report(self, now: float | None = None) -> list[dict[str, Any]]:
@@ -359,6 +537,9 @@ class Budgets:
         from .context import CallScope
 
         now = self.state.clock.time() if now is None else now
+        flush = getattr(self.store, "flush", None)
+        if flush is not None:
+            flush()  # settlements written behind count in what an operator reads
         out = []
         features = list(self.settings.feature_budgets_usd)
         for feature in [None, *features]:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .decorators import ViewSpec
     from .extension import ClaudeState
 
-claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report and status.")
+claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report, status and prices.")
 
 
 @claude_cli.command("simulate")
@@ -37,14 +37,18 @@ claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report and 
 @click.option("--fail-rate", type=float, default=None, help="...to this fraction of requests (default: all).")
 @click.option("--fail-model", default=None, help="...only for this model (default: every model).")
 @click.option("--latency", type=float, default=0.0, help="Seconds before each response starts.")
+@click.option("--pad-prompt", type=click.IntRange(min=0), default=0, metavar="TOKENS",
+              help="Count this many more input tokens per request (reach a long-prompt price band).")
 def simulate(host: str, port: int, fail_status: int | None, fail_rate: float | None, fail_model: str | None,
-             latency: float) -> None:
+             latency: float, pad_prompt: int) -> None:
     """Serve the offline Messages API; point CLAUDE_BASE_URL (or ANTHROPIC_BASE_URL) at it."""
     from .simulator import Simulator, run_server
 
     simulator = Simulator()
     if latency:
         simulator.latency(latency)
+    if pad_prompt:
+        simulator.pad_prompt(pad_prompt)
     if fail_status is not None:
         simulator.fail(fail_status, rate=fail_rate, model=fail_model)
     click.echo(f"flask-claude simulator on http://{host}:{port} (CLAUDE_BASE_URL=http://{host}:{port})")
@@ -285,6 +289,65 @@ def status_command(as_json: bool) -> None:
         click.get_current_context().exit(1)
 
 
+# --- prices ---------------------------------------------------------------------------------------
+
+
+def _rate_line(rates: dict[str, Any]) -> str:
+    return (f"in ${rates['input']:g}  out ${rates['output']:g}  write 5m ${rates['cache_write_5m']:g}  "
+            f"write 1h ${rates['cache_write_1h']:g}  read ${rates['cache_read']:g}")
+
+
+def render_prices(info: dict[str, Any], entries: dict[str, dict[str, Any]]) -> str:
+    out = [f"Prices in USD per million tokens; table checked {info.get('checked', '?')}. "
+           "Batch calls pay half of every rate."]
+    for model, entry in entries.items():
+        status = entry["status"] + (f", retires {entry['retired_on']}" if entry.get("retired_on")
+                                    and entry["status"] != "retired" else "")
+        tag = "  [CLAUDE_PRICES override]" if entry.get("overridden") else ""
+        out.append(f"{model}  ({status}){tag}")
+        if entry.get("aliases"):
+            out.append(f"  also: {', '.join(entry['aliases'])}")
+        for period in entry["prices"]:
+            since = f"from {period['from']}: " if "from" in period else ""
+            lower = " (prompt up to " + f"{period['bands'][0]['above']:,} tokens)" if period.get("bands") else ""
+            out.append(f"  {since}{_rate_line(period)}{lower}")
+            for band in period.get("bands", ()):
+                out.append(f"    prompt over {band['above']:,} tokens: {_rate_line(band)}")
+        if entry.get("source"):
+            out.append(f"  source: {entry['source']} (checked {entry.get('checked', '?')})")
+        if len(entries) == 1 and entry.get("notes"):
+            out.append(f"  notes: {entry['notes']}")
+    return "\n".join(out)
+
+
+@claude_cli.command("prices")
+@click.option("--model", "model", default=None, metavar="MODEL",
+              help="Show one model (an alias or dated id resolves to its model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON, in the data file's shape.")
+def prices_command(model: str | None, as_json: bool) -> None:
+    """The price table this app bills with: packaged prices plus CLAUDE_PRICES overrides."""
+    from .errors import UnknownModel
+    from .pricing import PRICES_INFO, PriceTable
+
+    state = _state()
+    table = state.prices if state is not None else PriceTable()
+    if model is not None:
+        try:
+            chosen = [table.entry(model)]
+        except UnknownModel:
+            raise click.BadParameter(f"no price for {model!r}; `flask claude prices` lists every priced model",
+                                     param_hint="'--model'") from None
+    else:
+        chosen = table.entries()
+    entries = {e.model: e.as_dict() for e in chosen}
+    info = dict(PRICES_INFO)
+    if as_json:
+        click.echo(json.dumps({"checked": info.get("checked"), "sources": info.get("sources"),
+                               "models": entries}, indent=2, ensure_ascii=False))
+    else:
+        click.echo(render_prices(info, entries))
+
+
 # --- batches --------------------------------------------------------------------------------------
 
 batch_cli = AppGroup("batch", help="Submit, watch and read Message Batches (half price, same budgets and logs).")
@@ -365,11 +428,12 @@ def batch_results(batch_id: str) -> None:
     """Print each result as a JSON line with its cost at the batch rate; settle the batch's budget hold."""
     state = _guarded_state()
     total = 0.0
+    record = state.messages.batches._get(batch_id) or {}
     for item in state.messages.batches.results(batch_id):
         out: dict[str, Any] = {"custom_id": item.custom_id, "type": item.result.type}
         if item.result.type == "succeeded":
             message = item.result.message
-            cost = state.prices.cost(message.model, message.usage, batch=True).usd
+            cost = state.prices.cost(message.model, message.usage, batch=True, at=record.get("submitted_at")).usd
             total += cost
             out.update(text="".join(getattr(b, "text", "") for b in message.content),
                        stop_reason=message.stop_reason, cost_usd=round(cost, 8))

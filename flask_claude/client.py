@@ -284,8 +284,10 @@ class GuardedMessages:
             next_model = call.chain[index + 1]
             call.fallback_from = call.chain[0]
             fields: dict[str, Any] = {"feature": call.scope.feature, "route": call.scope.route, "from_model": model,
-                      "to_model": next_model, "reason": failure.error_type, "status_code": failure.status_code}
-            if failure.kind != "circuit_open" or self._log_skip(model):
+                      "to_model": next_model, "reason": failure.error_type, "status_code": failure.status_code,
+                      # requests this call sent to from_model, all failed (0: skipped, its circuit was open)
+                      "attempts": attempt if failure.kind == "circuit_open" else attempt + 1}
+            if failure.kind != "circuit_open" or attempt > 0 or self._log_skip(model):  # only pure skips throttled
                 state.events.emit("model_fallback", fields, level="WARNING")
             model_fallback.send(state.app, **fields)
             call.span.fallback(model, next_model, failure.error_type)
@@ -345,7 +347,7 @@ class GuardedMessages:
             **call.extra,
         }
         if state.events.log_content:
-            fields["prompt"] = state.events.content(json.dumps(call.params.get("messages"), default=str))
+            fields["prompt"] = state.events.content(call.params.get("messages"))  # scrubbed, then encoded
             if reply_text is None and message is not None:
                 reply_text = "".join(getattr(b, "text", "") for b in getattr(message, "content", []) or [])
             fields["response"] = state.events.content(reply_text)

@@ -136,10 +136,10 @@ def degrade(state: ClaudeState, spec: ViewSpec, scope: CallScope, exc: ClaudeGua
             args: tuple[Any, ...], kwargs: dict[str, Any]) -> Response:
     """The feature's fallback (or a short JSON error) with ``X-Claude-Degraded``; logged and signalled.
 
-    Client-caused refusals (413 input too large, 429 over a limit) keep their own status and clear
-    message; everything else answers the fallback with ``fallback_to(status=...)``.
+    Client-caused refusals (400 invalid request, 413 input too large, 429 over a limit) keep their
+    own status and clear message; everything else answers the fallback with ``fallback_to(status=...)``.
     """
-    client_side = exc.status in (413, 429)
+    client_side = exc.status in (400, 413, 429)
     response: Response | None = None
     fallback_error: str | None = None
     if not client_side:

@@ -97,3 +97,11 @@ class UnknownModel(ConfigError):
 
     status = 503
     reason = "unknown_model"
+
+
+class InvalidRequest(ClaudeGuardError):
+    """The caller sent something that cannot be turned into a Claude request: theirs to fix, so 400."""
+
+    status = 400
+    reason = "invalid_request"
+    public_message = "The request could not be processed."

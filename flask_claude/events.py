@@ -40,27 +40,113 @@ _OUR_FIELDS = frozenset({
     "ts", "event", "request_id", "feature", "route", "model", "requested_model", "fallback_from", "stop_reason",
     "system_prompt_hash", "error_type", "batch_id", "from_model", "to_model", "reason", "unit", "policy",
     "user",  # already hashed, or scrubbed by EventLog.user
+    "prompt", "response",  # scrubbed by EventLog.content on the text as written: never again on its JSON form
     "budget",  # names built from hashed subjects
 })
 
-_SCRUBBERS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}"), "[api-key]"),
-    (re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"), "[api-key]"),
-    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=\-]{8,}"), r"\1 [token]"),
-    (re.compile(r"(?i)\b(x-api-key|api[_-]?key|authorization)(\"?\s*[:=]\s*\"?)[^\s\",}]{6,}"), r"\1\2[secret]"),
-    (re.compile(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9.\-]+\.[A-Za-z]{2,}"), "[email]"),
-    (re.compile(r"\b(?:\d[ \-]?){12,18}\d\b"), "[card]"),
-    (re.compile(r"(?<![\w.])\+?\d{1,3}[ .\-]?\(?\d{2,4}\)?[ .\-]?\d{3,4}[ .\-]?\d{3,4}(?![\w.])"), "[phone]"),
+# ... except the few of them whose values come from the upstream (a response header, an error body).
+# The API's ids and enums have a known shape, so these are checked against it (one ``fullmatch``,
+# cheaper than scrubbing) and logged as "[invalid]" otherwise: a proxy at CLAUDE_BASE_URL or a
+# misbehaving upstream cannot put an email, a key or a log-forging newline into a field every line
+# carries and that nobody thinks of as text.
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")  # overloaded_error, end_turn, RemoteProtocolError
+_SHAPED: dict[str, re.Pattern[str]] = {
+    "request_id": re.compile(r"req_[A-Za-z0-9_]{1,100}"),
+    "batch_id": re.compile(r"msgbatch_[A-Za-z0-9_]{1,100}"),
+    "stop_reason": _WORD,
+    "error_type": _WORD,
+    "reason": _WORD,
+}
+
+# Phone numbers: a run of digit groups joined by single separators (space, dot, dash, slash, no-break
+# spaces) or parentheses, starting where no word, number, email or amount continues, and ending
+# before anything that is not a further group (so "0133." at the end of a sentence is the number
+# and its full stop). Whether such a run is a phone, a date, a version or an amount is decided by
+# ``_phone_or_not`` below, on the whole run: a run that is kept is kept whole, never re-read in parts.
+_SEP = r"[ .\-/\u00a0\u202f]"
+_GROUP = r"(?:\(\d{1,5}\)|\d+)"
+_PHONE_RUN = re.compile(
+    r"(?<![\w@#$€£¥])(?<!\d[.,:/\-])"  # not inside a word, a number (1.2.3, 1,234, 12:30), an email or an amount
+    rf"\+?{_GROUP}(?:(?:{_SEP}|(?<=\))|(?=\()){_GROUP})*"
 )
+_DATE = re.compile(r"\d{4}([\-./])\d{1,2}\1\d{1,2}|\d{1,2}([\-./])\d{1,2}\2\d{2,4}")
+_DIGITS = re.compile(r"\d+")
+
+
+def _phone_or_not(match: re.Match[str]) -> str:
+    """``[phone]`` for a run that is a phone number in some national or international format, else the run.
+
+    With a leading ``+``: 8 to 15 digits (E.164). Without: 7 to 15 digits, and not an ISO or
+    day-month-year date, not a decimal, version or IPv4 address (dots only, with a one-digit group,
+    two groups, or four of 0-255), not thousands (dots only, groups of three), not a range like 2019-2021 (two
+    groups are a phone only as 555-0133, 98765 43210, or with a leading trunk 0 or parentheses), and
+    a bare run of digits only from 10 digits on.
+    """
+    run = match.group()
+    end = match.end()
+    text = match.string
+    if text.startswith(":", end) and text[end + 1:end + 2].isdigit():
+        # The last group is the hour of a time ("2026-11-30 04:28"): judge the run before it.
+        cut = max(run.rfind(c) for c in " .-/\u00a0\u202f")
+        return run if cut <= 0 else _phone_or_not_run(run[:cut]) + run[cut:]
+    return _phone_or_not_run(run)
+
+
+def _phone_or_not_run(run: str) -> str:
+    groups = _DIGITS.findall(run)
+    digits = sum(map(len, groups))
+    if run[0] == "+":
+        return "[phone]" if 8 <= digits <= 15 else run
+    if not 7 <= digits <= 15 or _DATE.fullmatch(run):
+        return run
+    if len(groups) == 1:
+        return "[phone]" if digits >= 10 else run
+    separators = {c for c in run if not c.isdigit()}
+    if separators == {"."} and (len(groups) == 2 or any(len(g) < 2 for g in groups[1:])
+                                or all(len(g) == 3 for g in groups[1:])
+                                or (len(groups) == 4 and all(len(g) <= 3 and int(g) <= 255 for g in groups))):
+        return run
+    if len(groups) == 2 and "(" not in run and not groups[0].startswith("0") \
+            and (len(groups[0]), len(groups[1])) not in ((3, 4), (5, 5)):
+        return run
+    return "[phone]"
+
+
+# Each scrubber with the text it cannot match without (looked up in the lower-cased text, or "0-9"
+# for a digit): a pattern whose hint is absent is skipped, so plain prose costs a few substring
+# checks instead of seven regex passes.
+_SCRUBBERS: tuple[tuple[tuple[str, ...], re.Pattern[str], Any], ...] = (
+    (("sk-",), re.compile(r"sk-ant-[A-Za-z0-9_\-]{8,}"), "[api-key]"),
+    (("sk-",), re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"), "[api-key]"),
+    # A token or value does not end in a full stop, comma or bracket: the sentence around it keeps them.
+    (("bearer",), re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=\-]{7,}[A-Za-z0-9_~+/=\-]"), r"\1 [token]"),
+    (("key", "authorization"),
+     re.compile(r"(?i)\b(x-api-key|api[_-]?key|authorization)(\"?\s*[:=]\s*\"?)"
+                r"(?:(?:basic|bearer|digest|token|negotiate)\s+)?[^\s\",}]{5,}[^\s\",};:.!?)>\]]"), r"\1\2[secret]"),
+    # Emails, Unicode letters included (josé@example.fr, 用户@例子.广告, user@xn--bcher-kva.de); the
+    # lookbehind starts a match only at the start of a run, so a long word without "@" is read once.
+    (("@",), re.compile(r"(?<![\w.%+\-])[\w.%+\-]+(?:'[\w.%+\-]+)*@"
+                        r"[\w\-]+(?:\.[\w\-]+)*\.(?:[^\W\d_]{2,}|xn--[\w\-]+)"), "[email]"),
+    (("0-9",), re.compile(r"\b(?:\d[ \-]?){12,18}\d\b"), "[card]"),
+    (("0-9",), _PHONE_RUN, _phone_or_not),
+)
+_ANY_DIGIT = re.compile(r"\d")
 
 
 def scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove API keys, bearer tokens, emails, card and phone numbers from ``text``."""
+    """Remove API keys, bearer tokens, emails, card and phone numbers from ``text``.
+
+    Give it the text as written, not JSON-encoded: in JSON a newline is the two characters ``\\n``
+    (so the number after it looks like the tail of a word) and "é" is ``\\u00e9``.
+    """
     for secret in secrets:
         if secret:
             text = text.replace(secret, "[api-key]")
-    for pattern, replacement in _SCRUBBERS:
-        text = pattern.sub(replacement, text)
+    folded = text.lower()
+    digits = _ANY_DIGIT.search(text) is not None
+    for hints, pattern, replacement in _SCRUBBERS:
+        if digits if hints[0] == "0-9" else any(hint in folded for hint in hints):
+            text = pattern.sub(replacement, text)
     return text
 
 
@@ -72,6 +158,23 @@ def _scrub_value(value: Any, secrets: tuple[str, ...]) -> Any:
     if isinstance(value, (list, tuple)):
         return [_scrub_value(v, secrets) for v in value]
     return value
+
+
+def _scrub_content(value: Any, secrets: tuple[str, ...]) -> Any:
+    """Like ``_scrub_value``, for request content: SDK objects (a ``TextBlock`` passed back as history)
+    are dumped first, anything else is scrubbed as its ``str``, so no text reaches ``json.dumps`` unread."""
+    if isinstance(value, str):
+        return scrub(value, secrets)
+    if isinstance(value, Mapping):
+        return {k: _scrub_content(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub_content(v, secrets) for v in value]
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    dump = getattr(value, "model_dump", None)
+    if callable(dump):
+        return _scrub_content(dump(), secrets)
+    return scrub(str(value), secrets)
 
 
 def hash_text(text: str, *, salt: str = "") -> str:
@@ -91,7 +194,7 @@ class _FileWriter:
         self._lock = threading.Lock()
 
     def write(self, line: str) -> None:
-        data = line.encode("utf-8")
+        data = line.encode("utf-8", "backslashreplace")  # a lone surrogate must not cost the whole line
         with self._lock:
             if self._fd is None or self._pid != os.getpid():
                 # Reopen after a fork so each worker has its own descriptor.
@@ -187,11 +290,17 @@ class EventLog:
             return None
         return hash_text(str(key), salt=self.salt) if self.hash_users else scrub(str(key), self.secrets)
 
-    def content(self, text: str | None) -> str | None:
-        """Prompt or reply text, only when the app opted in with ``CLAUDE_LOG_CONTENT``, scrubbed."""
-        if not self.log_content or text is None:
+    def content(self, value: Any) -> str | None:
+        """Prompt or reply, only when the app opted in with ``CLAUDE_LOG_CONTENT``, scrubbed.
+
+        A string is scrubbed as is; anything else (a call's ``messages``) is scrubbed string by
+        string, then JSON-encoded: scrubbing must read the text as written, never its JSON form.
+        """
+        if not self.log_content or value is None:
             return None
-        return scrub(text, self.secrets)
+        if isinstance(value, str):
+            return scrub(value, self.secrets)
+        return json.dumps(_scrub_content(value, self.secrets), default=str)
 
     def emit(self, event: str, fields: Mapping[str, Any], *, level: str = "INFO") -> dict[str, Any]:
         record: dict[str, Any] = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
@@ -199,7 +308,11 @@ class EventLog:
         for key, value in fields.items():
             if key in record:
                 continue
-            if key not in _OUR_FIELDS and isinstance(value, (str, Mapping, list, tuple)):
+            if key in _OUR_FIELDS:
+                shape = _SHAPED.get(key)
+                if shape is not None and type(value) is str and shape.fullmatch(value) is None:
+                    value = "[invalid]"
+            elif isinstance(value, (str, Mapping, list, tuple)):
                 value = _scrub_value(value, self.secrets)  # numbers and None need no scrubbing
             record[key] = value
         route = _Route(self.destination)

@@ -25,10 +25,11 @@ from .degrade import ResponseCache, handle_guard_error
 from .errors import ClaudeGuardError, ConfigError
 from .events import EventLog
 from .flags import make_provider
+from .outage import OutageGuard
 from .pricing import PriceTable
 from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
 from .settings import Settings, load_settings
-from .storage import BreakerParams, make_store
+from .storage import BreakerParams, MemoryStore, Store, make_store
 
 EXTENSION_KEY = "claude"
 SIMULATOR_BASE_URL = "http://simulator.flask-claude.invalid"
@@ -46,7 +47,7 @@ class ClaudeState:
         self.settings = settings
         self.extension = extension
         self.clock: Clock = clock or SystemClock()
-        self.prices = PriceTable(settings.prices)
+        self.prices = PriceTable(settings.prices, clock=self.clock)  # a call is priced at its own time
         self.prices.check(settings.models)  # an unpriced model fails the deploy, not a request
 
         if settings.simulate or simulator is not None:
@@ -78,8 +79,12 @@ class ClaudeState:
         self.retry_policy = RetryPolicy(max_retries=settings.max_retries,
                                         retry_after_cap=settings.retry_after_cap)
         # Limits, budgets, alert de-duplication and breaker state share one store.
-        self.store = make_store(settings.storage_uri, prefix=settings.storage_prefix,
-                                socket_timeout=settings.storage_socket_timeout)
+        store = make_store(settings.storage_uri, prefix=settings.storage_prefix,
+                           socket_timeout=settings.storage_socket_timeout, settle_delay=settings.settle_delay)
+        if not isinstance(store, MemoryStore):  # a shared store can fail: stop asking it while it is down
+            store = OutageGuard(store, clock=self.clock, retry_interval=settings.storage_retry_interval,
+                                policy=settings.storage_failure, notify=self._storage_event)
+        self.store: Store = store
         self.breaker = CircuitBreaker(self.store, BreakerParams(
             min_calls=settings.breaker_min_calls, failure_rate=settings.breaker_failure_rate,
             window=settings.breaker_window, cooldown=settings.breaker_cooldown))
@@ -94,6 +99,9 @@ class ClaudeState:
                                    start_wait=settings.launchdarkly_start_wait, global_flag=settings.global_flag)
         self.response_cache = ResponseCache()
         self.budgets = Budgets(self, self.store)
+
+    def _storage_event(self, event: str, fields: dict[str, Any]) -> None:
+        self.events.emit(event, fields, level="ERROR" if event == "storage_unavailable" else "WARNING")
 
 
 class Claude:

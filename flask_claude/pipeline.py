@@ -1,9 +1,9 @@
-"""The request pipeline of a decorated view, in the order of DESIGN.md, top to bottom.
+"""The request pipeline of a decorated view, top to bottom (README: "How degradation works").
 
 1. scope: the feature spec and the user's key (``user_loader``, Flask-Login, or the remote address)
-2. flags: the global switch, the feature's flag, the budget's auto-kill state
-3. the per-user request limit
-4. the view, whose Claude calls are guarded by ``client.py`` under this scope
+2. flags: the global switch, the feature's flag, the model flag
+3. admission: the request limits and the app-wide budgets' kill state, before the view by default
+4. the view (sync or ``async def``), whose Claude calls are guarded by ``client.py`` under this scope
 5. any guard error or upstream failure -> the feature's degradation response
 """
 
@@ -18,10 +18,11 @@ import httpx2
 from flask import Response, current_app, g, make_response, request
 from flask.views import View
 
+from .body import from_request_body
 from .context import CallScope
 from .decorators import ViewSpec
 from .degrade import degrade, remember
-from .errors import ClaudeGuardError, FeatureDisabled, UpstreamUnavailable
+from .errors import ClaudeGuardError, FeatureDisabled, InvalidRequest, UpstreamUnavailable
 from .extension import ClaudeState, state_for
 from .flags import UserContext
 
@@ -58,23 +59,34 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
                 if isinstance(first, str) and first:
                     state.prices.price(first)  # a typo in a flag must not cost $0 or reach upstream
                     scope.first_model = first
-        # ... and 3. the per-user request limit; both are checked atomically with the first call's
-        # reservation (one storage round trip), or right after a view that made no call
+        # 3. the request limits and the app-wide budgets' kill state. By default they are checked
+        # before the view runs, so a refused request has no side effect; a feature that bounds its
+        # input also holds its first call's worst case in that same round trip. The opt-in
+        # "with_first_call" checks them with the first call's reservation instead (or right after a
+        # view that made no call): one round trip fewer, for views without side effects.
         scope.budgets = spec.budget
         state.budgets.admit(scope, spec.budget)
-        if settings.admission == "before_view":
-            state.budgets.finish_admission(scope)  # one more round trip, before any side effect
-
-        # 4. the view, its Claude calls guarded under this scope
         g.claude_scope = scope
-        response = make_response(view(*args, **kwargs))
-        if scope.admission is not None:
-            state.budgets.finish_admission(scope)
+        if settings.admission == "before_view":
+            state.budgets.admit_before_view(scope)
+
+        # 4. the view, its Claude calls guarded under this scope (an ``async def`` view too)
+        try:
+            response = make_response(current_app.ensure_sync(view)(*args, **kwargs))
+            if scope.admission is not None:
+                state.budgets.finish_admission(scope)
+        finally:
+            state.budgets.release_unused(scope)
     except ClaudeGuardError as exc:
         return degrade(state, spec, scope, exc, args, kwargs)
     except (anthropic.APIError, httpx2.HTTPError) as exc:
         # The view used a raw SDK client; still no 500 and no upstream text in the body.
         return degrade(state, spec, scope, UpstreamUnavailable(type(exc).__name__), args, kwargs)
+    except (RecursionError, ValueError) as exc:
+        if not from_request_body(exc):
+            raise  # the view's own bug: not ours to hide
+        # request.json on a hostile body (nested too deep to parse): the client's mistake, a 400.
+        return degrade(state, spec, scope, InvalidRequest(type(exc).__name__), args, kwargs)
     if spec.fallback is not None and spec.fallback.cache:
         remember(state, spec, scope, response, args, kwargs)
     if scope.rate_headers:

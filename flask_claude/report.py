@@ -141,7 +141,13 @@ class Latency:
 
 @dataclass(frozen=True)
 class Stats:
-    """One group's (or the whole window's) numbers; ``calls`` counts successes and errors."""
+    """One group's (or the whole window's) numbers; ``calls`` counts successes and errors.
+
+    By model, a call that fell back counts for every model it tried: the model that answered (or
+    failed last) has its line, and each model before it one failed call (``failed_over``, from its
+    ``model_fallback`` event), so an Opus-only outage shows on Opus and not as Sonnet's. The totals
+    count each call once, so by model the groups' ``calls`` add up to more than the total.
+    """
 
     calls: int
     errors: int
@@ -151,8 +157,9 @@ class Stats:
     cache_read_input_tokens: int
     cache_creation_input_tokens: int
     latency: Latency
-    fallback_calls: int  # calls answered by a model other than the one asked for
+    fallback_calls: int  # calls answered by a model other than the first of the chain (answered only)
     degraded: int  # feature_degraded + limit_exceeded events attributed to this group
+    failed_over: int = 0  # by model: calls that failed on this model and went on to the next one
 
     @property
     def ok(self) -> int:
@@ -211,7 +218,7 @@ class Report:
     feature_degraded: int
     limit_exceeded: int
     circuits_opened: dict[str, int]
-    budget_alerts: dict[str, int]  # "budget @ threshold" -> times
+    budget_alerts: dict[str, int]  # "budget @ threshold" -> times, by budget, thresholds ascending
     storage_unavailable: int
     events: dict[str, int]
     tokens_by_route: dict[str, int]  # all tokens (in, cache, out), highest first
@@ -256,20 +263,22 @@ class Report:
 class _Acc:
     """Running sums of one group; only the latencies grow with the number of calls (8 bytes each)."""
 
-    __slots__ = ("cache_creation", "cache_read", "calls", "degraded", "errors", "fallback_calls", "input",
-                 "latencies", "output", "spend")
+    __slots__ = ("cache_creation", "cache_read", "calls", "degraded", "errors", "failed_over", "fallback_calls",
+                 "input", "latencies", "output", "spend")
 
     def __init__(self) -> None:
         self.calls = self.errors = self.spend = self.input = self.output = 0
-        self.cache_read = self.cache_creation = self.fallback_calls = self.degraded = 0
+        self.cache_read = self.cache_creation = self.fallback_calls = self.degraded = self.failed_over = 0
         self.latencies = array("d")
 
     def stats(self, latencies: array[float] | None = None) -> Stats:
-        return Stats(calls=self.calls, errors=self.errors, spend_usd=self.spend / NANO, input_tokens=self.input,
+        # A call that failed over is one of this model's calls, and a failed one.
+        return Stats(calls=self.calls + self.failed_over, errors=self.errors + self.failed_over,
+                     spend_usd=self.spend / NANO, input_tokens=self.input,
                      output_tokens=self.output, cache_read_input_tokens=self.cache_read,
                      cache_creation_input_tokens=self.cache_creation,
                      latency=_percentiles(self.latencies if latencies is None else latencies),
-                     fallback_calls=self.fallback_calls, degraded=self.degraded)
+                     fallback_calls=self.fallback_calls, degraded=self.degraded, failed_over=self.failed_over)
 
 
 def _percentiles(values: array[float]) -> Latency:
@@ -324,7 +333,7 @@ class ReportBuilder:
         self.fallback_pairs: Counter[str] = Counter()
         self.degraded_reasons: Counter[str] = Counter()
         self.circuits: Counter[str] = Counter()
-        self.alerts: Counter[str] = Counter()
+        self.alerts: Counter[tuple[str, float, str]] = Counter()  # (budget, threshold, "50%") -> times
 
     def _bad(self) -> None:
         self.malformed += 1
@@ -371,12 +380,24 @@ class ReportBuilder:
                 self._group(_key(record.get(self.by))).degraded += 1
         elif event == "model_fallback":
             self.fallback_pairs[f"{_label(record.get('from_model'))} -> {_label(record.get('to_model'))}"] += 1
+            # By model, the model that failed gets the failure (not the one that answered); a model
+            # skipped because its circuit was open was not called, so it gets nothing.
+            if self.by == "model":
+                attempts = record.get("attempts")
+                tried = attempts > 0 if type(attempts) is int else record.get("reason") != "circuit_open"
+                if tried:
+                    self._group(_key(record.get("from_model"))).failed_over += 1
         elif event == "circuit_opened":
             self.circuits[_label(record.get("model"))] += 1
         elif event == "budget_alert":
             threshold = record.get("threshold")
-            mark = f"{threshold:.0%}" if isinstance(threshold, (int, float)) else _label(threshold)
-            self.alerts[f"{_label(record.get('budget'))} @ {mark}"] += 1
+            value = float(threshold) if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) \
+                else math.inf
+            if not math.isfinite(value):
+                value = math.inf
+            mark = f"{value:.0%}" if value != math.inf else _label(threshold)
+            # Ordered by budget, then by the threshold's value: 50% before 80% before 100%.
+            self.alerts[(_label(record.get("budget")), value, mark)] += 1
 
     def _group(self, key: str) -> _Acc:
         acc = self.groups.get(key)
@@ -402,7 +423,7 @@ class ReportBuilder:
         acc.output += out
         acc.cache_read += cread
         acc.cache_creation += ccreate
-        if get("fallback_from"):
+        if not error and get("fallback_from"):  # answered by a fallback model; a failed call was not answered
             acc.fallback_calls += 1
         latency = get("latency_ms")
         if type(latency) is not float or not 0.0 <= latency < math.inf:
@@ -449,7 +470,8 @@ class ReportBuilder:
             fallback_events=self.events["model_fallback"], fallback_pairs=dict(self.fallback_pairs.most_common()),
             degraded_by_reason=dict(self.degraded_reasons.most_common()),
             feature_degraded=self.events["feature_degraded"], limit_exceeded=self.events["limit_exceeded"],
-            circuits_opened=dict(self.circuits.most_common()), budget_alerts=dict(sorted(self.alerts.items())),
+            circuits_opened=dict(self.circuits.most_common()),
+            budget_alerts={f"{budget} @ {mark}": n for (budget, _, mark), n in sorted(self.alerts.items())},
             storage_unavailable=self.events["storage_unavailable"], events=dict(self.events.most_common()),
             tokens_by_route=dict(routes), source=source, malformed_examples=list(self.malformed_examples))
 
@@ -543,6 +565,10 @@ def render_text(report: Report, *, rows: int = 10) -> str:
         rest = list(report.groups.values())[rows:]
         out.append(f"   ... {len(rest):,} more {report.by}s: {_usd(sum(g.spend_usd for g in rest))}, "
                    f"{sum(g.calls for g in rest):,} calls (--json for all)")
+    failed_over = sum(g.failed_over for g in report.groups.values())
+    if failed_over:
+        out.append(f"   calls and err% include {_n(failed_over, 'call')} that failed over to the next model "
+                   "(counted once in the totals)")
     out.append("")
 
     if report.top_users:

@@ -480,6 +480,7 @@ class Simulator:
         self._requests: list[RecordedRequest] = []
         self._cache: dict[str, float] = {}
         self._batches: dict[str, _Batch] = {}
+        self._padding: dict[str | None, int] = {}
         self._counter = 0
 
     # ------------------------------------------------------------------ fault script
@@ -605,11 +606,33 @@ class Simulator:
             shaping.trickle_delay = chunk_delay
             shaping.trickle_chunks = chunks
 
+    def pad_prompt(self, tokens: int, *, model: str | None = None) -> None:
+        """Count ``tokens`` more (uncached) input tokens on every request, as if the prompt were longer.
+
+        Long-prompt price bands (``claude-haiku-5-5`` above 100,000 prompt tokens) can then be reached
+        without sending megabytes. The client cannot see the padding, so its reservation is sized for
+        the text it sent: a padded call past its hold is logged as ``reservation_exceeded``, as a real
+        under-estimate would be. A model's own padding replaces the all-models one; 0 removes it.
+        """
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"tokens must be a whole number >= 0, got {tokens!r}")
+        with self._lock:
+            if tokens:
+                self._padding[model] = tokens
+            else:
+                self._padding.pop(model, None)
+
+    def _pad_for(self, model: Any) -> int:
+        with self._lock:
+            own = self._padding.get(model) if isinstance(model, str) else None
+            return own if own is not None else self._padding.get(None, 0)
+
     def clear_faults(self) -> None:
-        """Forget every scripted fault, latency and trickle."""
+        """Forget every scripted fault, latency, trickle and prompt padding."""
         with self._lock:
             self._faults.clear()
             self._shaping.clear()
+            self._padding.clear()
 
     def reset(self) -> None:
         """Back to a fresh simulator: no faults, requests, cache entries or batches, ids restart."""
@@ -725,7 +748,7 @@ class Simulator:
                 return self._stream_response(environ, reply, fault, request_id, shaping)
             return self._json(200, reply.message_json(), request_id, environ, shaping)
         if endpoint == "count_tokens":
-            tokens = sum(segment.tokens for segment in _segments(body))
+            tokens = sum(segment.tokens for segment in _segments(body)) + self._pad_for(body.get("model"))
             return self._json(200, {"input_tokens": tokens}, request_id, environ, shaping)
         try:
             return self._batches_endpoint(request, method, path, body, request_id, shaping)
@@ -823,7 +846,7 @@ class Simulator:
             sentences.append(" ".join(words).capitalize() + ".")
         return " ".join(sentences)
 
-    def _usage(self, body: dict[str, Any], output_tokens: int, service_tier: str) -> _Usage:
+    def _cached_usage(self, body: dict[str, Any], output_tokens: int, service_tier: str) -> _Usage:
         """Input usage with prompt caching.
 
         Each ``cache_control`` marks a prefix. The longest marked prefix already cached (same model,
@@ -864,6 +887,11 @@ class Simulator:
                     previous = tokens
                 self._cache[key] = now + _TTL_SECONDS[ttl]  # written, or refreshed by the read
         usage.input_tokens = total - usage.cache_read - usage.cache_creation_5m - usage.cache_creation_1h
+        return usage
+
+    def _usage(self, body: dict[str, Any], output_tokens: int, service_tier: str) -> _Usage:
+        usage = self._cached_usage(body, output_tokens, service_tier)
+        usage.input_tokens += self._pad_for(body.get("model"))
         return usage
 
     # ------------------------------------------------------------------ responses

@@ -20,12 +20,20 @@ share the Redis hash tag ``{fc:<prefix>}``: a multi-key script must stay in one 
 
 from __future__ import annotations
 
+import atexit
+import heapq
 import math
+import os
 import threading
+import time
+import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from .redis_wire import Call, LeanScripts, NotSent
+from .redis_wire import usable as lean_usable
 
 BREAKER_BUCKETS = 10  # the failure window is counted in this many time buckets: O(1) per record
 # A refused call marks its budget exhausted (the automatic kill switch) only if its worst case is a
@@ -64,6 +72,7 @@ class Begin:
     hold_until: float = 0.0
     exhausted_alert: str = ""  # the alert threshold claimed by the first "spent for good" refusal
     breakers: Sequence[str] = ()  # models whose breaker state to read
+    optional_holds: bool = False  # no room for the holds: admit anyway and hold nothing (a guess, not a call)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class Outcome:
     newly_exhausted: bool = False
     spent: int = 0
     breakers: dict[str, float | None] = field(default_factory=dict)  # model -> open_until (None: closed)
+    held: bool = True  # False: optional holds found no room and were not taken
 
 
 @dataclass(frozen=True)
@@ -94,9 +104,9 @@ class StorageUnavailable(Exception):
 class Store(Protocol):
     def begin(self, step: Begin, now: float) -> Outcome: ...
 
-    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
+    def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
-        """Replace the hold by the real amount; report alert thresholds crossed first here; record
+        """Replace the holds ``rids`` by the real amount; report alert thresholds crossed first here; record
         ``success`` on that model's breaker."""
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
@@ -137,6 +147,39 @@ class _Breaker:
     buckets: dict[int, list[int]] = field(default_factory=dict)  # bucket -> [calls, failures]
 
 
+class _Expiries:
+    """When to look at an entry again, in coarse time buckets: eviction in amortised O(1) per entry.
+
+    Redis drops keys by their TTL; memory must drop them itself, or a day of distinct users stays
+    forever. Each entry is scheduled when created and looked at once when its time has come (a
+    window still in use is scheduled again at its newest hit's end), so a call pays only for the
+    entries that fell due, however many are live.
+    """
+
+    WIDTH = 60.0
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, list[tuple[str, str]]] = {}
+        self._heap: list[int] = []
+
+    def at(self, when: float, kind: str, key: str) -> None:
+        bucket = math.ceil(when / self.WIDTH)
+        entries = self._buckets.get(bucket)
+        if entries is None:
+            entries = self._buckets[bucket] = []
+            heapq.heappush(self._heap, bucket)
+        entries.append((kind, key))
+
+    def due(self, now: float) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        while self._heap and self._heap[0] * self.WIDTH <= now:
+            out += self._buckets.pop(heapq.heappop(self._heap))
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._buckets.values())
+
+
 class MemoryStore:
     """The same semantics as the Redis scripts, under one lock, for one process."""
 
@@ -144,40 +187,89 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._budgets: dict[str, _Budget] = {}
         self._windows: dict[str, deque[float]] = {}
+        self._window_length: dict[str, float] = {}
         self._alerts: dict[str, float] = {}
         self._breakers: dict[str, _Breaker] = {}
-        self._records: dict[str, str] = {}
+        self._records: dict[str, tuple[str, float]] = {}
+        self._expiries = _Expiries()
+        self._now = 0.0  # the latest time a caller gave: records expire on it (put_record has no clock)
+
+    def size(self) -> int:
+        """Entries held (budgets, windows, alert claims, records): what eviction keeps bounded."""
+        with self._lock:
+            return len(self._budgets) + len(self._windows) + len(self._alerts) + len(self._records)
+
+    def _evict(self, now: float) -> None:
+        """Drop what fell due: ended periods, empty windows, lapsed alert claims and records."""
+        self._now = max(self._now, now)
+        for kind, key in self._expiries.due(now):
+            if kind == "budget":
+                budget = self._budgets.get(key)
+                if budget is not None and budget.expires_at <= now:
+                    del self._budgets[key]
+            elif kind == "window":
+                hits = self._windows.get(key)
+                length = self._window_length.get(key, 0.0)
+                if hits is not None:
+                    while hits and hits[0] <= now - length:
+                        hits.popleft()
+                    if hits:
+                        self._expiries.at(hits[-1] + length, "window", key)
+                    else:
+                        del self._windows[key], self._window_length[key]
+            elif kind == "alert":
+                if self._alerts.get(key, now + 1) <= now:
+                    del self._alerts[key]
+            elif kind == "record":
+                record = self._records.get(key)
+                if record is not None and record[1] <= now:
+                    del self._records[key]
 
     def _budget(self, key: str, expires_at: float, now: float) -> _Budget:
         budget = self._budgets.get(key)
         if budget is None or budget.expires_at <= now:
             budget = self._budgets[key] = _Budget(expires_at=expires_at)
+            self._expiries.at(expires_at, "budget", key)
         return budget
+
+    def _window(self, key: str, length: float) -> deque[float]:
+        hits = self._windows.get(key)
+        if hits is None:
+            hits = self._windows[key] = deque()
+            self._window_length[key] = length
+            self._expiries.at(self._now + length, "window", key)
+        return hits
 
     def _claim_alert(self, key: str, threshold: str, until: float, now: float) -> bool:
         alert_key = f"{key}|{threshold}"
         if self._alerts.get(alert_key, 0) > now:
             return False
         self._alerts[alert_key] = until
+        self._expiries.at(until, "alert", alert_key)
         return True
 
     def begin(self, step: Begin, now: float) -> Outcome:
         with self._lock:
+            self._evict(now)
             for i, line in enumerate(step.gates):
                 budget = self._budget(line.key, line.expires_at, now)
                 if budget.spent >= line.limit or budget.exhausted_at_limit == line.limit:
                     return Outcome(False, "gate", i, retry_after=max(0.0, line.expires_at - now))
             remaining = []
             for i, line in enumerate(step.requests):
-                hits = self._windows.setdefault(line.key, deque())
+                hits = self._window(line.key, line.expires_at)
                 while hits and hits[0] <= now - line.expires_at:
                     hits.popleft()
                 if len(hits) + 1 > line.limit:
                     return Outcome(False, "request", i, retry_after=max(0.0, hits[0] + line.expires_at - now))
                 remaining.append(line.limit - len(hits) - 1)
             budgets = [self._budget(line.key, line.expires_at, now) for line in step.holds]
+            held = True
             for i, (line, budget) in enumerate(zip(step.holds, budgets, strict=True)):
                 if budget.spent + budget.live_reserved(now) + line.amount > line.limit:
+                    if step.optional_holds:
+                        held = False
+                        break
                     busy = budget.spent + line.amount <= line.limit
                     first = False
                     if not busy and line.amount <= KILL_SHARE * line.limit \
@@ -191,18 +283,21 @@ class MemoryStore:
             for line in step.requests:
                 self._windows[line.key].append(now)
             for line, budget in zip(step.holds, budgets, strict=True):
-                budget.holds[step.rid] = (line.amount, step.hold_until)
+                if held:
+                    budget.holds[step.rid] = (line.amount, step.hold_until)
             breakers = {m: (b.open_until if (b := self._breakers.get(m)) else None) for m in step.breakers}
-            return Outcome(True, remaining=tuple(remaining), breakers=breakers)
+            return Outcome(True, remaining=tuple(remaining), breakers=breakers, held=held)
 
-    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
+    def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
         crossed = []
         with self._lock:
+            self._evict(now)
             for line in lines:
                 budget = self._budget(line.key, line.expires_at, now)
                 before = budget.spent
-                budget.holds.pop(rid, None)
+                for rid in rids:
+                    budget.holds.pop(rid, None)
                 budget.spent += line.amount
                 for threshold in thresholds:
                     mark = threshold * line.limit
@@ -226,11 +321,13 @@ class MemoryStore:
 
     def put_record(self, key: str, value: str, ttl: float) -> None:
         with self._lock:
-            self._records[key] = value
+            self._records[key] = (value, self._now + ttl)
+            self._expiries.at(self._now + ttl, "record", key)
 
     def get_record(self, key: str) -> str | None:
         with self._lock:
-            return self._records.get(key)
+            record = self._records.get(key)
+            return None if record is None or record[1] <= self._now else record[0]
 
     def breaker_allow(self, key: str, now: float, cooldown: float) -> bool:
         with self._lock:
@@ -308,9 +405,15 @@ local function live_reserved(key, now)
   return total
 end
 
+-- Expiries are relative (the time left on the app's clock), never EXPIREAT: an absolute time from
+-- the app host's clock deletes keys at once when that clock is behind Redis's (or a test's is).
+local function ttl_ms(expires, now, grace_s)
+  return math.max(1, math.floor((expires - now + grace_s) * 1000))
+end
+
 local function claim_alert(key, threshold, expires, now)
   if threshold == '' then return false end
-  return redis.call('SET', key .. '|alert|' .. threshold, '1', 'NX', 'EXAT', math.ceil(expires) + 1) ~= false
+  return redis.call('SET', key .. '|alert|' .. threshold, '1', 'NX', 'PX', ttl_ms(expires, now, 1)) ~= false
 end
 
 local function record_outcome(key, ok, now, min_calls, rate, window, cooldown)
@@ -349,13 +452,15 @@ end
 """.replace("BUCKETS", str(BREAKER_BUCKETS)).replace("KILL_SHARE", repr(KILL_SHARE))
 
 # KEYS: gates, requests, holds, breakers. ARGV: now, ng, nr, nh, nb, member, rid, hold_until,
-# alert, then per gate (limit, expires), per request (limit, window), per hold (limit, amount, expires).
-# Returns {ok, stage, failed, retry, newly, spent, busy, remaining..., open_until per breaker ('' = closed)}.
+# alert, optional_holds ('1'/'0'), then per gate (limit, expires), per request (limit, window),
+# per hold (limit, amount, expires).
+# Returns {ok, stage, failed, retry, newly, spent, busy, held, remaining..., open_until per breaker ('' = closed)}.
 _LUA_BEGIN = _LUA_FUNCTIONS + """
 local now = tonumber(ARGV[1])
 local ng, nr, nh, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local member, rid, hold, alert = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local a = 10
+local optional = ARGV[10] == '1'
+local a = 11
 for i = 1, ng do
   local limit, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
   local state = redis.call('HMGET', KEYS[i], 'spent', 'exhausted')
@@ -376,24 +481,26 @@ for j = 1, nr do
   remaining[j] = limit - count - 1
 end
 local hold_args = a
+local held = 1
 for k = 1, nh do
   local key = KEYS[ng + nr + k]
   local limit, amount, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]); a = a + 3
   local spent = tonumber(redis.call('HGET', key, 'spent') or '0')
   if spent + live_reserved(key, now) + amount > limit then
+    if optional then held = 0; break end
     if spent + amount <= limit then
       return {0, 'hold', k - 1, '1', 0, spent, 1}
     end
     local first = 0
     if amount <= KILL_SHARE * limit and tonumber(redis.call('HGET', key, 'exhausted') or '-1') ~= limit then
       redis.call('HSET', key, 'exhausted', limit)
-      redis.call('EXPIREAT', key, math.ceil(expires) + 86400)
+      redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
       if claim_alert(key, alert, expires, now) then first = 1 end
     end
     return {0, 'hold', k - 1, tostring(math.max(0, expires - now)), first, spent, 0}
   end
 end
-a = 10 + 2 * ng
+a = 11 + 2 * ng
 for j = 1, nr do
   local key = KEYS[ng + j]
   local window = tonumber(ARGV[a + 1]); a = a + 2
@@ -401,13 +508,13 @@ for j = 1, nr do
   redis.call('EXPIRE', key, math.ceil(window) + 1)
 end
 a = hold_args
-for k = 1, nh do
+for k = 1, nh * held do
   local key = KEYS[ng + nr + k]
   local amount, expires = ARGV[a + 1], tonumber(ARGV[a + 2]); a = a + 3
   redis.call('HSET', key, 'r:' .. rid, amount .. ' ' .. hold)
-  redis.call('EXPIREAT', key, math.ceil(expires) + 86400)
+  redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
 end
-local out = {1, '', -1, '0', 0, 0, 0}
+local out = {1, '', -1, '0', 0, 0, 0, held}
 for j = 1, nr do table.insert(out, remaining[j]) end
 for m = 1, nb do
   table.insert(out, redis.call('HGET', KEYS[ng + nr + nh + m], 'open_until') or '')
@@ -415,19 +522,19 @@ end
 return out
 """.replace("KILL_SHARE", repr(KILL_SHARE))
 
-# KEYS: budget keys, then the success model's breaker key if any. ARGV: now, rid, nt, thresholds...,
+# KEYS: budget keys, then the success model's breaker key if any. ARGV: now, rids (space-separated), nt, thresholds...,
 # nl, per line (limit, amount, expires), then (min_calls, rate, window, cooldown) when recording.
 _LUA_SETTLE = _LUA_FUNCTIONS + """
-local now = tonumber(ARGV[1]); local rid = ARGV[2]; local nt = tonumber(ARGV[3])
+local now = tonumber(ARGV[1]); local nt = tonumber(ARGV[3])
 local nl = tonumber(ARGV[4 + nt])
 local base = 4 + nt
 local crossed = {}
 for i = 1, nl do
   local limit = tonumber(ARGV[base + 3 * i - 2]); local amount = tonumber(ARGV[base + 3 * i - 1])
   local expires = tonumber(ARGV[base + 3 * i])
-  redis.call('HDEL', KEYS[i], 'r:' .. rid)
+  for rid in string.gmatch(ARGV[2], '%S+') do redis.call('HDEL', KEYS[i], 'r:' .. rid) end
   local spent = redis.call('HINCRBY', KEYS[i], 'spent', amount)
-  redis.call('EXPIREAT', KEYS[i], math.ceil(expires) + 86400)
+  redis.call('PEXPIRE', KEYS[i], ttl_ms(expires, now, 86400))
   local before = spent - amount
   for t = 1, nt do
     local mark = tonumber(ARGV[3 + t]) * limit
@@ -460,10 +567,30 @@ return record_outcome(KEYS[1], ARGV[2] == '1', tonumber(ARGV[1]), tonumber(ARGV[
 """
 
 
-class RedisStore:
-    """The shared store: every operation is one Lua script, so one round trip and atomic."""
+MAX_PENDING = 256  # settlements waiting at most: past this one is sent at once
 
-    def __init__(self, uri: str, *, prefix: str, socket_timeout: float) -> None:
+SettleDone = Callable[[list[Crossed] | None, str | None], None]  # (crossed, failure: "not_sent" | "uncertain")
+
+
+@dataclass
+class _Pending:
+    keys: list[str]
+    args: list[Any]
+    lines: Sequence[Line]
+    done: SettleDone
+    since: float
+
+
+class RedisStore:
+    """The shared store: every operation is one Lua script, so one round trip and atomic.
+
+    A settlement is written behind (``settle_later``): it rides in the same round trip as the next
+    ``begin`` of this process, or is sent by a flusher thread within ``settle_delay`` seconds when
+    no request comes, and at exit. Until it lands its hold stays, so a budget only looks fuller
+    (never emptier) for those milliseconds.
+    """
+
+    def __init__(self, uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05) -> None:
         import redis
         from limits.storage import storage_from_string
 
@@ -480,6 +607,13 @@ class RedisStore:
         self._settle = self.client.register_script(_LUA_SETTLE)
         self._allow = self.client.register_script(_LUA_BREAKER_ALLOW)
         self._record = self.client.register_script(_LUA_BREAKER_RECORD)
+        self._lean = LeanScripts(self.client, socket_timeout) if lean_usable(self.client) else None
+        self._settle_delay = settle_delay
+        self._pending: list[_Pending] = []
+        self._pending_lock = threading.Lock()
+        self._flush_wakeup = threading.Event()
+        self._flusher: tuple[int, threading.Thread] | None = None
+        _STORES.add(self)
 
     def _k(self, key: str) -> str:
         return f"{self.tag}:{key}"
@@ -493,40 +627,128 @@ class RedisStore:
         except self._errors as exc:
             raise StorageUnavailable(type(exc).__name__) from exc
 
+    # --- scripts, several per round trip ------------------------------------------------------
+
+    def _run(self, calls: Sequence[Call]) -> list[Any]:
+        """Run scripts in one round trip: a reply each, or the exception that command raised."""
+        if self._lean is not None:
+            return self._lean.run(calls)
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            script(keys=keys, args=args, client=pipe)
+        return list(pipe.execute(raise_on_error=False))
+
+    def _run_with_pending(self, call: Call | None) -> Any:
+        """``call`` (if any) in the same round trip as every settlement waiting to be written."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        calls: list[Call] = [(self._settle, p.keys, p.args) for p in pending]
+        if call is not None:
+            calls.append(call)
+        if not calls:
+            return None
+        try:
+            replies = self._run(calls)
+        except self._errors as exc:
+            # Sent or not? A failure to connect or write means not; a reply that never came may
+            # still be applied when a hung Redis resumes, so it is not replayed (no double count).
+            sent = not isinstance(exc, NotSent | redis_connection_errors())
+            for p in pending:
+                p.done(None, "uncertain" if sent else "not_sent")
+            raise StorageUnavailable(type(exc).__name__) from exc
+        for p, reply in zip(pending, replies, strict=False):
+            if isinstance(reply, Exception):
+                p.done(None, "not_sent")  # an error reply: the script did not run
+            else:
+                p.done(self._crossed(p.lines, reply), None)
+        if call is None:
+            return None
+        reply = replies[-1]
+        if isinstance(reply, Exception):
+            raise StorageUnavailable(type(reply).__name__) from reply
+        return reply
+
+    def flush(self) -> None:
+        """Write every settlement still waiting (exit, a status read, or a test that looks at Redis)."""
+        try:
+            self._run_with_pending(None)
+        except StorageUnavailable:
+            pass  # each one's ``done`` was told
+
+    def _flush_soon(self) -> None:
+        """A flusher thread per process (a forked worker starts its own) for quiet moments."""
+        pid = os.getpid()
+        if self._flusher is None or self._flusher[0] != pid or not self._flusher[1].is_alive():
+            thread = threading.Thread(target=self._flush_loop, name="flask-claude-settle", daemon=True)
+            self._flusher = (pid, thread)
+            thread.start()
+        self._flush_wakeup.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._flush_wakeup.wait()
+            self._flush_wakeup.clear()
+            time.sleep(self._settle_delay)  # a request that comes meanwhile takes them along for free
+            self.flush()
+
     def begin(self, step: Begin, now: float) -> Outcome:
         keys = ([self._k(line.key) for line in (*step.gates, *step.requests, *step.holds)]
                 + [self._b(m) for m in step.breakers])
         args: list[Any] = [repr(now), len(step.gates), len(step.requests), len(step.holds), len(step.breakers),
-                           step.member, step.rid, repr(step.hold_until), step.exhausted_alert]
+                           step.member, step.rid, repr(step.hold_until), step.exhausted_alert,
+                           "1" if step.optional_holds else "0"]
         for line in step.gates:
             args += [line.limit, repr(line.expires_at)]
         for line in step.requests:
             args += [line.limit, repr(line.expires_at)]
         for line in step.holds:
             args += [line.limit, line.amount, repr(line.expires_at)]
-        res = self._call(self._begin, keys=keys, args=args)
+        res = self._run_with_pending((self._begin, keys, args))
         ok = bool(int(res[0]))
         stage = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
         if not ok:
             return Outcome(False, stage, int(res[2]), busy=bool(int(res[6])), retry_after=float(res[3]),
                            newly_exhausted=bool(int(res[4])), spent=int(res[5]))
         nr = len(step.requests)
-        remaining = tuple(int(x) for x in res[7:7 + nr])
-        opens = res[7 + nr:]
+        remaining = tuple(int(x) for x in res[8:8 + nr])
+        opens = res[8 + nr:]
         breakers = {m: (float(v) if v not in (b"", "") else None) for m, v in zip(step.breakers, opens, strict=True)}
-        return Outcome(True, remaining=remaining, breakers=breakers)
+        return Outcome(True, remaining=remaining, breakers=breakers, held=bool(int(res[7])))
 
-    def settle(self, lines: Sequence[Line], rid: str, thresholds: Sequence[float], now: float,
+    def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker)
+        return self._crossed(lines, self._call(self._settle, keys=keys, args=args))
+
+    def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None) -> None:
+        """``settle``, written behind: ``done(crossed, failure)`` is called once it was sent."""
+        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker)
+        with self._pending_lock:
+            self._pending.append(_Pending(keys, args, lines, done, time.monotonic()))
+            full = len(self._pending) >= MAX_PENDING
+        if full:
+            self.flush()
+        else:
+            self._flush_soon()
+
+    def _crossed(self, lines: Sequence[Line], res: Any) -> list[Crossed]:
+        return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
+
+    def _settle_call(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     success: str | None, breaker: BreakerParams | None) -> tuple[list[str], list[Any]]:
         keys = [self._k(line.key) for line in lines]
-        args: list[Any] = [repr(now), rid, len(thresholds), *(repr(t) for t in thresholds), len(lines)]
+        args: list[Any] = [repr(now), " ".join(rids), len(thresholds), *(repr(t) for t in thresholds), len(lines)]
         for line in lines:
             args += [line.limit, line.amount, repr(line.expires_at)]
         if success is not None and breaker is not None:
             keys.append(self._b(success))
             args += [breaker.min_calls, repr(breaker.failure_rate), repr(breaker.window), repr(breaker.cooldown)]
-        res = self._call(self._settle, keys=keys, args=args)
-        return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
+        return keys, args
+
+    def ping(self) -> None:
+        """A cheap check that storage answers again (the outage guard's probe)."""
+        self._call(self.client.ping)
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         out = []
@@ -563,7 +785,23 @@ class RedisStore:
         return "open" if now < float(open_until) else "half_open"
 
 
-def make_store(uri: str, *, prefix: str, socket_timeout: float) -> Store:
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_all() -> None:
+    """A worker stopping cleanly (gunicorn's graceful exit, ``sys.exit``) writes what is waiting."""
+    for store in list(_STORES):
+        store.flush()
+
+
+def redis_connection_errors() -> type[BaseException]:
+    import redis
+
+    return redis.exceptions.ConnectionError
+
+
+def make_store(uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05) -> Store:
     if uri.startswith("memory://"):
         return MemoryStore()
-    return RedisStore(uri, prefix=prefix, socket_timeout=socket_timeout)
+    return RedisStore(uri, prefix=prefix, socket_timeout=socket_timeout, settle_delay=settle_delay)

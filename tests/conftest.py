@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,22 @@ from flask_claude.simulator import Simulator
 SECRET_KEY = "sk-ant-api03-TESTSECRETdoNotLogMe0123456789abcdef"
 
 
+def todays_noon_utc() -> float:
+    """Noon (UTC) of the real current day: a fake clock's start that follows the calendar.
+
+    Anchored at the real date so that nothing (Redis's own clock above all) sees a time long past or
+    far ahead; at noon so that a test moving the clock by minutes or hours never crosses a midnight
+    by accident. A test that wants a midnight computes it from here.
+    """
+    day = 86_400
+    return (time.time() // day) * day + day / 2
+
+
 class FakeClock:
     """A clock tests move by hand; ``sleep`` advances it and remembers what was asked."""
 
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
+    def __init__(self, start: float | None = None) -> None:
+        self.now = todays_noon_utc() if start is None else start
         self.sleeps: list[float] = []
 
     def monotonic(self) -> float:

@@ -23,13 +23,11 @@ from flask_claude.flags import StaticFlags
 from flask_claude.simulator import Simulator
 from flask_claude.testing import CallLog
 
-from .conftest import FakeClock, RedisServer
-
-MIDNIGHT = datetime(2026, 11, 23, tzinfo=UTC).timestamp()
+from .conftest import FakeClock, RedisServer, todays_noon_utc, wait_for
 
 
 def budget_app(sim: Simulator, clock: FakeClock | None, storage_uri: str, *, budget: Any = None,
-               flags: StaticFlags | None = None, **config: Any) -> Flask:
+               flags: StaticFlags | None = None, feature: dict[str, Any] | None = None, **config: Any) -> Flask:
     app = Flask("budgets")
     app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-haiku-4-5"], CLAUDE_STORAGE_URI=storage_uri,
                       CLAUDE_MAX_RETRIES=0, CLAUDE_FLAGS=flags or StaticFlags(), CLAUDE_LOG_PATH=os.devnull,
@@ -46,7 +44,7 @@ def budget_app(sim: Simulator, clock: FakeClock | None, storage_uri: str, *, bud
         msg = claude.messages.create(max_tokens=120, messages=[{"role": "user", "content": "Write a haiku on rain."}])
         return {"text": msg.content[0].text}
 
-    view = fallback_to({"text": None, "notice": "paused"})(ai_feature("ask")(ask))
+    view = fallback_to({"text": None, "notice": "paused"})(ai_feature("ask", **(feature or {}))(ask))
     if budget is not None:
         view = budget(view)
     app.add_url_rule("/ask", view_func=view, methods=["POST"])
@@ -152,13 +150,41 @@ def test_alerts_fire_once_each_then_auto_kill_then_resume(storage_uri: str, sim:
 
 
 def test_calendar_day_rollover_resets_budgets(storage_uri: str, sim: Simulator, clock: FakeClock) -> None:
-    clock.now = MIDNIGHT - 30
+    midnight = todays_noon_utc() + 12 * 3600  # the coming midnight, UTC (the default budget timezone)
+    clock.now = midnight - 30
     app = budget_app(sim, clock, storage_uri, budget=budgeted(usd="0.002/day", tokens="100000/day"))
     c = app.test_client()
     before = [c.post("/ask").status_code for _ in range(20)]
     assert 429 in before
     clock.advance(31)  # 00:00:01 the next day
     assert c.post("/ask").status_code == 200
+
+
+@pytest.mark.parametrize("skew_days", [-365, 365])
+def test_redis_expiries_are_relative_to_the_apps_clock(redis_url: str, redis_server: RedisServer, sim: Simulator,
+                                                       clock: FakeClock, skew_days: int) -> None:
+    """A host whose clock is a year off Redis's (or a test's fake clock) keeps every key alive.
+
+    Each key's time to live must be the time left in its period (or window) on the app's own clock
+    plus the grace, whatever Redis's clock says: no expiry may come from an absolute app-side time.
+    """
+    clock.now += skew_days * 86400
+    app = budget_app(sim, clock, redis_url, budget=budgeted(requests="5/minute", usd="0.002/day"),
+                     CLAUDE_DAILY_BUDGET_USD=1.0, CLAUDE_BUDGET_ALERTS=[0.0001, 1.0])
+    c = app.test_client()
+    assert [c.post("/ask").status_code for _ in range(2)] == [200, 200]
+    ttls = {key.decode(): redis_server.client.pttl(key) for key in redis_server.client.keys("*")}
+    budgets = {k: t for k, t in ttls.items() if ":usd:" in k and "|alert|" not in k}
+    alerts = {k: t for k, t in ttls.items() if "|alert|" in k}
+    windows = {k: t for k, t in ttls.items() if ":req:" in k}
+    assert budgets and alerts and windows, ttls
+    left_ms = (todays_noon_utc() + 12 * 3600 - todays_noon_utc()) * 1000  # noon to midnight, on the app's clock
+    for ttl in budgets.values():  # the period's time left plus one day of grace
+        assert left_ms + 86_400_000 - 5_000 <= ttl <= left_ms + 86_400_000 + 1_000
+    for ttl in alerts.values():  # an alert's claim lasts to the period's end plus a second
+        assert left_ms - 5_000 <= ttl <= left_ms + 1_000
+    for ttl in windows.values():  # a request window lasts its length plus a second
+        assert 0 < ttl <= 61_000
 
 
 def test_timezone_days_and_periods() -> None:
@@ -288,37 +314,33 @@ def test_raw_user_keys_never_reach_logs_alerts_or_redis_keys(redis_url: str, red
     assert all(a["budget"].startswith(("global", "feature")) for a in claude_log.events("budget_alert"))
 
 
-def test_a_guarded_request_costs_two_redis_round_trips(redis_url: str, redis_server: RedisServer,
-                                                       sim: Simulator) -> None:
-    """Admission, reservation and breaker read in one script; settlement and breaker record in another."""
+@pytest.mark.parametrize(("admission", "feature", "trips"), [
+    ("before_view", {"max_input_chars": 2000}, 1),  # admission + the call's hold; the settlement rides along
+    ("before_view", {}, 2),  # admission before the view, then the call's hold
+    ("with_first_call", {}, 1),  # admission with the call's hold
+])
+def test_synchronous_round_trips_per_guarded_request(redis_url: str, redis_server: RedisServer, sim: Simulator,
+                                                     admission: str, feature: dict[str, Any], trips: int) -> None:
+    """Counted by Redis itself (reads of client sockets): the settlement is written behind, in the
+    same round trip as the next request's admission, so a single-call request waits for ``trips``."""
     app = budget_app(sim, None, redis_url, budget=budgeted(requests="100/minute", tokens="1000000/day",
                                                            usd="5/day"), CLAUDE_DAILY_BUDGET_USD=50,
-                     CLAUDE_FEATURE_BUDGETS_USD={"ask": 10})
+                     CLAUDE_FEATURE_BUDGETS_USD={"ask": 10}, CLAUDE_ADMISSION=admission, feature=feature,
+                     CLAUDE_SETTLE_DELAY=30)  # no flusher during the count: only what requests wait for
     c = app.test_client()
-    assert c.post("/ask").status_code == 200  # warm-up: scripts are loaded
+    assert c.post("/ask").status_code == 200  # warm-up: scripts are loaded, sockets are open
 
-    seen: list[dict[str, Any]] = []
-    ready = threading.Event()
+    def reads() -> int:
+        return int(redis_server.client.info("stats")["total_reads_processed"])
 
-    def watch() -> None:
-        with redis_server.client.monitor() as monitor:
-            ready.set()
-            for command in monitor.listen():
-                if command["command"] == "ECHO end-of-test":
-                    return
-                seen.append(command)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    ready.wait(5)
-    redis_server.client.echo("start")  # MONITOR is live once it has seen a command
+    before = reads()
     for _ in range(10):
         assert c.post("/ask").status_code == 200
-    redis_server.client.echo("end-of-test")
-    watcher.join(10)
-    from_clients = [cmd["command"].split()[0] for cmd in seen
-                    if cmd.get("client_type") != "lua" and not cmd["command"].startswith("ECHO")]
-    assert from_clients == ["EVALSHA"] * 20, from_clients
+    assert reads() - before - 1 == 10 * trips  # - 1: the INFO read itself
+    state = app.extensions["claude"]
+    usage = {item["budget"]: item for item in state.budgets.usage_report()}  # flushes what is waiting
+    assert usage["global daily budget"]["reserved_usd"] == 0
+    assert usage["global daily budget"]["spent_usd"] > 0
 
 
 def test_one_oversized_request_does_not_switch_the_budget_off(storage_uri: str, sim: Simulator,
@@ -370,3 +392,153 @@ def test_admission_before_view_keeps_refused_requests_out_of_the_view(sim: Simul
 
     assert [app.test_client().post("/write").status_code for _ in range(3)] == [200, 429, 429]
     assert len(ran) == 1
+
+
+def test_refusal_before_the_view_is_the_default(storage_uri: str, sim: Simulator, clock: FakeClock) -> None:
+    """Neither a request over its limit nor one whose budget is spent runs any of the view's code."""
+    ran: list[str] = []
+    app = Flask("default_admission")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_FLAGS=StaticFlags(), CLAUDE_LOG_PATH=os.devnull,
+                      CLAUDE_STORAGE_URI=storage_uri, CLAUDE_MODELS=["claude-haiku-4-5"],
+                      CLAUDE_FEATURE_BUDGETS_USD={"spend": 0.005})
+    claude = Claude(app, simulator=sim, clock=clock)
+
+    @app.post("/write")
+    @ai_feature("write")
+    @budgeted(requests="1/minute")
+    def write() -> str:
+        ran.append("write")  # a side effect before any Claude call
+        claude.messages.create(max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        return "ok"
+
+    @app.post("/spend")
+    @ai_feature("spend", max_input_chars=200)
+    def spend() -> str:
+        ran.append("spend")
+        claude.messages.create(max_tokens=200, messages=[{"role": "user", "content": "y" * 150}])
+        return "ok"
+
+    c = app.test_client()
+    assert [c.post("/write").status_code for _ in range(3)] == [200, 429, 429]
+    assert ran == ["write"]
+    statuses = [c.post("/spend").status_code for _ in range(40)]
+    assert statuses[0] == 200 and statuses[-1] == 503, statuses
+    refused = statuses.count(503)
+    assert ran.count("spend") == len(statuses) - refused  # refused requests never entered the view
+
+
+def _reserved(app: Flask) -> int:
+    state = app.extensions["claude"]
+    return sum(item["reserved_usd"] > 0 for item in state.budgets.usage_report())
+
+
+def test_a_hold_taken_before_the_view_is_topped_up_or_given_back(storage_uri: str, sim: Simulator,
+                                                                 clock: FakeClock, claude_log: CallLog) -> None:
+    """With an input bound the first call's hold rides on the admission; nothing leaks either way."""
+    app = Flask("prehold")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_FLAGS=StaticFlags(), CLAUDE_LOG_PATH=os.devnull,
+                      CLAUDE_STORAGE_URI=storage_uri, CLAUDE_MODELS=["claude-haiku-4-5"],
+                      CLAUDE_DAILY_BUDGET_USD=5.0)
+    claude = Claude(app, simulator=sim, clock=clock)
+    log = claude_log
+
+    @app.post("/ask/<mode>")
+    @ai_feature("ask", max_input_chars=100)
+    def ask(mode: str) -> str:
+        if mode == "none":
+            return "no call"
+        if mode == "boom":
+            raise RuntimeError("the view failed before its call")
+        # a system prompt far larger than the input bound: the admission's hold cannot cover it
+        system = "Answer briefly. " * (2000 if mode == "big" else 1)
+        claude.messages.create(max_tokens=50, system=system, messages=[{"role": "user", "content": "hi"}])
+        return "ok"
+
+    c = app.test_client()
+    for mode in ("small", "big", "none", "small", "big"):
+        assert c.post(f"/ask/{mode}").status_code == 200, mode
+        assert _reserved(app) == 0, mode  # every hold settled or given back
+    assert c.post("/ask/boom").status_code == 500  # the app's own bug: Flask's answer, but no hold left behind
+    assert _reserved(app) == 0
+    spent = app.extensions["claude"].budgets.usage_report()[0]["spent_usd"]
+    logged = sum(line["cost_usd"] for line in log.events("claude_api_call"))
+    assert spent == pytest.approx(logged, abs=4e-6)  # micro-dollar rounding per call
+    assert not log.events("reservation_exceeded")
+
+
+def test_memory_store_stays_bounded_by_the_live_entries(sim: Simulator, clock: FakeClock) -> None:
+    """100,000 distinct users over two days: ended periods and idle windows are dropped as time passes."""
+    from flask_claude.storage import MemoryStore
+
+    app = budget_app(sim, clock, "memory://", CLAUDE_DAILY_BUDGET_USD=1000.0)
+    state = app.extensions["claude"]
+    store = state.store
+    assert isinstance(store, MemoryStore)
+    view = budgeted(requests="10/minute", usd="1/day", tokens="100000/day")(lambda: None)
+    budget_options = view.__claude_spec__.budget  # type: ignore[attr-defined]
+    users, span = 100_000, 2 * 86400.0
+    midnight = todays_noon_utc() + 12 * 3600
+    clock.now = midnight - 86400  # the start of a day: the first half of the users fall in it
+    sizes: dict[str, int] = {}
+    for i in range(users):
+        clock.now = midnight - 86400 + i * span / users
+        scope = CallScope(feature="ask", user=f"user-{i}")
+        scope.budgets = budget_options
+        state.budgets.admit(scope, budget_options)
+        reservation, _ = state.budgets.reserve_worst(scope, 500, 200, hold_seconds=90)
+        assert reservation is not None
+        state.budgets.settle(reservation, 0.0001, 120)
+        if i == users // 2 - 1:
+            sizes["end of day 1"] = store.size()
+    sizes["end of day 2"] = store.size()
+    per_day = users // 2
+    # each user of the current day keeps a token and a USD budget; windows last a minute (about 35 users)
+    live = 2 * per_day + 2  # + the global budget and its feature-wide line
+    for when, size in sizes.items():
+        assert size <= live + 200, (when, size, live)
+    # and the entries really are the current day's: the day before is gone
+    clock.advance(86400 + 120)
+    late = CallScope(feature="ask", user="late")
+    late.budgets = budget_options
+    state.budgets.admit(late, budget_options)
+    state.budgets.reserve_worst(late, 500, 200, hold_seconds=90)
+    assert store.size() < 10
+
+
+def test_a_hung_redis_costs_one_timeout_per_episode_and_its_spend_is_replayed(sim: Simulator,
+                                                                             claude_log: CallLog) -> None:
+    """SIGSTOP: after the first request the guard stops asking Redis; SIGCONT: the spend comes back."""
+    server = RedisServer()
+    try:
+        app = budget_app(sim, None, server.url, budget=budgeted(usd="1/day"), CLAUDE_DAILY_BUDGET_USD=5,
+                         CLAUDE_STORAGE_SOCKET_TIMEOUT=0.25, CLAUDE_STORAGE_RETRY_INTERVAL=0.2)
+        state = app.extensions["claude"]
+        c = app.test_client()
+        assert c.post("/ask").status_code == 200
+        before = claude_log.spend_usd()
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            elapsed = []
+            for _ in range(30):
+                started = time.monotonic()
+                assert c.post("/ask").status_code == 200
+                elapsed.append(time.monotonic() - started)
+            during = claude_log.spend_usd() - before
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        # the first request waits one socket timeout; the others never wait for Redis at all
+        assert 0.2 <= elapsed[0] < 1.0, elapsed[0]
+        later = sorted(elapsed[1:])
+        assert later[len(later) // 2] < 0.05 and later[-1] < 0.2, later
+        assert len(claude_log.events("storage_unavailable")) == 1  # once per episode, not per request
+        assert not claude_log.events("settle_failed")
+        # back: a background probe notices, and the next storage step adds what was spent meanwhile
+        assert wait_for(lambda: c.post("/ask").status_code == 200 and state.store.healthy, timeout=10)
+        assert c.post("/ask").status_code == 200
+        assert len(claude_log.events("storage_recovered")) == 1
+        [replayed] = claude_log.events("spend_replayed")
+        assert replayed["usd"] >= during - 1e-5 * 31  # and what was served while the probe ran
+        usage = {item["budget"]: item["spent_usd"] for item in state.budgets.usage_report()}
+        assert usage["global daily budget"] == pytest.approx(claude_log.spend_usd(), abs=1e-5 * 40)
+    finally:
+        server.stop()

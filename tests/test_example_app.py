@@ -77,7 +77,7 @@ def test_summarize_answers_and_logs_the_call(client: FlaskClient, tmp_path: Path
     assert "X-Claude-Degraded" not in response.headers
     body = response.get_json()
     assert isinstance(body["summary"], str) and body["summary"]
-    assert body["model"] == "claude-opus-4-7"
+    assert body["model"] == "claude-opus-5-5"
     calls = [line for line in log_lines(tmp_path) if line["event"] == "claude_api_call"]
     assert calls and calls[-1]["feature"] == "summarize" and calls[-1]["cost_usd"] > 0
 
@@ -127,7 +127,7 @@ def test_summarize_degrades_when_claude_is_down(client: FlaskClient, app: Flask)
     assert response.headers["X-Claude-Degraded"] == "upstream_unavailable"
     assert response.get_json()["summary"] is None
     assert "Overloaded" not in response.get_data(as_text=True)
-    assert {r.model for r in sim.requests} == {"claude-opus-4-7", "claude-sonnet-4-6"}  # fell back first
+    assert {r.model for r in sim.requests} == {"claude-opus-5-5", "claude-sonnet-5-5"}  # fell back first
 
 
 def test_classify_answers_a_label_or_degrades(client: FlaskClient) -> None:

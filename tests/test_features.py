@@ -384,3 +384,32 @@ def test_model_flag_outranks_the_code_model_and_plain_routes_use_the_degraded_st
     assert app.test_client().post("/s").get_json() == {"model": "claude-opus-4-7"}
     sim.fail(529)
     assert app.test_client().get("/plain").status_code == 502
+
+
+def test_async_views_are_guarded_like_sync_views(sim: Simulator, clock: FakeClock, claude_log: CallLog) -> None:
+    """``async def`` views run through ``ensure_sync``: the same answer, degradation and header."""
+    flags = StaticFlags()
+    app = Flask("async_views")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-opus-4-7", "claude-sonnet-4-6"],
+                      CLAUDE_MAX_RETRIES=0, CLAUDE_FLAGS=flags)
+    Claude(app, simulator=sim, clock=clock)
+
+    @app.post("/summarize")
+    @fallback_to(FALLBACK, status=503)
+    @ai_feature("summarize", max_input_chars=2000)
+    @budgeted(requests="2/minute")
+    async def summarize() -> Any:
+        return _summarize_view()
+
+    c = app.test_client()
+    ok = c.post("/summarize", json={"text": "Summarise: the cat sat on the mat."})
+    assert ok.status_code == 200 and ok.get_json()["summary"]
+    assert len(claude_log.events("claude_api_call")) == 1
+    flags.set("ai-summarize", False)
+    off = c.post("/summarize", json={"text": "x"})
+    assert off.status_code == 503 and off.headers["X-Claude-Degraded"] == "feature_disabled"
+    assert off.get_json() == FALLBACK
+    flags.set("ai-summarize", True)
+    assert c.post("/summarize", json={"text": "again"}).status_code == 200
+    limited = c.post("/summarize", json={"text": "over the limit"})
+    assert limited.status_code == 429 and limited.headers["X-Claude-Degraded"] == "rate_limited"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from flask import Flask
 
-from flask_claude import Claude, ai_feature
+from flask_claude import Claude, UpstreamUnavailable, ai_feature
 from flask_claude.report import build_report, parse_since, render_text
 
 T0 = datetime(2026, 1, 10, tzinfo=UTC)
@@ -203,11 +203,19 @@ def test_other_groupings(log: tuple[Path, Expected], by: str) -> None:
     for call in expected.calls:
         grouped[call[by] or "(none)"].append(call)
     assert set(report.groups) == set(grouped)
+    failed_over = Counter(r["from_model"] for r in expected.other if r["event"] == "model_fallback")
     for name, calls in grouped.items():
-        _check(report.groups[name], _expect_stats(calls))
+        want = _expect_stats(calls)
+        if by == "model":  # each model_fallback is a failed call of the model it fell back from
+            want["calls"] += failed_over[name]
+            want["errors"] += failed_over[name]
+        _check(report.groups[name], want)
+        assert report.groups[name].failed_over == (failed_over[name] if by == "model" else 0)
     if by == "model":  # degradations carry no model: they are counted in total, in no model's row
         assert sum(g.degraded for g in report.groups.values()) == 0
         assert report.groups["claude-sonnet-4-6"].fallback_calls == report.total.fallback_calls
+        assert failed_over["claude-opus-4-7"] > 0
+        assert sum(g.calls for g in report.groups.values()) == report.total.calls + failed_over.total()
 
 
 def test_since_filters_on_the_instant(log: tuple[Path, Expected]) -> None:
@@ -381,9 +389,94 @@ def test_report_of_real_calls_equals_the_sum_of_cost_usd(tmp_path: Path) -> None
     assert report.groups["summarize"].calls == 5 and report.groups["(none)"].calls == 5
     assert report.total.output_tokens == sum(r["output_tokens"] for r in calls)
     assert report.total.latency.count == 10
-    assert report.fallback_events >= 1 and report.total.fallback_calls == 3  # the fallback and two failures
+    # answered by a fallback model: the one fallback; the two calls that failed everywhere were not answered
+    assert report.fallback_events >= 1 and report.total.fallback_calls == 1
     assert report.degraded_by_reason.get("upstream_unavailable") == 1
 
     result = app.test_cli_runner().invoke(args=["claude", "report", "--json", "--since", "1h"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["totals"]["spend_usd"] == report.total.spend_usd
+
+
+# --- attribution, from real runs: an Opus-only outage, and budget alerts ----------------------------------------
+
+
+def test_an_opus_only_outage_shows_on_opus(tmp_path: Path) -> None:
+    """The README's 529 storm: ``flask claude simulate --fail 529 --fail-model claude-opus-4-7``, with the app on it.
+
+    By model, Opus's failed attempts are Opus's errors (they used to count as nothing, Opus showing 0%
+    errors during its own outage); "answered by a fallback model" counts answered calls only.
+    """
+    from flask_claude.simulator import Simulator
+
+    from .conftest import FakeClock
+
+    log_path = tmp_path / "outage.jsonl"
+    sim = Simulator()
+    with sim.serve() as server:
+        app = Flask("report_outage")
+        app.config.update(CLAUDE_SIMULATE=True, CLAUDE_BASE_URL=server.url, CLAUDE_LOG_PATH=str(log_path),
+                          CLAUDE_MODELS=["claude-opus-4-7", "claude-sonnet-4-6"], CLAUDE_MAX_RETRIES=1)
+        Claude(app, clock=FakeClock())  # retry waits pass on the fake clock
+        state = app.extensions["claude"]
+
+        def ask(n: int) -> Any:
+            with app.app_context():
+                return state.messages.create(max_tokens=32, messages=[{"role": "user", "content": f"Question {n}?"}])
+
+        assert [ask(n).model for n in range(3)] == ["claude-opus-4-7"] * 3  # healthy
+        sim.fail(529, model="claude-opus-4-7")  # what --fail 529 --fail-model claude-opus-4-7 scripts
+        assert {ask(n).model for n in range(3, 11)} == {"claude-sonnet-4-6"}  # 8 answered by Sonnet
+        opus_attempts = len(sim.requests_for("claude-opus-4-7")) - 3
+        sim.fail(529)  # then everything: two calls that no model answers
+        for n in range(11, 13):
+            with pytest.raises(UpstreamUnavailable):
+                ask(n)
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    report = build_report(log_path.read_text().splitlines(), by="model")
+    opus, sonnet = report.groups["claude-opus-4-7"], report.groups["claude-sonnet-4-6"]
+
+    # Opus: its 3 answers, and one failed call for every call that tried it during the outage (the
+    # breaker opened after a few, and calls that skipped Opus did not call it: no error of Opus's).
+    tried = [r for r in records if r["event"] == "model_fallback" and r["attempts"] > 0]
+    assert 1 <= len(tried) < 8 and report.circuits_opened == {"claude-opus-4-7": 1}
+    assert all(r["from_model"] == "claude-opus-4-7" for r in tried)
+    assert {r["reason"] for r in tried} <= {"overloaded_error", "circuit_open"}  # circuit_open: opened mid-retries
+    assert sum(r["attempts"] for r in tried) == opus_attempts  # each request Opus failed, logged against it
+    assert (opus.calls, opus.errors, opus.failed_over) == (3 + len(tried), len(tried), len(tried))
+    assert opus.error_rate == pytest.approx(len(tried) / (3 + len(tried))) and opus.error_rate > 0
+    assert opus.spend_usd > 0 and opus.latency.count == 3  # a failed attempt bills nothing and has no latency
+    # Sonnet: 8 answers, then the 2 calls that failed on every model (the last model tried is Sonnet).
+    assert (sonnet.calls, sonnet.errors, sonnet.failed_over) == (10, 2, 0)
+    assert sonnet.fallback_calls == report.total.fallback_calls == 8  # answered ones only, not the 2 failures
+    # The totals count each call once, whatever the grouping.
+    by_feature = build_report(log_path.read_text().splitlines(), by="feature")
+    assert (report.total.calls, report.total.errors) == (by_feature.total.calls, by_feature.total.errors) == (13, 2)
+
+    text = render_text(report)
+    assert "8 calls answered by a fallback model" in text
+    opus_row = next(line for line in text.splitlines() if line.strip().startswith("claude-opus-4-7"))
+    assert f"{opus.error_rate:.1%}" in opus_row
+    assert f"include {len(tried)} call{'' if len(tried) == 1 else 's'} that failed over to the next model" in text
+
+
+def test_budget_alerts_are_listed_in_threshold_order(make_app: Any, tmp_path: Path) -> None:
+    """Alerts from a real run over a small budget; read back in any line order (several workers' lines
+    interleave), they are listed per budget as 50%, 80%, 100%, never 100%, 50%, 80%."""
+    app = make_app(CLAUDE_MODELS=["claude-haiku-4-5"], CLAUDE_DAILY_BUDGET_USD=0.002, CLAUDE_MAX_RETRIES=0)
+    state = app.extensions["claude"]
+    with app.app_context():
+        for n in range(60):
+            try:
+                state.messages.create(max_tokens=20, messages=[{"role": "user", "content": f"Label this: {n}"}])
+            except Exception:
+                break  # the budget is spent: refused
+    lines = (tmp_path / "claude.jsonl").read_text().splitlines()
+    alerts = [json.loads(line) for line in lines if '"budget_alert"' in line]
+    assert sorted(a["threshold"] for a in alerts) == [0.5, 0.8, 1.0]
+    for order in (lines, lines[::-1], sorted(lines)):
+        report = build_report(order, by="feature")
+        budget = alerts[0]["budget"]
+        assert list(report.budget_alerts) == [f"{budget} @ 50%", f"{budget} @ 80%", f"{budget} @ 100%"]
+        assert f"Budget alerts {budget} @ 50%, {budget} @ 80%, {budget} @ 100%" in render_text(report)

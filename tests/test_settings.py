@@ -61,8 +61,8 @@ def test_api_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unpriced_model_in_chain_fails_at_startup_with_known_ids() -> None:
     with pytest.raises(ConfigError) as info:
-        init(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-opus-4-7", "claude-3-opus-latest"])
-    assert "claude-3-opus-latest" in str(info.value) and "claude-sonnet-4-6" in str(info.value)
+        init(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-opus-4-7", "claude-opus-9"])
+    assert "claude-opus-9" in str(info.value) and "claude-sonnet-4-6" in str(info.value)
 
 
 def test_constructor_overrides_and_string_forms() -> None:

@@ -21,23 +21,10 @@ import pytest
 
 from flask_claude.simulator import MESSAGE_OVERHEAD_TOKENS, Simulator, SimulatorServer, estimate_tokens
 
+from .conftest import FakeClock
+
 MODEL = "claude-sonnet-4-6"
 KEY = "sk-test"
-
-
-class FakeClock:
-    """Records the simulator's sleeps instead of waiting them out."""
-
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-        self.sleeps: list[float] = []
-
-    def time(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture(autouse=True)

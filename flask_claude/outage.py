@@ -1,0 +1,151 @@
+"""A breaker for the shared storage itself: while Redis is down, stop asking it.
+
+Without it every guarded request waits one socket timeout per storage step (admission, breaker
+read, settlement) while Redis hangs, so a stopped Redis turns 200 requests/s into 10, even with
+``CLAUDE_STORAGE_FAILURE="open"``. After a failure the guard answers ``StorageUnavailable`` at once
+for a short, jittered interval; then one probe (a PING in a background thread, so no request waits
+for it) decides whether storage is back. One ``storage_unavailable`` event marks an episode's start
+and one ``storage_recovered`` its end, instead of a line per request.
+
+What the app spent while storage was away is not lost: ``budget.Budgets`` keeps it in the process
+and adds it to the budgets once the guard reports storage healthy again.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .clock import Clock
+from .storage import Begin, BreakerParams, Crossed, Line, Outcome, StorageUnavailable, Store
+
+Notify = Callable[[str, dict[str, Any]], None]
+
+
+class OutageGuard:
+    """A ``Store`` that fails fast while the store it wraps is known to be down."""
+
+    def __init__(self, inner: Store, *, clock: Clock, retry_interval: float, notify: Notify | None = None,
+                 policy: str = "open") -> None:
+        self.inner = inner
+        self._clock = clock
+        self._interval = retry_interval
+        self._notify = notify
+        self._policy = policy
+        self._lock = threading.Lock()
+        self._down_since: float | None = None  # monotonic time of the episode's first failure
+        self._retry_at = 0.0
+        self._probing_since: float | None = None
+        self._skipped = 0
+
+    @property
+    def healthy(self) -> bool:
+        return self._down_since is None
+
+    # --- the breaker --------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if self._down_since is not None:
+            self._skip()
+        try:
+            return fn(*args, **kwargs)
+        except StorageUnavailable as exc:
+            self._failed(str(exc))
+            raise
+
+    def _skip(self) -> None:
+        """Storage is down: answer at once, and start a probe in the background when one is due."""
+        now = self._clock.monotonic()
+        start_probe = False
+        with self._lock:
+            if self._down_since is None:
+                return
+            self._skipped += 1
+            # a probe thread lost to a fork (or hung past every timeout) must not block the next one
+            stale = self._probing_since is not None and now - self._probing_since > 4 * self._interval + 5
+            if now >= self._retry_at and (self._probing_since is None or stale):
+                self._probing_since = now
+                start_probe = True
+        if start_probe:
+            threading.Thread(target=self._probe, name="flask-claude-storage-probe", daemon=True).start()
+        raise StorageUnavailable("storage is down (skipped until it answers again)")
+
+    def _probe(self) -> None:
+        try:
+            ping = getattr(self.inner, "ping", None)
+            if ping is not None:
+                ping()
+        except StorageUnavailable as exc:
+            with self._lock:
+                self._probing_since = None
+                self._retry_at = self._clock.monotonic() + self._jittered()
+            del exc
+            return
+        with self._lock:
+            down_since, skipped = self._down_since, self._skipped
+            self._down_since, self._probing_since, self._skipped = None, None, 0
+        if down_since is not None and self._notify is not None:
+            self._notify("storage_recovered", {"down_s": round(self._clock.monotonic() - down_since, 3),
+                                               "skipped_steps": skipped})
+
+    def _failed(self, error: str) -> None:
+        now = self._clock.monotonic()
+        with self._lock:
+            first = self._down_since is None
+            if first:
+                self._down_since = now
+            self._retry_at = now + self._jittered()
+        if first and self._notify is not None:
+            self._notify("storage_unavailable", {"error_type": error, "policy": self._policy,
+                                                 "retry_in_s": round(self._retry_at - now, 3)})
+
+    def _jittered(self) -> float:
+        """Workers that lost Redis together must not all probe it at the same instant."""
+        return self._interval * (0.5 + random.random())
+
+    # --- the Store protocol, each step through the breaker -------------------------------------
+
+    def begin(self, step: Begin, now: float) -> Outcome:
+        return self._call(self.inner.begin, step, now)  # type: ignore[no-any-return]
+
+    def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+               success: str | None = None, breaker: BreakerParams | None = None) -> list[Crossed]:
+        return self._call(self.inner.settle, lines, rids, thresholds, now,  # type: ignore[no-any-return]
+                          success=success, breaker=breaker)
+
+    def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     done: Any, success: str | None = None, breaker: BreakerParams | None = None) -> None:
+        later = getattr(self.inner, "settle_later", None)
+        if later is None:
+            done(self.settle(lines, rids, thresholds, now, success=success, breaker=breaker), None)
+        else:
+            self._call(later, lines, rids, thresholds, now, done, success=success, breaker=breaker)
+
+    def flush(self) -> None:
+        flush = getattr(self.inner, "flush", None)
+        if flush is not None and self._down_since is None:
+            flush()
+
+    def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
+        return self._call(self.inner.usage, keys, now)  # type: ignore[no-any-return]
+
+    def put_record(self, key: str, value: str, ttl: float) -> None:
+        self._call(self.inner.put_record, key, value, ttl)
+
+    def get_record(self, key: str) -> str | None:
+        return self._call(self.inner.get_record, key)  # type: ignore[no-any-return]
+
+    def breaker_allow(self, key: str, now: float, cooldown: float) -> bool:
+        return self._call(self.inner.breaker_allow, key, now, cooldown)  # type: ignore[no-any-return]
+
+    def breaker_record(self, key: str, ok: bool, now: float, params: BreakerParams) -> bool:
+        return self._call(self.inner.breaker_record, key, ok, now, params)  # type: ignore[no-any-return]
+
+    def breaker_state(self, key: str, now: float) -> str:
+        return self._call(self.inner.breaker_state, key, now)  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        # Backend-specific extras (the Redis client for ``flask claude status``) pass through.
+        return getattr(self.inner, name)
