@@ -13,8 +13,8 @@ _WINDOW=30 s, _COOLDOWN=30 s), storage memory://. Retry backoff sleeps are real 
   phase 2b  as phase 2 with CLAUDE_BREAKER_COOLDOWN=2 for ~7 s: what reaches the dead model after
             each cooldown (the half-open probe)
 
-Events are captured with a loguru sink filtering record["extra"]["claude_fields"]; the moment a
-breaker opened is taken when its circuit_opened event is emitted, and compared with the simulator's
+Events are captured with a loguru sink filtering on flask_claude.events.claude_fields(record); the
+moment a breaker opened is taken when its circuit_opened event is emitted, and compared with the simulator's
 receipt timestamps of the requests for the dead model (same clock, time.time()).
 
 Run: /work/venv/bin/python bench/fault_storm.py  (about 40 s)
@@ -38,6 +38,7 @@ from loguru import logger
 from werkzeug.test import EnvironBuilder
 
 from flask_claude import Claude, ai_feature, fallback_to
+from flask_claude.events import claude_fields
 
 PRIMARY, FALLBACK = "claude-opus-4-7", "claude-sonnet-4-6"
 LATENCY = float(os.environ.get("BENCH_SIM_LATENCY", "0.02"))
@@ -49,7 +50,7 @@ events: list[tuple[float, dict[str, Any]]] = []
 
 
 def capture(message: Any) -> None:
-    events.append((time.time(), dict(message.record["extra"]["claude_fields"])))
+    events.append((time.time(), dict(claude_fields(message.record) or {})))
 
 
 def make_app(name: str, log_path: str, **config: Any) -> Flask:
@@ -154,7 +155,7 @@ def summarize(label: str, app: Flask, results: list[tuple[float, float, int, str
 
 def main() -> None:
     logger.remove()
-    logger.add(capture, level="DEBUG", filter=lambda r: "claude_fields" in r["extra"], format="{message}")
+    logger.add(capture, level="DEBUG", filter=lambda r: claude_fields(r) is not None, format="{message}")
     quiet = wait_for_quiet()
     meter = LoadMeter()
     tmp = tempfile.mkdtemp(prefix="bench-storm-")

@@ -269,7 +269,7 @@ def log_line_parts() -> None:
          lambda: {k: (v if k in ours or v is None else _scrub_value(v, ("sk-x",))) for k, v in record.items()}),
         ("    scrub('claude-sonnet-4-6'): one short string", lambda: scrub("claude-sonnet-4-6")),
         ("  logger.bind(...).log(...) with one sink whose filter says no",
-         lambda: logger.bind(claude_event="x", claude_sink="nowhere", claude_fields=record).log("INFO", "x")),
+         lambda: logger.bind(**record, claude_sink="nowhere").log("INFO", "x")),
         ("  json.dumps(record)", lambda: json.dumps(record, default=str, ensure_ascii=False)),
         ("  datetime.now(UTC).isoformat()", lambda: datetime.now(UTC).isoformat(timespec="milliseconds")),
         ("  os.write(O_APPEND) of the line", lambda: os.write(fd, line)),

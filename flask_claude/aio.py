@@ -133,6 +133,7 @@ class AsyncGuardedMessages:
         streaming = bool(params.get("stream"))
         call = core._prepare(params, streaming=streaming)  # counted before the first await
         await self._reserve(call)
+        core._start_span(call, streaming=streaming)
         try:
             client = await self.clients.get()
             result = await self._run_chain(call, lambda model, timeout: self._send_create(client, call, model,
@@ -197,7 +198,8 @@ class AsyncGuardedMessages:
             tokens = chain.enter_attempt()
             delay: float | None = None
             try:
-                result = await send(call.model, timeout)
+                with call.span.current():
+                    result = await send(call.model, timeout)
             except SEND_ERRORS as exc:
                 delay = chain.failed(exc)
             except Exception as exc:
@@ -228,6 +230,7 @@ class AsyncGuardedStreamManager:
             raise ConfigError("task_budget works with claude.async_messages.create(); streams do not take it yet")
         call = core._prepare(self._params, streaming=True)
         await owner._reserve(call)
+        core._start_span(call, streaming=True)
         try:
             client = await owner.clients.get()
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anthropic
 import httpx2
 
+from . import telemetry
 from .context import CallScope, current_scope
 from .errors import (
     CallLimitExceeded,
@@ -71,6 +72,7 @@ class _Call:
     retries: int = 0
     failure: Failure | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    span: telemetry.CallSpan = telemetry.NO_SPAN  # OpenTelemetry: the SDK's spans are its children
 
     @classmethod
     def bare(cls, state: ClaudeState, scope: CallScope, model: str) -> _Call:
@@ -170,6 +172,7 @@ class ChainRun:
             delay = policy.delay(self.attempt, failure)
             if delay < call.deadline.remaining():  # a retry that could not start before the deadline is not made
                 call.retries += 1
+                call.span.retry(call.model, self.attempt, failure.error_type, delay)
                 self.attempt += 1
                 return delay
         self._model_failed(failure)
@@ -213,6 +216,7 @@ class ChainRun:
         if failure.kind != "circuit_open" or self.attempt > 0 or self.owner._log_skip(model):  # throttle pure skips
             state.events.emit("model_fallback", fields, level="WARNING")
         model_fallback.send(state.app, **fields)
+        call.span.fallback(model, next_model, failure.error_type)
         self.index += 1
         self.attempt = 0
 
@@ -284,7 +288,15 @@ class GuardedMessages:
     def _begin(self, params: Mapping[str, Any], *, streaming: bool = False) -> _Call:
         call = self._prepare(params, streaming=streaming)
         self._reserve(call)
+        self._start_span(call, streaming=streaming)
         return call
+
+    def _start_span(self, call: _Call, *, streaming: bool) -> None:
+        """The call's OpenTelemetry span, once it is reserved (a refused call never starts one)."""
+        state, scope = self._state, call.scope
+        call.span = telemetry.start_call(operation="chat", chain=call.chain, max_tokens=call.params["max_tokens"],
+                                         feature=scope.feature, route=scope.route, user=scope.user,
+                                         salt=state.user_salt, streaming=streaming)
 
     def _prepare(self, params: Mapping[str, Any], *, streaming: bool = False) -> _Call:
         """Every decision about a call that needs no I/O: count it, pick the chain, check and cap it.
@@ -369,7 +381,8 @@ class GuardedMessages:
             tokens = chain.enter_attempt()
             delay: float | None = None
             try:
-                result = send(call.model, timeout)
+                with call.span.current():
+                    result = send(call.model, timeout)
             except SEND_ERRORS as exc:
                 delay = chain.failed(exc)
             except Exception as exc:
@@ -449,6 +462,8 @@ class GuardedMessages:
         else:
             fields.update(error_type=error.error_type, status_code=error.status_code)
             state.events.emit("claude_api_error", fields, level="ERROR")
+        call.span.finish(model=call.model, retries=call.retries, fallback_from=call.fallback_from, cost=cost,
+                         stop_reason=stop_reason, error_type=error.error_type if error is not None else None)
         if claude_called.receivers:
             claude_called.send(state.app, **fields)
         if enforce_complete and error is None:
@@ -497,6 +512,9 @@ class GuardedMessages:
         if failure is not None and failure.kind == "client":
             fields["our_bug"] = True  # a 4xx from upstream means we sent a bad request
         state.events.emit("claude_api_error", fields, level="ERROR")
+        call.span.finish(model=None, retries=call.retries, fallback_from=call.fallback_from,
+                         error_type=fields["error_type"],
+                         degradation_reason=getattr(self._as_guard_error(call, exc), "reason", None))
 
     def _as_guard_error(self, call: _Call, exc: BaseException) -> BaseException:
         if isinstance(exc, ClaudeGuardError):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from flask import Response, current_app, jsonify, make_response
 
+from . import telemetry
 from .errors import ClaudeGuardError, InputTooLarge
 from .signals import feature_degraded
 
@@ -65,6 +66,7 @@ def record_degradation(state: ClaudeState, scope: CallScope, exc: ClaudeGuardErr
     state.events.emit("feature_degraded" if exc.status != 429 else "limit_exceeded", fields, level="WARNING")
     state.rollups.degraded(scope.feature, exc.reason)  # one storage write, on a path that already failed
     feature_degraded.send(state.app, **fields)
+    telemetry.degraded(exc.reason, scope.feature)  # on the request's span, when the app traces requests
 
 
 class ResponseCache:

@@ -1,7 +1,10 @@
 """Log events: one flat JSON object per line through loguru, with secrets and PII scrubbed.
 
-loguru's own ``serialize=True`` nests the fields under ``record.extra``; operators grep and ``jq``
-these lines at 3 AM, so our sink writes the event's fields at the top level instead. The library
+Each event is a loguru record in the loguru idiom: the event name as the message and every field
+bound flat in ``record["extra"]`` (``extra["event"]``, ``extra["feature"]``, ``extra["cost_usd"]``...),
+so an app's own sinks, filters and formatters read them like any bound field. Operators grep and
+``jq`` our own lines at 3 AM, so our sink writes the event's fields at the top level of one JSON
+object instead of loguru's ``{"text", "record": {...}}`` envelope. The library
 never touches loguru on import: ``Claude.init_app`` adds one sink per destination (the app opting
 in), and a file destination is written with one ``O_APPEND`` ``write()`` per line so several
 gunicorn workers can share it without interleaving lines.
@@ -241,13 +244,32 @@ def _install_sink(destination: str) -> None:
             write = _FileWriter(destination).write
 
         def sink(message: Any) -> None:
-            fields = message.record["extra"]["claude_fields"]
+            fields = message.record["extra"]["claude_sink"].fields
             write(json.dumps(fields, default=str, ensure_ascii=False) + "\n")
 
         def only_ours(record: Mapping[str, Any]) -> bool:
             return record["extra"].get("claude_sink") == destination
 
         _sinks[destination] = [logger.add(sink, level="INFO", format="{message}", filter=only_ours, catch=True), 1]
+
+
+class _Route(str):
+    """``extra["claude_sink"]``: the destination our sink filters on, carrying the event's own fields.
+
+    The fields are also bound flat in ``extra`` for the app's sinks, mixed there with whatever the app
+    bound or contextualized itself; our line must hold exactly ours, in our order, without a second
+    copy in ``extra`` that every ``serialize=True`` sink would print. As a ``str`` it serializes as
+    the destination alone.
+    """
+
+    __slots__ = ("fields",)
+    fields: dict[str, Any]
+
+
+def claude_fields(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The fields of a flask-claude event (our JSON line's object), or None for any other loguru record."""
+    route = record["extra"].get("claude_sink")
+    return route.fields if isinstance(route, _Route) else None
 
 
 class EventLog:
@@ -293,6 +315,8 @@ class EventLog:
             elif isinstance(value, (str, Mapping, list, tuple)):
                 value = _scrub_value(value, self.secrets)  # numbers and None need no scrubbing
             record[key] = value
+        route = _Route(self.destination)
+        route.fields = record
         # The message is the fixed event name: untrusted text is bound, never formatted.
-        logger.bind(claude_event=event, claude_sink=self.destination, claude_fields=record).log(level, event)
+        logger.bind(**record, claude_sink=route).log(level, event)
         return record

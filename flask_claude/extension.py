@@ -16,6 +16,7 @@ import anthropic
 import httpx2
 from flask import Flask, current_app, has_app_context
 
+from . import telemetry
 from .aio import AsyncGuardedMessages
 from .alerts import OpsAlerts
 from .budget import Budgets
@@ -80,6 +81,9 @@ class ClaudeState:
         self.client = anthropic.Anthropic(
             api_key=api_key, base_url=base_url, max_retries=0,
             http_client=anthropic.DefaultHttpxClient(transport=DeadlineTransport(inner)))
+        if hasattr(self.client, "open_telemetry"):  # the SDK traces itself (2.14): content follows ours
+            self.client = self.client.with_options(
+                open_telemetry=telemetry.sdk_options(self.client.open_telemetry, settings.log_content))
 
         self.retry_policy = RetryPolicy(max_retries=settings.max_retries,
                                         retry_after_cap=settings.retry_after_cap)

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from loguru import logger
 
+from .events import claude_fields
+
 
 class CallLog:
     """Every flask-claude event written while the fixture is active, as dicts (the JSON line's fields)."""
@@ -29,7 +31,7 @@ class CallLog:
 
     def _sink(self, message: Any) -> None:
         with self._lock:
-            self._records.append(dict(message.record["extra"]["claude_fields"]))
+            self._records.append(dict(claude_fields(message.record) or {}))
 
     @property
     def records(self) -> list[dict[str, Any]]:
@@ -54,7 +56,7 @@ def claude_log() -> Iterator[CallLog]:
     """Captures flask-claude's log events in memory (loguru is invisible to ``caplog``)."""
     log = CallLog()
     sink_id = logger.add(log._sink, level="DEBUG", format="{message}",
-                         filter=lambda record: "claude_fields" in record["extra"])
+                         filter=lambda record: claude_fields(record) is not None)
     try:
         yield log
     finally:

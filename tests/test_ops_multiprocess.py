@@ -85,6 +85,15 @@ def test_every_worker_scrapes_the_same_totals_and_they_match_the_log(gunicorn: A
     server = gunicorn(TEST_SIM_URL=sim_server.url, TEST_CLAUDE_ALERT_WINDOW="None")
     sim_server.simulator.fail(529, rate=0.1)
     _burst(server, 60)
+    logged = len(_events(gunicorn.log_path, "claude_api_call")) + len(_events(gunicorn.log_path, "claude_api_error"))
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"{server.base}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    # each worker writes its last settlement behind, within CLAUDE_SETTLE_DELAY (50 ms) of its last call
+    assert wait_for(lambda: sum(total(samples(scrape()), "flask_claude_calls_total", outcome=o)
+                                for o in ("ok", "error")) == logged, timeout=5)
     pages = set()
     for _ in range(12):  # several connections: gunicorn hands them to different workers
         with urllib.request.urlopen(f"{server.base}/metrics", timeout=5) as response:
