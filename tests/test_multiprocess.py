@@ -111,3 +111,24 @@ def test_four_workers_64_concurrent_calls_never_overspend_the_global_budget(guni
     assert alerts == {0.5: 1, 0.8: 1, 1.0: 1}
     degraded = [e for e in events if e["event"] == "feature_degraded"]
     assert degraded and {e["reason"] for e in degraded} == {"budget_exhausted"}
+
+
+def test_a_settlement_written_behind_lands_when_the_worker_stops_right_after(gunicorn: Any, redis_url: str) -> None:
+    """The settlement waits for a later round trip; a worker stopped cleanly writes it on its way out."""
+    import datetime
+    import math
+
+    import redis
+
+    server = gunicorn(TEST_BUDGET_USD="5", TEST_CLAUDE_SETTLE_DELAY="60")  # no flusher before the stop
+    assert server.post("/spend") == 200
+    server.stop()  # SIGTERM right after the response: gunicorn's graceful exit
+    assert server.process.returncode == 0
+    day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    client = redis.Redis.from_url(redis_url)
+    spent = int(client.hget(f"{{fc:flask-claude}}:usd:global:day:{day}", "spent") or 0)
+    [line] = [json.loads(x) for x in gunicorn.log_path.read_text().splitlines()
+              if json.loads(x)["event"] == "claude_api_call"]
+    assert spent == math.ceil(line["cost_usd"] * 1_000_000) > 0  # budgets count whole micro-dollars, rounded up
+    holds = [f for f in client.hkeys(f"{{fc:flask-claude}}:usd:global:day:{day}") if f.startswith(b"r:")]
+    assert holds == []  # the hold was replaced by the cost, not left to lapse
