@@ -27,13 +27,12 @@ from .degrade import ResponseCache, handle_guard_error
 from .errors import ClaudeGuardError, ConfigError
 from .events import EventLog
 from .flags import make_provider
-from .outage import OutageGuard
 from .pricing import PriceTable
 from .quart_support import is_quart_app, quart_globals
 from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
 from .rollups import AppRollups
 from .settings import Settings, load_settings
-from .storage import BreakerParams, MemoryStore, Store, make_store
+from .storage import BreakerParams, MemoryStore, OutageGuard, Store, make_store
 
 EXTENSION_KEY = "claude"
 SIMULATOR_BASE_URL = "http://simulator.flask-claude.invalid"

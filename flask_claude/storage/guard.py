@@ -18,8 +18,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .clock import Clock
-from .storage import Begin, BreakerParams, Crossed, Line, Outcome, StorageUnavailable, Store
+from ..clock import Clock
+from .records import Begin, BreakerParams, Crossed, Line, Outcome, StorageUnavailable, Store
 
 Notify = Callable[[str, dict[str, Any]], None]
 
