@@ -272,14 +272,9 @@ class AppRollups:
         if not rollup and success is None:
             return
         breaker = self.state.breaker.params if success is not None else None
-        later = getattr(self.store, "settle_later", None)
-        try:
-            if later is not None:  # written behind, like a settlement: it rides on the next round trip
-                later((), (), (), self.state.clock.time(), _ignore, success=success, breaker=breaker,
-                      rollup=dict(rollup) if rollup else None)
-            else:
-                self.store.settle((), (), (), self.state.clock.time(), success=success, breaker=breaker,
-                                  rollup=dict(rollup) if rollup else None)
+        try:  # written behind, like a settlement: it rides on the next round trip
+            self.store.settle_later((), (), (), self.state.clock.time(), _ignore, success=success, breaker=breaker,
+                                    rollup=dict(rollup) if rollup else None)
         except StorageUnavailable:
             pass
 

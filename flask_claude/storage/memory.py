@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .records import BREAKER_BUCKETS, KILL_SHARE, Begin, BreakerParams, Crossed, Line, Outcome
+from .records import BREAKER_BUCKETS, KILL_SHARE, Begin, BreakerParams, Crossed, Line, Outcome, SettleDone
 from .rollups import MemoryRollups
 
 
@@ -197,6 +197,15 @@ class MemoryStore:
             if success is not None and breaker is not None:
                 self._record(success, True, now, breaker)
         return crossed
+
+    def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
+                     rollup: dict[str, int] | None = None) -> None:
+        """In memory a settlement costs a lock, not a round trip: done at once."""
+        done(self.settle(lines, rids, thresholds, now, success=success, breaker=breaker, rollup=rollup), None)
+
+    def flush(self) -> None:
+        """Nothing waits in memory."""
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         with self._lock:

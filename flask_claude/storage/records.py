@@ -76,12 +76,13 @@ class StorageUnavailable(Exception):
     """The shared storage did not answer in time; ``CLAUDE_STORAGE_FAILURE`` decides what follows."""
 
 
-class Store(Protocol):
-    def begin(self, step: Begin, now: float) -> Outcome: ...
+SettleDone = Callable[[list[Crossed] | None, str | None], None]  # (crossed, failure: "not_sent" | "uncertain")
 
-    @property
-    def rollups(self) -> Any:
-        """rollups.MemoryRollups or rollups.RedisRollups"""
+
+class BudgetStore(Protocol):
+    """Request limits and budgets: admit and hold before a call, settle after it."""
+
+    def begin(self, step: Begin, now: float) -> Outcome: ...
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,
@@ -89,13 +90,29 @@ class Store(Protocol):
         """Replace the holds ``rids`` by the real amount; report alert thresholds crossed first here; record
         ``success`` on that model's breaker; add the call's ``rollup`` increments (rollups.py)."""
 
+    def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
+                     rollup: dict[str, int] | None = None) -> None:
+        """``settle`` whenever the backend sends it best (at once in memory, written behind on Redis);
+        ``done(crossed, failure)`` is called once it landed or failed."""
+
+    def flush(self) -> None:
+        """Send every settlement still waiting (before a read that must include them, and at exit)."""
+
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         """(spent, reserved) for each budget key."""
 
-    def put_record(self, key: str, value: str, ttl: float) -> None:
-        """A small JSON record that must outlive a process (a batch's reservation)."""
+
+class RecordStore(Protocol):
+    """Small JSON records that must outlive a process (a batch's reservation)."""
+
+    def put_record(self, key: str, value: str, ttl: float) -> None: ...
 
     def get_record(self, key: str) -> str | None: ...
+
+
+class BreakerStore(Protocol):
+    """Per-model circuit breakers every worker shares."""
 
     def breaker_allow(self, key: str, now: float, cooldown: float) -> bool: ...
 
@@ -104,4 +121,9 @@ class Store(Protocol):
     def breaker_state(self, key: str, now: float) -> str: ...
 
 
-SettleDone = Callable[[list[Crossed] | None, str | None], None]  # (crossed, failure: "not_sent" | "uncertain")
+class Store(BudgetStore, RecordStore, BreakerStore, Protocol):
+    """What a backend implements (memory.py, redis.py; guard.py wraps one); ``rollups`` is where the
+    monitoring rollups live on it (rollups.py in this package)."""
+
+    @property
+    def rollups(self) -> Any: ...

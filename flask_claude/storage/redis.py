@@ -65,12 +65,14 @@ class RedisStore:
         self.tag = f"{{fc:{prefix}}}"
         # Any Redis error (OOM, READONLY during a failover, CLUSTERDOWN, a non-Redis peer) is an outage
         # for CLAUDE_STORAGE_FAILURE to decide, never a 500.
-        self._errors = (redis.exceptions.RedisError, OSError)
+        self._errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
         self._begin = self.client.register_script(lua("functions", "begin"))
         self._settle = self.client.register_script(lua("functions", "rollup", "settle"))
         self._allow = self.client.register_script(lua("breaker_allow"))
         self._record = self.client.register_script(lua("functions", "breaker_record"))
         self._lean = LeanScripts(self.client, socket_timeout) if lean_usable(self.client) else None
+        self._cluster = isinstance(self.client, redis.cluster.RedisCluster)
+        self._reply_errors = (redis.exceptions.ResponseError,)
         self._settle_delay = settle_delay
         self._pending: list[_Pending] = []
         self._pending_lock = threading.Lock()
@@ -97,6 +99,14 @@ class RedisStore:
         """Run scripts in one round trip: a reply each, or the exception that command raised."""
         if self._lean is not None:
             return self._lean.run(calls)
+        if self._cluster:  # redis-py's cluster pipelines refuse EVALSHA: one script after the other
+            replies: list[Any] = []
+            for script, keys, args in calls:
+                try:
+                    replies.append(script(keys=keys, args=args))
+                except self._reply_errors as exc:
+                    replies.append(exc)
+            return replies
         pipe = self.client.pipeline(transaction=False)
         for script, keys, args in calls:
             script(keys=keys, args=args, client=pipe)
