@@ -311,3 +311,42 @@ def test_named_feature_flag_still_switches_an_ai_config_feature_off(
     named, _ = make_app(LaunchDarklyFlags(ld), sim, clock, feature=ai_feature(
         "summarize", ai_config=CONFIG_KEY, flag="ai-summarize"))
     assert post(named, "/summarize", "u1").headers["X-Claude-Degraded"] == "feature_disabled"
+
+
+def test_async_view_streams_are_tracked_with_time_to_first_token(
+        td: TestData, ld: LDClient, sim: Simulator, clock: FakeClock, sink: EventSink) -> None:
+    serve_config(td, variation("sonnet", "claude-sonnet-4-6", 90, "Tell it as {{ldctx.plan}}."))
+    app, claude = make_app(LaunchDarklyFlags(ld), sim, clock)
+
+    @app.post("/async")
+    @ai_feature("summarize", ai_config=CONFIG_KEY)
+    async def ask_async() -> Any:
+        config = claude.ai_config
+        async with claude.async_messages.stream(**config.as_params([{"role": "user", "content": "a story"}])) as s:
+            streamed = "".join([text async for text in s.text_stream])
+        raw = await claude.async_messages.create(stream=True, **config.as_params([{"role": "user", "content": "hi"}]))
+        kinds = [event.type async for event in raw]
+        return {"streamed": bool(streamed), "last": kinds[-1]}
+
+    assert post(app, "/async", "u-async", "pro").get_json() == {"streamed": True, "last": "message_stop"}
+    assert [(r.body["model"], r.body["max_tokens"], r.body["system"]) for r in sim.requests] == \
+        [("claude-sonnet-4-6", 90, "Tell it as pro.")] * 2
+    ld.flush()
+    sink.wait_for(lambda: len(sink.custom("$ld:ai:tokens:ttf")) == 2 and len(sink.custom(COST_EVENT)) == 2
+                  and len(sink.custom("$ld:ai:generation:success")) == 2)
+    ttft = sink.custom("$ld:ai:tokens:ttf")
+    assert len({e["data"]["runId"] for e in ttft}) == 2
+    assert all(e["context"]["key"] == "u-async" and e["data"]["variationKey"] == "sonnet" for e in ttft)
+    assert all(e["metricValue"] > 0 for e in sink.custom(COST_EVENT))
+
+
+def test_a_key_launchdarkly_does_not_know_serves_the_default(
+        ld: LDClient, sim: Simulator, clock: FakeClock) -> None:
+    default = AICompletionConfigDefault(enabled=True, model=ModelConfig("claude-sonnet-4-6"),
+                                        messages=[LDMessage("system", "Fallback prompt for {{ldctx.plan}}.")])
+    app, _ = make_app(LaunchDarklyFlags(ld), sim, clock, feature=ai_feature(
+        "summarize", ai_config="no-such-config", max_tokens=200, ai_config_default=default))
+    assert post(app, "/summarize", "u1", "pro").get_json() == {
+        "model": "claude-sonnet-4-6", "system": "Fallback prompt for pro.", "variation": "",
+        "source": "launchdarkly", "max_tokens": None}
+    assert sim.requests[-1].body["max_tokens"] == 200
