@@ -1,7 +1,7 @@
 """The request pipeline of a decorated view, top to bottom (README: "How degradation works").
 
 1. scope: the feature spec and the user's key (``user_loader``, Flask-Login, or the remote address)
-2. flags: the global switch, the feature's flag, the model flag
+2. flags: the global switch, the feature's flag, the model flag or the LaunchDarkly AI Config (aiconfig.py)
 3. admission: the request limits and the app-wide budgets' kill state, before the view by default
 4. the view (sync or ``async def``), whose Claude calls are guarded by ``client.py`` under this scope
 5. any guard error or upstream failure -> the feature's degradation response
