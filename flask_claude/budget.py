@@ -22,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 from limits import RateLimitItem
 
+from . import downgrade
 from .errors import BudgetExceeded, ClaudeGuardError, LimitExceeded
 from .events import hash_text
 from .hygiene import has_cache_control
@@ -81,6 +82,8 @@ class Reservation:
     usd_lines: list[int]  # indexes of lines counted in micro-dollars (others are tokens)
     app_wide: list[int] = field(default_factory=list)  # indexes of the global and feature budgets
     topups: tuple[str, ...] = ()  # holds added when a call needed more than its admission held
+    downgraded_to: list[str] | None = None  # the cheaper chain the storage step chose (downgrade.py)
+    fraction: float = 0.0  # the deciding budget's spent / limit when it chose
 
     @property
     def rids(self) -> tuple[str, ...]:
@@ -255,10 +258,14 @@ class Budgets:
         worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens, cache_write=cached)
         usd_micro, tokens = math.ceil(worst_usd * MICRO), input_bound + max_tokens
         hold_seconds = (call_seconds or self.settings.deadline) + 30.0
+        step_down = downgrade.plan(self.state.prices, chain, scope.downgrade_at, input_bound, max_tokens,
+                                   cached=cached)
         pre = scope.memo.pop("prehold", None)
         if pre is None:
             return self.reserve_worst(scope, usd_micro, tokens, hold_seconds=hold_seconds, breakers=tuple(chain),
-                                      wait=wait)
+                                      wait=wait, step_down=step_down)
+        if pre.reservation.downgraded_to and step_down is not None:
+            usd_micro = math.ceil(step_down.usd * MICRO)  # the admission already stepped down
         if usd_micro <= pre.usd_micro and tokens <= pre.tokens:
             return pre.reservation, pre.breakers
         # The call needs more than the admission held: hold the difference, settle both as one.
@@ -307,10 +314,14 @@ class Budgets:
             self.finish_admission(scope)
             return
         usd_micro = math.ceil(worst * MICRO)
+        step_down = downgrade.plan(self.state.prices, chain, scope.downgrade_at, bound + overhead, max_tokens,
+                                   cached=cached)
         reservation, breakers = self.reserve_worst(scope, usd_micro, tokens, hold_seconds=settings.deadline + 60.0,
-                                                   breakers=tuple(chain), optional=learned is None)
+                                                   breakers=tuple(chain), optional=learned is None,
+                                                   step_down=step_down)
         if reservation is not None:
-            scope.memo["prehold"] = PreHold(reservation, breakers, usd_micro, tokens)
+            held_usd = math.ceil(step_down.usd * MICRO) if reservation.downgraded_to and step_down else usd_micro
+            scope.memo["prehold"] = PreHold(reservation, breakers, held_usd, tokens)
 
     def release_unused(self, scope: CallScope) -> None:
         """Give back a hold taken before the view that no call used (the view made no call, or failed)."""
@@ -343,8 +354,9 @@ class Budgets:
             self._overheads[scope.feature] = learned
 
     def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *, hold_seconds: float,
-                      breakers: tuple[str, ...] = (), optional: bool = False,
-                      wait: bool = True) -> tuple[Reservation | None, dict[str, float | None] | None]:
+                      breakers: tuple[str, ...] = (), optional: bool = False, wait: bool = True,
+                      step_down: downgrade.StepDown | None = None,
+                      ) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold ``usd_micro`` and ``tokens`` on every budget of ``scope`` in one step, or refuse.
 
         A hold lapses after ``hold_seconds``: a worker that died mid-call gives its room back.
@@ -358,15 +370,26 @@ class Budgets:
         if not lines and scope.admission is None:
             return None, None
         rid = _new_id()
+        alt: list[Line] = []
+        line = downgrade.deciding_line(lines, usd_idx, app_wide) if step_down is not None else -1
+        if step_down is not None and line >= 0:
+            alt = self.budget_lines(scope, scope.budgets, usd=math.ceil(step_down.usd * MICRO), tokens=tokens,
+                                    now=now)[0]
         breaker_snapshot = self._begin(scope, holds=lines, usd_idx=usd_idx, app_wide=app_wide, rid=rid,
-                                       hold_seconds=hold_seconds, breakers=breakers, optional=optional, wait=wait)
+                                       hold_seconds=hold_seconds, breakers=breakers, optional=optional, wait=wait,
+                                       lower=(line, step_down.at if step_down else 0.0, [a.amount for a in alt]))
         if not lines or (optional and scope.memo.pop("not_held", False)):
             return None, breaker_snapshot
+        chose = scope.memo.pop("downgraded", None)
+        if chose is not None and step_down is not None:
+            return (Reservation(rid, alt, usd_idx, sorted(app_wide), downgraded_to=step_down.chain, fraction=chose),
+                    breaker_snapshot)
         return Reservation(rid, lines, usd_idx, sorted(app_wide)), breaker_snapshot
 
     def _begin(self, scope: CallScope, *, holds: list[Line], usd_idx: list[int], app_wide: set[int], rid: str,
                hold_seconds: float, breakers: tuple[str, ...], optional: bool = False,
-               wait: bool = True) -> dict[str, float | None] | None:
+               wait: bool = True,
+               lower: tuple[int, float, list[int]] = (-1, 0.0, [])) -> dict[str, float | None] | None:
         """One atomic step; while in-flight holds (not spend) fill a budget, wait briefly for room.
 
         Holds are worst cases, often several times a call's real cost, so under a burst a budget
@@ -382,7 +405,8 @@ class Budgets:
             step = Begin(gates=gates, requests=requests, holds=holds, member=_new_id(), rid=rid,
                          hold_until=now + hold_seconds,
                          exhausted_alert=repr(1.0) if 1.0 in self.settings.budget_alerts else "",
-                         breakers=breakers, optional_holds=optional)
+                         breakers=breakers, optional_holds=optional, downgrade_line=lower[0],
+                         downgrade_at=lower[1], alt_amounts=lower[2])
             result = self._guarded(lambda step=step, now=now: self.store.begin(step, now))
             if result is None:  # storage down, policy "open": serve without limits
                 scope.admission = None
@@ -395,6 +419,8 @@ class Budgets:
             self._refuse(result, gates, requests, holds, usd_idx, app_wide)
         if not result.held:
             scope.memo["not_held"] = True
+        if result.downgraded:
+            scope.memo["downgraded"] = result.fraction
         scope.admission = None
         if requests:
             tightest = min(range(len(requests)), key=lambda i: result.remaining[i])

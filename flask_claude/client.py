@@ -373,9 +373,18 @@ class GuardedMessages:
 
     def _reserve(self, call: _Call, *, wait: bool = True) -> None:
         """Reserve the worst case against every budget that applies, or refuse having reserved nothing."""
-        call.reservation, call.breakers = self._state.budgets.begin(
+        state = self._state
+        call.reservation, call.breakers = state.budgets.begin(
             call.scope, call.chain, call.params, call.params["max_tokens"],
             call_seconds=call.deadline.remaining(), wait=wait)
+        lower = call.reservation.downgraded_to if call.reservation is not None else None
+        if lower and lower != call.chain:  # its budget is nearly spent: start at the cheaper model (downgrade.py)
+            scope = call.scope
+            state.events.emit("model_downgraded", {
+                "feature": scope.feature, "route": scope.route, "user": state.events.user(scope.user),
+                "from_model": call.chain[0], "to_model": lower[0], "fraction": round(call.reservation.fraction, 4),
+                "downgrade_at": scope.downgrade_at}, level="WARNING")
+            call.chain = list(lower)
 
     def _run_chain(self, call: _Call, send: Callable[[str, httpx2.Timeout], T]) -> T:
         """Try each model in turn: bounded retries per model, the breaker and the deadline for all."""

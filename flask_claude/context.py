@@ -26,6 +26,7 @@ class CallScope:
     max_input_tokens: int | None = None
     require_complete: bool = False
     max_calls: int | None = None
+    downgrade_at: float | None = None  # ai_feature(downgrade_at=...): see downgrade.py
     max_history_turns: int | None = None
     validate: Any = None
     budgets: Any = None

@@ -38,6 +38,7 @@ class FeatureOptions:
     ai_config: str | None = None  # a LaunchDarkly AI Config key: see aiconfig.py
     ai_config_default: Any = None  # an ldai.AICompletionConfigDefault, for when LaunchDarkly cannot answer
     ai_config_variables: Callable[[], Mapping[str, Any]] | None = None
+    downgrade_at: float | None = None  # fraction of the applicable budget past which the chain steps down
 
     @property
     def flag_name(self) -> str:
@@ -103,7 +104,8 @@ def ai_feature(name: str, *, flag: str | None = None, max_tokens: int | None = N
                model_flag: str | None = None, max_calls: int | None = None,
                max_history_turns: int | None = None, validate: Any = None, ai_config: str | None = None,
                ai_config_default: Any = None,
-               ai_config_variables: Callable[[], Mapping[str, Any]] | None = None) -> Callable[[F], F]:
+               ai_config_variables: Callable[[], Mapping[str, Any]] | None = None,
+               downgrade_at: float | None = None) -> Callable[[F], F]:
     """Mark a view as the AI feature ``name``: kill switch (flag ``ai-<name>``), attribution, caps.
 
     ``models`` is this feature's fallback chain (default ``CLAUDE_MODELS``); ``model_flag`` names a
@@ -111,9 +113,14 @@ def ai_feature(name: str, *, flag: str | None = None, max_tokens: int | None = N
     ``require_complete`` turns a ``max_tokens`` stop into a degradation. ``ai_config`` names a LaunchDarkly
     AI Config that serves the feature's on/off, first model, ``maxTokens`` and prompt per user
     (``ai_config_default`` when LaunchDarkly cannot answer, ``ai_config_variables()`` for its templates).
+    ``downgrade_at`` (a fraction): once the budget that applies to a call (the user's USD budget, else
+    the feature's, else the global) is spent past it, the chain starts at its next cheaper model.
     """
     if not isinstance(name, str) or not name:
         raise ConfigError("ai_feature() needs a feature name such as 'summarize'")
+    if downgrade_at is not None and (isinstance(downgrade_at, bool) or not isinstance(downgrade_at, (int, float))
+                                     or not 0 < downgrade_at <= 1):
+        raise ConfigError(f"ai_feature({name!r}, downgrade_at=...) must be a fraction in (0, 1], got {downgrade_at!r}")
     if ai_config is not None and (not isinstance(ai_config, str) or not ai_config):
         raise ConfigError(f"ai_feature({name!r}, ai_config=...) must be an AI Config key, got {ai_config!r}")
     if ai_config and model_flag:
@@ -130,7 +137,8 @@ def ai_feature(name: str, *, flag: str | None = None, max_tokens: int | None = N
         require_complete=bool(require_complete), model_flag=model_flag,
         max_calls=_positive_int("max_calls", max_calls),
         max_history_turns=_positive_int("max_history_turns", max_history_turns), validate=validate,
-        ai_config=ai_config, ai_config_default=ai_config_default, ai_config_variables=ai_config_variables)
+        ai_config=ai_config, ai_config_default=ai_config_default, ai_config_variables=ai_config_variables,
+        downgrade_at=None if downgrade_at is None else float(downgrade_at))
 
     def decorate(view: F) -> F:
         spec, wrapper = _spec_of(view)

@@ -45,6 +45,7 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
             scope.max_input_tokens = feature.max_input_tokens
             scope.require_complete = feature.require_complete
             scope.max_calls = feature.max_calls
+            scope.downgrade_at = feature.downgrade_at
             scope.max_history_turns = feature.max_history_turns
             scope.validate = feature.validate
 

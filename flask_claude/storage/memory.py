@@ -151,15 +151,23 @@ class MemoryStore:
                     return Outcome(False, "request", i, retry_after=max(0.0, hits[0] + line.expires_at - now))
                 remaining.append(line.limit - len(hits) - 1)
             budgets = [self._budget(line.key, line.expires_at, now) for line in step.holds]
+            amounts = [line.amount for line in step.holds]
+            downgraded, fraction = False, 0.0
+            if 0 <= step.downgrade_line < len(step.holds):
+                line = step.holds[step.downgrade_line]
+                fraction = budgets[step.downgrade_line].spent / line.limit if line.limit else 1.0
+                if fraction >= step.downgrade_at:
+                    downgraded, amounts = True, list(step.alt_amounts)
             held = True
             for i, (line, budget) in enumerate(zip(step.holds, budgets, strict=True)):
-                if budget.spent + budget.live_reserved(now) + line.amount > line.limit:
+                amount = amounts[i]
+                if budget.spent + budget.live_reserved(now) + amount > line.limit:
                     if step.optional_holds:
                         held = False
                         break
-                    busy = budget.spent + line.amount <= line.limit
+                    busy = budget.spent + amount <= line.limit
                     first = False
-                    if not busy and line.amount <= KILL_SHARE * line.limit \
+                    if not busy and amount <= KILL_SHARE * line.limit \
                             and budget.exhausted_at_limit != line.limit:
                         budget.exhausted_at_limit = line.limit
                         first = bool(step.exhausted_alert) and self._claim_alert(
@@ -169,11 +177,12 @@ class MemoryStore:
                                    spent=budget.spent)
             for line in step.requests:
                 self._windows[line.key].append(now)
-            for line, budget in zip(step.holds, budgets, strict=True):
+            for amount, budget in zip(amounts, budgets, strict=True):
                 if held:
-                    budget.holds[step.rid] = (line.amount, step.hold_until)
+                    budget.holds[step.rid] = (amount, step.hold_until)
             breakers = {m: (b.open_until if (b := self._breakers.get(m)) else None) for m in step.breakers}
-            return Outcome(True, remaining=tuple(remaining), breakers=breakers, held=held)
+            return Outcome(True, remaining=tuple(remaining), breakers=breakers, held=held, downgraded=downgraded,
+                           fraction=fraction)
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,

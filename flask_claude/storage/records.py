@@ -48,6 +48,11 @@ class Begin:
     exhausted_alert: str = ""  # the alert threshold claimed by the first "spent for good" refusal
     breakers: Sequence[str] = ()  # models whose breaker state to read
     optional_holds: bool = False  # no room for the holds: admit anyway and hold nothing (a guess, not a call)
+    # Budget-aware step-down: when holds[downgrade_line] is spent past downgrade_at of its limit, hold
+    # alt_amounts (the cheaper chain's worst case, one per hold) instead of the holds' amounts.
+    downgrade_line: int = -1
+    downgrade_at: float = 0.0
+    alt_amounts: Sequence[int] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class Outcome:
     spent: int = 0
     breakers: dict[str, float | None] = field(default_factory=dict)  # model -> open_until (None: closed)
     held: bool = True  # False: optional holds found no room and were not taken
+    downgraded: bool = False  # the downgrade line was past its fraction: alt_amounts were held
+    fraction: float = 0.0  # that line's spent / limit when decided
 
 
 @dataclass(frozen=True)

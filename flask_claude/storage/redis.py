@@ -176,13 +176,14 @@ class RedisStore:
                 + [self._b(m) for m in step.breakers])
         args: list[Any] = [repr(now), len(step.gates), len(step.requests), len(step.holds), len(step.breakers),
                            step.member, step.rid, repr(step.hold_until), step.exhausted_alert,
-                           "1" if step.optional_holds else "0"]
+                           "1" if step.optional_holds else "0", step.downgrade_line + 1, repr(step.downgrade_at)]
         for line in step.gates:
             args += [line.limit, repr(line.expires_at)]
         for line in step.requests:
             args += [line.limit, repr(line.expires_at)]
-        for line in step.holds:
-            args += [line.limit, line.amount, repr(line.expires_at)]
+        alt = step.alt_amounts if step.downgrade_line >= 0 else [line.amount for line in step.holds]
+        for line, alt_amount in zip(step.holds, alt, strict=True):
+            args += [line.limit, line.amount, alt_amount, repr(line.expires_at)]
         res = self._run_with_pending((self._begin, keys, args))
         ok = bool(int(res[0]))
         stage = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
@@ -190,10 +191,11 @@ class RedisStore:
             return Outcome(False, stage, int(res[2]), busy=bool(int(res[6])), retry_after=float(res[3]),
                            newly_exhausted=bool(int(res[4])), spent=int(res[5]))
         nr = len(step.requests)
-        remaining = tuple(int(x) for x in res[8:8 + nr])
-        opens = res[8 + nr:]
+        remaining = tuple(int(x) for x in res[10:10 + nr])
+        opens = res[10 + nr:]
         breakers = {m: (float(v) if v not in (b"", "") else None) for m, v in zip(step.breakers, opens, strict=True)}
-        return Outcome(True, remaining=remaining, breakers=breakers, held=bool(int(res[7])))
+        return Outcome(True, remaining=remaining, breakers=breakers, held=bool(int(res[7])),
+                       downgraded=bool(int(res[8])), fraction=float(res[9]))
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,

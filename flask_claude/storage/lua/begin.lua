@@ -2,13 +2,17 @@
 -- or nothing.
 -- KEYS: gates..., requests..., holds..., breakers...
 -- ARGV: now, ng, nr, nh, nb, member, rid, hold_until, alert, optional_holds ('1'/'0'),
---       then per gate (limit, expires), per request (limit, window), per hold (limit, amount, expires).
--- Returns {ok, stage, failed, retry, newly, spent, busy, held, remaining..., open_until per breaker ('' = closed)}.
+--       downgrade_line (1-based hold, 0: none), downgrade_at,
+--       then per gate (limit, expires), per request (limit, window), per hold (limit, amount, alt_amount, expires).
+-- Returns {ok, stage, failed, retry, newly, spent, busy, held, downgraded, fraction, remaining...,
+--          open_until per breaker ('' = closed)}.
 local now = tonumber(ARGV[1])
 local ng, nr, nh, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local member, rid, hold, alert = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local optional = ARGV[10] == '1'
-local a = 11
+local dg_line, dg_at = tonumber(ARGV[11]), tonumber(ARGV[12])
+local first_arg = 13
+local a = first_arg
 for i = 1, ng do
   local limit, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
   local state = redis.call('HMGET', KEYS[i], 'spent', 'exhausted')
@@ -30,9 +34,18 @@ for j = 1, nr do
 end
 local hold_args = a
 local held = 1
+-- budget-aware step-down: past its fraction, the cheaper chain's worst case is held instead
+local use_alt, fraction = 0, 0
+if dg_line > 0 then
+  local at = hold_args + 4 * (dg_line - 1)
+  local dg_limit = tonumber(ARGV[at])
+  fraction = tonumber(redis.call('HGET', KEYS[ng + nr + dg_line], 'spent') or '0') / math.max(dg_limit, 1)
+  if fraction >= dg_at then use_alt = 1 end
+end
 for k = 1, nh do
   local key = KEYS[ng + nr + k]
-  local limit, amount, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]); a = a + 3
+  local limit, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 3])
+  local amount = tonumber(ARGV[a + 1 + use_alt]); a = a + 4
   local spent = tonumber(redis.call('HGET', key, 'spent') or '0')
   if spent + live_reserved(key, now) + amount > limit then
     if optional then held = 0; break end
@@ -48,7 +61,7 @@ for k = 1, nh do
     return {0, 'hold', k - 1, tostring(math.max(0, expires - now)), first, spent, 0}
   end
 end
-a = 11 + 2 * ng
+a = first_arg + 2 * ng
 for j = 1, nr do
   local key = KEYS[ng + j]
   local window = tonumber(ARGV[a + 1]); a = a + 2
@@ -58,11 +71,11 @@ end
 a = hold_args
 for k = 1, nh * held do
   local key = KEYS[ng + nr + k]
-  local amount, expires = ARGV[a + 1], tonumber(ARGV[a + 2]); a = a + 3
+  local amount, expires = ARGV[a + 1 + use_alt], tonumber(ARGV[a + 3]); a = a + 4
   redis.call('HSET', key, 'r:' .. rid, amount .. ' ' .. hold)
   redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
 end
-local out = {1, '', -1, '0', 0, 0, 0, held}
+local out = {1, '', -1, '0', 0, 0, 0, held, use_alt, tostring(fraction)}
 for j = 1, nr do table.insert(out, remaining[j]) end
 for m = 1, nb do
   table.insert(out, redis.call('HGET', KEYS[ng + nr + nh + m], 'open_until') or '')
