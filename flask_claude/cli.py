@@ -56,7 +56,9 @@ def simulate(host: str, port: int, fail_status: int | None, fail_rate: float | N
 
 
 def _state() -> ClaudeState | None:
-    return current_app.extensions.get("claude")
+    from .extension import state_for
+
+    return state_for(required=False)
 
 
 # --- report ---------------------------------------------------------------------------------------
@@ -412,6 +414,7 @@ def _guarded_state() -> ClaudeState:
 @click.option("--feature", default=None, help="Attribute the batch's spend to this feature (and its budget).")
 def batch_submit(jsonl: Any, feature: str | None) -> None:
     """Submit FILE.jsonl: one {"custom_id": ..., "params": {...}} per line."""
+    from .batches import is_batch_request
     from .errors import ClaudeGuardError
 
     requests = []
@@ -422,7 +425,7 @@ def batch_submit(jsonl: Any, feature: str | None) -> None:
             item = json.loads(line)
         except json.JSONDecodeError as exc:
             raise click.ClickException(f"line {number} is not JSON: {exc.msg}") from None
-        if not isinstance(item, dict) or "custom_id" not in item or not isinstance(item.get("params"), dict):
+        if not is_batch_request(item):
             raise click.ClickException(f'line {number} must be {{"custom_id": ..., "params": {{...}}}}')
         requests.append(item)
     if not requests:

@@ -124,7 +124,8 @@ def ai_feature(name: str, *, flag: str | None = None, max_tokens: int | None = N
     return decorate
 
 
-_USD_PERIODS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": 86400 * 31}
+# The periods a dollar budget can have; their lengths and calendar bounds are ``budget.period_bounds``'s.
+_USD_PERIODS = ("second", "minute", "hour", "day", "month")
 
 
 def _parse_usd(value: str | float) -> list[tuple[float, str]]:

@@ -32,7 +32,6 @@ CALL_FIELDS = (
     "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
     "latency_ms", "retries", "stop_reason", "cost_usd", "system_prompt_hash",
 )
-ERROR_FIELDS = (*CALL_FIELDS, "error_type", "status_code")
 
 # Fields whose values flask-claude itself produces (ids, model names, hashes, enums): scrubbing them
 # would cost seven regexes per field per line and could only ever find nothing.

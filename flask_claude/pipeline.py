@@ -28,7 +28,7 @@ from .flags import UserContext
 
 
 def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Response:
-    state = state_for(current_app)
+    state = state_for()
     feature = spec.feature
     rule = request.url_rule
     scope = CallScope(feature=feature.name if feature else None,

@@ -13,15 +13,16 @@ from typing import Any
 
 from .errors import ConfigError
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+#: The words a switch is written with, in a setting, an environment variable or a flag (flags.py).
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
 def _bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS | {""}:
+        return value.strip().lower() in TRUE_WORDS
     raise ConfigError(f"{key} must be a boolean (True/False), got {value!r}")
 
 

@@ -249,6 +249,29 @@ def test_fallback_cache_serves_the_last_good_response_while_fresh(sim: Simulator
     assert other.get_json() == FALLBACK
 
 
+def test_fallback_cache_expires_on_the_injected_clock(sim: Simulator, clock: FakeClock) -> None:
+    """The cache's TTL is read on the app's clock: moving it past ``cache_ttl`` expires the entry."""
+    app = Flask("cache_ttl")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MAX_RETRIES=0)
+    claude = Claude(app, simulator=sim, clock=clock)
+
+    @app.post("/summarize")
+    @ai_feature("summarize")
+    @fallback_to(FALLBACK, cache=True, cache_ttl=60)
+    def summarize() -> Any:
+        msg = claude.messages.create(max_tokens=50, messages=[{"role": "user", "content": request.json["text"]}])
+        return {"summary": msg.content[0].text}
+
+    c = app.test_client()
+    good = c.post("/summarize", json={"text": "alpha"}).get_json()
+    sim.fail(529)
+    clock.advance(59)
+    assert c.post("/summarize", json={"text": "alpha"}).get_json() == good  # still fresh at 59 s
+    clock.advance(2)
+    stale = c.post("/summarize", json={"text": "alpha"})
+    assert stale.get_json() == FALLBACK and stale.headers["X-Claude-Degraded"] == "upstream_unavailable"
+
+
 def test_fallback_that_raises_still_degrades_cleanly(sim: Simulator, clock: FakeClock) -> None:
     app = Flask("broken_fallback")
     app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MAX_RETRIES=0)
