@@ -66,7 +66,7 @@ def register_dashboard(app: Flask, extension: Claude, prefix: str) -> None:
 
 
 def _summary() -> dict[str, Any]:
-    from .cli import collect_status
+    from .status import collect_status
 
     state = state_for()
     state.ops_alerts.maybe_evaluate()  # before reading, so a page refresh shows an alert it just found
