@@ -25,7 +25,7 @@ from typing import Any
 
 from loguru import logger
 
-# Field order of the ``claude_api_call`` line; documented in README.md (names follow the
+# Field order of the ``claude_api_call`` line; documented in docs/reference.md (names follow the
 # OpenTelemetry GenAI conventions where one exists, e.g. gen_ai.usage.input_tokens).
 CALL_FIELDS = (
     "ts", "event", "request_id", "feature", "route", "user", "model", "requested_model", "fallback_from",

@@ -152,7 +152,8 @@ def _setting(default: Any, parse: Callable[..., Any], env: str | None = None) ->
 class Settings:
     """Every ``CLAUDE_<NAME>`` key, as the attribute ``<name>`` lower-cased.
 
-    The field list is the settings reference: README.md documents the same keys.
+    The field list is the settings reference: docs/reference.md documents the same keys (a test
+    holds the two together).
     """
 
     api_key: str | None = _setting(None, _optional_str, env="ANTHROPIC_API_KEY")
