@@ -3,7 +3,7 @@
 Per-app state lives in ``app.extensions["claude"]`` and never on the ``Claude`` object, so one
 ``Claude()`` serves several apps (factories, tests) without one app's settings leaking into another;
 the object itself only keeps code the app registered on it (``user_loader``) and constructor
-overrides.
+overrides. docs/ARCHITECTURE.md shows how a request flows through the objects built here.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """The request pipeline of a decorated view, top to bottom (README: "How degradation works").
 
+docs/ARCHITECTURE.md walks through it, the modules each step calls and where to add things.
+
 1. scope: the feature spec and the user's key (``user_loader``, Flask-Login, or the remote address)
 2. flags: the global switch, the feature's flag, the model flag
 3. admission: the request limits and the app-wide budgets' kill state, before the view by default
