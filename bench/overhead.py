@@ -164,7 +164,7 @@ class RoundTrips:
         spc, sc, rr = self._orig
         me = self
         # flask-claude's own scripts go over redis_wire's socket on a plain redis:// (one write per round trip)
-        from flask_claude import redis_wire
+        from flask_claude.storage import wire as redis_wire
 
         self._lean = redis_wire.LeanScripts._send
         lean_send = self._lean
@@ -199,7 +199,7 @@ class RoundTrips:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from flask_claude import redis_wire
+        from flask_claude.storage import wire as redis_wire
 
         redis_wire.LeanScripts._send = self._lean  # type: ignore[method-assign]
         (self.rc.AbstractConnection.send_packed_command, self.rc.AbstractConnection.send_command,
