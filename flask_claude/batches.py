@@ -17,7 +17,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .budget import MICRO, Reservation
-from .context import current_scope
+from .context import clamp_max_tokens, current_scope, max_tokens_cap
 from .errors import ConfigError
 from .rollups import call_fields
 from .storage import Line, StorageUnavailable
@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 BATCH_HOLD_SECONDS = 29 * 3600  # batches end within 24 h; the hold outlives them by a margin
 RECORD_TTL_SECONDS = 30 * 86400
+
+
+def is_batch_request(item: Any) -> bool:
+    """The shape the Batch API takes for each request: ``{"custom_id": ..., "params": {...}}``."""
+    return isinstance(item, dict) and "custom_id" in item and isinstance(item.get("params"), dict)
 
 
 class GuardedBatches:
@@ -45,15 +50,15 @@ class GuardedBatches:
         prepared = []
         worst_usd = 0.0
         worst_tokens = 0
+        cap = max_tokens_cap(scope, settings.max_tokens_cap)
         for index, item in enumerate(requests):
-            if not isinstance(item, dict) or "custom_id" not in item or not isinstance(item.get("params"), dict):
+            if not is_batch_request(item):
                 raise ConfigError(f"batch request {index} must be {{'custom_id': ..., 'params': {{...}}}}")
             params = dict(item["params"])
             model = params.get("model") or (scope.models or settings.models)[0]
             state.prices.check([model])
-            cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
             params["model"] = model
-            params["max_tokens"] = min(int(params.get("max_tokens") or cap), cap)
+            params["max_tokens"] = clamp_max_tokens(params.get("max_tokens"), cap)
             bound = upper_bound_tokens(params)
             worst_usd += state.prices.worst_case_usd([model], bound, params["max_tokens"], batch=True)
             worst_tokens += bound + params["max_tokens"]

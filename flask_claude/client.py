@@ -24,7 +24,7 @@ import httpx2
 
 from . import telemetry
 from .aiconfig import AIRun
-from .context import CallScope, current_scope
+from .context import CallScope, clamp_max_tokens, current_scope, max_tokens_cap
 from .errors import (
     CallLimitExceeded,
     ClaudeGuardError,
@@ -38,7 +38,16 @@ from .errors import (
 from .events import hash_text
 from .hygiene import check_output, prune_history, with_auto_cache
 from .pricing import TASK_BUDGET_BETA, TASK_BUDGET_MODELS
-from .resilience import AttemptMark, Deadline, Failure, classify, current_attempt, current_deadline, model_chain
+from .resilience import (
+    AttemptMark,
+    Deadline,
+    Failure,
+    FailureKind,
+    classify,
+    current_attempt,
+    current_deadline,
+    model_chain,
+)
 from .signals import circuit_opened, claude_called, model_fallback
 from .tokens import estimate_input_tokens, estimate_tokens, prompt_chars
 
@@ -48,7 +57,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 # Failures after which the next model in the chain is tried (rate limits only when configured).
-_FALLBACK_KINDS = frozenset({"server", "connection", "timeout", "circuit_open"})
+_FALLBACK_KINDS = frozenset({FailureKind.SERVER, FailureKind.CONNECTION, FailureKind.TIMEOUT, FailureKind.CIRCUIT_OPEN})
 
 
 @dataclass
@@ -140,11 +149,11 @@ class ChainRun:
             known_closed = self.attempt == 0 and call.breakers is not None and \
                 model in call.breakers and call.breakers[model] is None
             if not known_closed and not state.breaker.allow(model, state.clock.time()):
-                self._model_failed(Failure("circuit_open", None, "circuit_open"))
+                self._model_failed(Failure(FailureKind.CIRCUIT_OPEN, None, "circuit_open"))
                 continue
             remaining = call.deadline.remaining()
             if remaining <= 0:
-                self._model_failed(Failure("deadline", None, "deadline_exceeded"))
+                self._model_failed(Failure(FailureKind.DEADLINE, None, "deadline_exceeded"))
                 continue
             # Each read waits at most CLAUDE_ATTEMPT_TIMEOUT: a hung model leaves time for a retry or
             # the next model; the deadline still bounds the whole call, trickling bodies included.
@@ -168,8 +177,8 @@ class ChainRun:
         self.last_exc = exc
         failure = classify(exc)
         self.owner._record_outcome(call.model, ok=not failure.counts_against_model)  # a hang is the model's
-        if call.deadline.expired and failure.kind == "timeout":
-            failure = Failure("deadline", None, "deadline_exceeded")
+        if call.deadline.expired and failure.kind == FailureKind.TIMEOUT:
+            failure = Failure(FailureKind.DEADLINE, None, "deadline_exceeded")
         if failure.retryable and self.attempt < policy.max_retries:
             delay = policy.delay(self.attempt, failure)
             if delay < call.deadline.remaining():  # a retry that could not start before the deadline is not made
@@ -186,7 +195,7 @@ class ChainRun:
             return  # raised after sending: the caller's code or ours, let it surface as itself
         # The SDK could not build the request (a lone surrogate, an unserialisable value, an argument it
         # rejects): nothing left, the model is not at fault, and a retry would fail alike.
-        self.call.failure = Failure("invalid_request", None, "invalid_request")
+        self.call.failure = Failure(FailureKind.INVALID_REQUEST, None, "invalid_request")
         self.call.extra["detail"] = type(exc).__name__
         raise InvalidRequest(f"the request could not be built: {type(exc).__name__}") from None
 
@@ -204,18 +213,19 @@ class ChainRun:
         call, state = self.call, self.state
         call.failure = failure
         falls_back = failure.kind in _FALLBACK_KINDS or (
-            failure.kind == "rate_limited" and state.settings.fallback_on_rate_limit)
+            failure.kind == FailureKind.RATE_LIMITED and state.settings.fallback_on_rate_limit)
         if not falls_back or self.index == len(call.chain) - 1 or call.deadline.expired:
             self.done = True
             return
         model, next_model = call.chain[self.index], call.chain[self.index + 1]
+        skipped = failure.kind == FailureKind.CIRCUIT_OPEN
         call.fallback_from = call.chain[0]
         fields: dict[str, Any] = {"feature": call.scope.feature, "route": call.scope.route, "from_model": model,
                                   "to_model": next_model, "reason": failure.error_type,
                                   "status_code": failure.status_code,
                                   # requests this call sent to from_model, all failed (0: skipped, its circuit was open)
-                                  "attempts": self.attempt if failure.kind == "circuit_open" else self.attempt + 1}
-        if failure.kind != "circuit_open" or self.attempt > 0 or self.owner._log_skip(model):  # throttle pure skips
+                                  "attempts": self.attempt if skipped else self.attempt + 1}
+        if not skipped or self.attempt > 0 or self.owner._log_skip(model):  # throttle pure skips
             state.events.emit("model_fallback", fields, level="WARNING")
         model_fallback.send(state.app, **fields)
         call.span.fallback(model, next_model, failure.error_type)
@@ -352,11 +362,9 @@ class GuardedMessages:
             params = with_auto_cache(params)
 
         # max_tokens: clamp to the app's and the feature's cap (logged), never refuse a request for it.
-        cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
+        cap = max_tokens_cap(scope, settings.max_tokens_cap)
         requested_max = params.get("max_tokens")
-        if requested_max is not None and (isinstance(requested_max, bool) or not isinstance(requested_max, int)):
-            raise InvalidRequest(f"max_tokens must be a whole number, got {type(requested_max).__name__}")
-        max_tokens = cap if requested_max is None else min(requested_max, cap)
+        max_tokens = clamp_max_tokens(requested_max, cap)
         call = _Call(params={**params, "max_tokens": max_tokens}, scope=scope, chain=chain,
                      requested_model=requested,
                      deadline=Deadline.after(state.clock, _deadline(
@@ -411,7 +419,7 @@ class GuardedMessages:
 
     def _log_skip(self, model: str) -> bool:
         """While a breaker is open every call skips its model: log that every few seconds, not per call."""
-        now = time.monotonic()
+        now = self._state.clock.monotonic()
         if now < self._skip_logged_until.get(model, 0.0):
             return False
         self._skip_logged_until[model] = now + 5.0
@@ -452,7 +460,6 @@ class GuardedMessages:
                                  success=call.success_model, rollup=rollup)
         else:
             state.rollups.write(rollup, success=call.success_model)
-        call.scope.spend_usd += cost.usd
         fields = {
             "request_id": request_id,
             **base,
@@ -508,7 +515,7 @@ class GuardedMessages:
         """A call that got no reply: release the reservation, log the error once."""
         state = self._state
         if isinstance(exc, asyncio.CancelledError):  # the task was cancelled (client gone, wait_for)
-            failure: Failure | None = Failure("cancelled", None, "cancelled")
+            failure: Failure | None = Failure(FailureKind.CANCELLED, None, "cancelled")
         else:
             failure = call.failure or (classify(exc) if not isinstance(exc, ClaudeGuardError) else None)
         error_type = failure.error_type if failure else type(exc).__name__
@@ -523,7 +530,7 @@ class GuardedMessages:
                   "cache_creation_input_tokens": 0, "stop_reason": None, "cost_usd": 0.0,
                   "error_type": error_type,
                   "status_code": failure.status_code if failure else None, **call.extra}
-        if failure is not None and failure.kind == "client":
+        if failure is not None and failure.kind == FailureKind.CLIENT:
             fields["our_bug"] = True  # a 4xx from upstream means we sent a bad request
         state.events.emit("claude_api_error", fields, level="ERROR")
         call.span.finish(model=None, retries=call.retries, fallback_from=call.fallback_from,
@@ -538,9 +545,9 @@ class GuardedMessages:
         if not isinstance(exc, SEND_ERRORS):
             return exc  # our caller's bug (a wrong argument): let it surface as itself
         failure = call.failure or classify(exc)
-        reason = "deadline_exceeded" if failure.kind == "deadline" else "upstream_unavailable"
+        reason = "deadline_exceeded" if failure.kind == FailureKind.DEADLINE else "upstream_unavailable"
         retry_after: float | None = None
-        if failure.kind == "rate_limited":
+        if failure.kind == FailureKind.RATE_LIMITED:
             # Pass the upstream's back-off on (capped), so well-behaved clients do not hammer a rate limit.
             policy = self._state.retry_policy
             wait = failure.retry_after if failure.retry_after is not None else policy.max_delay
@@ -629,15 +636,15 @@ class StreamAccount:
     def _broken(self, exc: BaseException) -> UpstreamUnavailable:
         """The body failed mid-way (an SDK or transport error)."""
         failure = classify(exc)
-        if self._call.deadline.expired and failure.kind == "timeout":
-            failure = Failure("deadline", None, "deadline_exceeded")  # our limit, not the model's fault
+        if self._call.deadline.expired and failure.kind == FailureKind.TIMEOUT:
+            failure = Failure(FailureKind.DEADLINE, None, "deadline_exceeded")  # our limit, not the model's fault
         return self._failed(failure)
 
     def _ended(self) -> None:
         """The body ended: whole only if ``message_stop`` arrived."""
         if not self._stopped:
             # A body that ended cleanly before ``message_stop`` is a cut reply, not a short one.
-            raise self._failed(Failure("stream", None, "incomplete_stream"))
+            raise self._failed(Failure(FailureKind.STREAM, None, "incomplete_stream"))
         self._completed = True
         self._settle()
 

@@ -31,11 +31,27 @@ class CallScope:
     validate: Any = None
     budgets: Any = None
     calls: int = 0
-    spend_usd: float = 0.0
     admission: Any = None  # (app-wide budgets, request limits) still to check: see Budgets.admit
     rate_headers: dict[str, str] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)
     ai_config: Any = None  # the request's LaunchDarkly AI Config (aiconfig.FeatureAIConfig), if the feature has one
+
+
+def max_tokens_cap(scope: CallScope, app_cap: int) -> int:
+    """The largest ``max_tokens`` a call of this scope may ask: the app's cap, or the feature's if lower."""
+    return min(app_cap, scope.max_tokens or app_cap)
+
+
+def clamp_max_tokens(requested: Any, cap: int) -> int:
+    """A call's ``max_tokens``: the cap when not given, never above it; a value that is not a whole
+    number is the caller's mistake (``InvalidRequest``), not a reason to guess."""
+    if requested is None:
+        return cap
+    if isinstance(requested, bool) or not isinstance(requested, int):
+        from .errors import InvalidRequest
+
+        raise InvalidRequest(f"max_tokens must be a whole number, got {type(requested).__name__}")
+    return min(requested, cap)
 
 
 def current_scope() -> CallScope:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +46,9 @@ def decorate(response: Response, exc: ClaudeGuardError, status: int | None = Non
 def handle_guard_error(exc: ClaudeGuardError) -> Response:
     """App-wide handler: a guarded call in an undecorated view still degrades instead of a 500."""
     from .context import current_scope
+    from .extension import state_for
 
-    state = current_app.extensions.get("claude")
+    state = state_for(required=False)
     status = state.settings.degraded_status if state is not None and exc.status == 503 else exc.status
     response = decorate(jsonify(public_body(exc)), exc, status)
     if state is not None:
@@ -97,7 +97,7 @@ class ResponseCache:
         return Response(body, status=status, headers=headers)
 
 
-def _cache_key(spec: ViewSpec, scope: CallScope, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, ...]:
+def _cache_key(scope: CallScope, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, ...]:
     from .pipeline import request_fingerprint
 
     return (scope.route or "", str(scope.user), request_fingerprint(args, kwargs))
@@ -106,7 +106,7 @@ def _cache_key(spec: ViewSpec, scope: CallScope, args: tuple[Any, ...], kwargs: 
 def remember(state: ClaudeState, spec: ViewSpec, scope: CallScope, response: Response,
              args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     if response.status_code < 300 and not response.is_streamed and not response.direct_passthrough:
-        state.response_cache.put(_cache_key(spec, scope, args, kwargs), response, time.monotonic())
+        state.response_cache.put(_cache_key(scope, args, kwargs), response, state.clock.monotonic())
 
 
 def _fallback_response(state: ClaudeState, spec: ViewSpec, scope: CallScope, args: tuple[Any, ...],
@@ -116,7 +116,8 @@ def _fallback_response(state: ClaudeState, spec: ViewSpec, scope: CallScope, arg
         return None
     # A kill switch turns the AI off, cached AI answers included (it may have been flipped for them).
     if fallback.cache and exc_reason != "feature_disabled":
-        cached = state.response_cache.get(_cache_key(spec, scope, args, kwargs), time.monotonic(), fallback.cache_ttl)
+        cached = state.response_cache.get(_cache_key(scope, args, kwargs), state.clock.monotonic(),
+                                          fallback.cache_ttl)
         if cached is not None:
             return cached
     body = fallback.response

@@ -25,14 +25,13 @@ from typing import Any
 
 from loguru import logger
 
-# Field order of the ``claude_api_call`` line; documented in README.md (names follow the
+# Field order of the ``claude_api_call`` line; documented in docs/reference.md (names follow the
 # OpenTelemetry GenAI conventions where one exists, e.g. gen_ai.usage.input_tokens).
 CALL_FIELDS = (
     "ts", "event", "request_id", "feature", "route", "user", "model", "requested_model", "fallback_from",
     "input_tokens", "output_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
     "latency_ms", "retries", "stop_reason", "cost_usd", "system_prompt_hash",
 )
-ERROR_FIELDS = (*CALL_FIELDS, "error_type", "status_code")
 
 # Fields whose values flask-claude itself produces (ids, model names, hashes, enums): scrubbing them
 # would cost seven regexes per field per line and could only ever find nothing.

@@ -3,14 +3,14 @@
 Per-app state lives in ``app.extensions["claude"]`` and never on the ``Claude`` object, so one
 ``Claude()`` serves several apps (factories, tests) without one app's settings leaking into another;
 the object itself only keeps code the app registered on it (``user_loader``) and constructor
-overrides.
+overrides. docs/ARCHITECTURE.md shows how a request flows through the objects built here.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import anthropic
 import httpx2
@@ -158,21 +158,10 @@ class Claude:
     # --- the per-app state, found the Flask-Login way -------------------------------------------
 
     def state(self, app: Flask | None = None) -> ClaudeState:
-        if app is None:
-            if has_app_context():
-                app = current_app._get_current_object()  # type: ignore[attr-defined]
-            elif (quart := quart_globals()) is not None:
-                app = quart.current_app._get_current_object()
-            elif self._app is not None:
-                app = self._app
-            else:
-                raise RuntimeError("flask-claude needs an app context: call it inside a request, "
-                                   "or inside `with app.app_context():`.")
-        try:
-            return app.extensions[EXTENSION_KEY]  # type: ignore[no-any-return]
-        except KeyError:
-            raise RuntimeError(f"flask-claude is not initialised on app {app.name!r}: "
-                               "call Claude(app) or claude.init_app(app).") from None
+        """The state of ``app``, else of the current app, else of the app given to ``Claude(app)``."""
+        if app is None and current_app_or_none() is None:
+            app = self._app  # a script outside any app context, with the only app there is
+        return state_for(app)
 
     @property
     def messages(self) -> GuardedMessages:
@@ -228,18 +217,45 @@ class Claude:
 
 def _evaluate_ops_alerts(response: Any) -> Any:
     """After each request: the ops alerts, at most every ``CLAUDE_ALERT_EVAL_INTERVAL`` s per process."""
-    state = current_app.extensions.get(EXTENSION_KEY)
+    state = state_for(required=False)
     if state is not None:
         state.ops_alerts.maybe_evaluate()
     return response
 
 
-def state_for(app: Flask | None = None) -> ClaudeState:
-    """The ``ClaudeState`` of ``app`` (default: the current app), for decorators and the CLI."""
-    app = app or current_app._get_current_object()  # type: ignore[attr-defined]
-    try:
-        return app.extensions[EXTENSION_KEY]  # type: ignore[no-any-return]
-    except KeyError:
-        raise RuntimeError(f"flask-claude is not initialised on app {app.name!r}: "
-                           "call Claude(app) or claude.init_app(app).") from None
+def current_app_or_none() -> Any:
+    """The app of the current context: Flask's, or Quart's when the code runs in a Quart app."""
+    if has_app_context():
+        return current_app._get_current_object()  # type: ignore[attr-defined]
+    quart = quart_globals()
+    if quart is not None:
+        return quart.current_app._get_current_object()
+    return None
 
+
+@overload
+def state_for(app: Any = None, *, required: Literal[True] = True) -> ClaudeState: ...
+
+
+@overload
+def state_for(app: Any = None, *, required: bool) -> ClaudeState | None: ...
+
+
+def state_for(app: Any = None, *, required: bool = True) -> ClaudeState | None:
+    """The ``ClaudeState`` of ``app`` (default: the current Flask or Quart app): the one lookup of it.
+
+    With ``required=False`` an app without flask-claude (or no app at all) gives None instead of
+    ``RuntimeError``: for hooks that run on every request and commands that say it themselves.
+    """
+    if app is None:
+        app = current_app_or_none()
+        if app is None:
+            if not required:
+                return None
+            raise RuntimeError("flask-claude needs an app context: call it inside a request, "
+                               "or inside `with app.app_context():`.")
+    state: ClaudeState | None = app.extensions.get(EXTENSION_KEY)
+    if state is None and required:
+        raise RuntimeError(f"flask-claude is not initialised on app {app.name!r}: "
+                           "call Claude(app) or claude.init_app(app).")
+    return state

@@ -23,6 +23,7 @@ from ldclient.integrations import Files
 from loguru import logger
 
 from .errors import ConfigError
+from .settings import FALSE_WORDS, TRUE_WORDS
 
 __all__ = [
     "ANONYMOUS_KEY",
@@ -39,11 +40,11 @@ __all__ = [
 #: (the SDK would return the default for everyone), so anonymous users share this one.
 ANONYMOUS_KEY = "anonymous"
 
-_TRUE = frozenset({"on", "true", "1", "yes"})
-_FALSE = frozenset({"off", "false", "0", "no"})
+_TRUE = TRUE_WORDS
+_FALSE = FALSE_WORDS
 # The kill switch is named for what it does when set, so "on" means AI is *off*.
-_KILL_ENGAGED = frozenset({"on", "true", "1", "yes", "killed", "disabled"})
-_KILL_RELEASED = frozenset({"off", "false", "0", "no", ""})
+_KILL_ENGAGED = TRUE_WORDS | {"killed", "disabled"}
+_KILL_RELEASED = FALSE_WORDS | {""}
 # Attributes that would silently change who the context is, not describe them.
 _IDENTITY_ATTRIBUTES = frozenset({"key", "kind", "anonymous", "_meta"})
 

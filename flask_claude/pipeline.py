@@ -1,5 +1,7 @@
 """The request pipeline of a decorated view, top to bottom (README: "How degradation works").
 
+docs/ARCHITECTURE.md walks through it, the modules each step calls and where to add things.
+
 1. scope: the feature spec and the user's key (``user_loader``, Flask-Login, or the remote address)
 2. flags: the global switch, the feature's flag, the model flag or the LaunchDarkly AI Config (aiconfig.py)
 3. admission: the request limits and the app-wide budgets' kill state, before the view by default
@@ -29,7 +31,7 @@ from .flags import UserContext
 
 
 def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Response:
-    state = state_for(current_app)
+    state = state_for()
     feature = spec.feature
     rule = request.url_rule
     scope = CallScope(feature=feature.name if feature else None,

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .alerts import ALERTS
+from .extension import state_for
 from .rollups import LATENCY_BUCKETS, MICRO, TOKEN_BUCKETS, split_field
 from .storage import StorageUnavailable
 
@@ -44,7 +45,7 @@ class ClaudeCollector:
     """A prometheus-client collector for one app: ``REGISTRY.register(ClaudeCollector(app))`` works too."""
 
     def __init__(self, app_or_state: Any) -> None:
-        self._state = app_or_state.extensions["claude"] if hasattr(app_or_state, "extensions") else app_or_state
+        self._state = state_for(app_or_state) if hasattr(app_or_state, "extensions") else app_or_state
 
     def describe(self) -> list[Any]:
         return []  # read at scrape time: nothing to describe ahead

@@ -41,8 +41,9 @@ async def handle_guard_error(exc: ClaudeGuardError) -> Any:
 
     from .context import current_scope
     from .degrade import decorate, public_body, record_degradation
+    from .extension import state_for
 
-    state = quart.current_app.extensions.get("claude")
+    state = state_for(required=False)  # finds the Quart app through its own globals
     status = state.settings.degraded_status if state is not None and exc.status == 503 else exc.status
     response = decorate(quart.jsonify(public_body(exc)), exc, status)  # type: ignore[arg-type]
     if state is not None:

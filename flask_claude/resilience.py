@@ -14,6 +14,7 @@ import random
 from collections.abc import AsyncIterator, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import anthropic
@@ -25,23 +26,45 @@ from .storage import BreakerParams, StorageUnavailable
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504, 529})
 
 
+class FailureKind(StrEnum):
+    """What kind of failure ended an attempt (or a call): the policy decides on this, never on text.
+
+    A ``StrEnum``, so a kind compares equal to its string and logs as it.
+    """
+
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER = "server"  # 5xx, 529, a 200 whose body is not JSON
+    CONNECTION = "connection"
+    TIMEOUT = "timeout"
+    CLIENT = "client"  # a 4xx: our request was wrong
+    STREAM = "stream"  # an ``event: error`` mid-stream, a dropped or cut body
+    CIRCUIT_OPEN = "circuit_open"  # the model was skipped: its breaker is open
+    DEADLINE = "deadline"  # the call's total deadline ran out
+    INVALID_REQUEST = "invalid_request"  # the SDK could not build the request
+    CANCELLED = "cancelled"  # the task was cancelled mid-call
+
+
+_RETRYABLE = frozenset({FailureKind.RATE_LIMITED, FailureKind.SERVER, FailureKind.CONNECTION, FailureKind.TIMEOUT})
+_MODEL_FAULTS = frozenset({FailureKind.SERVER, FailureKind.CONNECTION, FailureKind.TIMEOUT, FailureKind.STREAM})
+
+
 @dataclass(frozen=True)
 class Failure:
     """What went wrong with one attempt, in the terms the policy decides on."""
 
-    kind: str  # "rate_limited" | "server" | "connection" | "timeout" | "client" | "stream"
+    kind: FailureKind
     status_code: int | None
     error_type: str
     retry_after: float | None = None
 
     @property
     def retryable(self) -> bool:
-        return self.kind in ("rate_limited", "server", "connection", "timeout")
+        return self.kind in _RETRYABLE
 
     @property
     def counts_against_model(self) -> bool:
         """Only the model's own ill health opens its breaker: not our bad request, not rate limits."""
-        return self.kind in ("server", "connection", "timeout", "stream")
+        return self.kind in _MODEL_FAULTS
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -66,24 +89,24 @@ def classify(exc: BaseException) -> Failure:
         status = exc.status_code
         error_type = getattr(exc, "type", None) or type(exc).__name__
         if status == 200:  # an ``event: error`` in the middle of a stream
-            return Failure("stream", status, str(error_type))
+            return Failure(FailureKind.STREAM, status, str(error_type))
         headers = getattr(exc.response, "headers", None)
         if status == 429:
-            return Failure("rate_limited", status, str(error_type), _retry_after(headers))
+            return Failure(FailureKind.RATE_LIMITED, status, str(error_type), _retry_after(headers))
         if status in RETRYABLE_STATUS or status >= 500:
-            return Failure("server", status, str(error_type), _retry_after(headers))
-        return Failure("client", status, str(error_type))
+            return Failure(FailureKind.SERVER, status, str(error_type), _retry_after(headers))
+        return Failure(FailureKind.CLIENT, status, str(error_type))
     if isinstance(exc, anthropic.APITimeoutError):
-        return Failure("timeout", None, "timeout")
+        return Failure(FailureKind.TIMEOUT, None, "timeout")
     if isinstance(exc, anthropic.APIConnectionError):
-        return Failure("connection", None, "connection_error")
+        return Failure(FailureKind.CONNECTION, None, "connection_error")
     if isinstance(exc, httpx2.TimeoutException):
-        return Failure("timeout", None, "timeout")
+        return Failure(FailureKind.TIMEOUT, None, "timeout")
     if isinstance(exc, httpx2.HTTPError):
-        return Failure("stream", None, type(exc).__name__)
+        return Failure(FailureKind.STREAM, None, type(exc).__name__)
     if isinstance(exc, json.JSONDecodeError):  # a 200 whose body is not JSON
-        return Failure("server", 200, "invalid_response")
-    return Failure("client", None, type(exc).__name__)
+        return Failure(FailureKind.SERVER, 200, "invalid_response")
+    return Failure(FailureKind.CLIENT, None, type(exc).__name__)
 
 
 @dataclass(frozen=True)

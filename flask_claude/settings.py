@@ -13,15 +13,16 @@ from typing import Any
 
 from .errors import ConfigError
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+#: The words a switch is written with, in a setting, an environment variable or a flag (flags.py).
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
 
 
 def _bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS | FALSE_WORDS | {""}:
+        return value.strip().lower() in TRUE_WORDS
     raise ConfigError(f"{key} must be a boolean (True/False), got {value!r}")
 
 
@@ -151,7 +152,8 @@ def _setting(default: Any, parse: Callable[..., Any], env: str | None = None) ->
 class Settings:
     """Every ``CLAUDE_<NAME>`` key, as the attribute ``<name>`` lower-cased.
 
-    The field list is the settings reference: README.md documents the same keys.
+    The field list is the settings reference: docs/reference.md documents the same keys (a test
+    holds the two together).
     """
 
     api_key: str | None = _setting(None, _optional_str, env="ANTHROPIC_API_KEY")

@@ -20,6 +20,7 @@ import pytest
 from loguru import logger
 
 from .events import claude_fields
+from .extension import state_for
 
 
 class CallLog:
@@ -66,7 +67,7 @@ def claude_log() -> Iterator[CallLog]:
 @pytest.fixture
 def claude_sim(app: Any) -> Any:
     """The simulator behind ``app`` (needs ``CLAUDE_SIMULATE=True``); faults are reset afterwards."""
-    state = app.extensions["claude"]
+    state = state_for(app)
     if state.simulator is None:
         pytest.fail("claude_sim needs an app configured with CLAUDE_SIMULATE=True")
     sim = state.simulator
@@ -78,4 +79,4 @@ def claude_sim(app: Any) -> Any:
 @pytest.fixture
 def claude_flags(app: Any) -> Any:
     """The app's flag provider (``StaticFlags`` by default): ``claude_flags.set("ai-summarize", False)``."""
-    return app.extensions["claude"].flags
+    return state_for(app).flags

@@ -11,8 +11,8 @@ from flask import Flask
 from flask.views import MethodView
 
 from flask_claude import Claude, ai_feature
-from flask_claude.cli import _safe_uri
 from flask_claude.flags import StaticFlags
+from flask_claude.status import _safe_uri
 
 from .conftest import free_port
 

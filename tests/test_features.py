@@ -228,7 +228,8 @@ def test_fallback_callable_gets_the_view_arguments(sim: Simulator, clock: FakeCl
     assert response.get_json() == {"summary": "first paragraph of 7", "ai": False}
 
 
-def test_fallback_cache_serves_the_last_good_response_while_fresh(sim: Simulator, clock: FakeClock) -> None:
+def _cached_app(sim: Simulator, clock: FakeClock) -> Flask:
+    """``/summarize`` with ``fallback_to(cache=True, cache_ttl=60)``, on the fake clock."""
     app = Flask("cached")
     app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MAX_RETRIES=0)
     claude = Claude(app, simulator=sim, clock=clock)
@@ -240,13 +241,29 @@ def test_fallback_cache_serves_the_last_good_response_while_fresh(sim: Simulator
         msg = claude.messages.create(max_tokens=50, messages=[{"role": "user", "content": request.json["text"]}])
         return {"summary": msg.content[0].text}
 
-    c = app.test_client()
+    return app
+
+
+def test_fallback_cache_serves_the_last_good_response_while_fresh(sim: Simulator, clock: FakeClock) -> None:
+    c = _cached_app(sim, clock).test_client()
     good = c.post("/summarize", json={"text": "alpha"}).get_json()
     sim.fail(529)
     cached = c.post("/summarize", json={"text": "alpha"})
     other = c.post("/summarize", json={"text": "beta"})
     assert cached.get_json() == good and cached.headers["X-Claude-Degraded"] == "upstream_unavailable"
     assert other.get_json() == FALLBACK
+
+
+def test_fallback_cache_expires_on_the_injected_clock(sim: Simulator, clock: FakeClock) -> None:
+    """The cache's TTL is read on the app's clock: moving it past ``cache_ttl`` expires the entry."""
+    c = _cached_app(sim, clock).test_client()
+    good = c.post("/summarize", json={"text": "alpha"}).get_json()
+    sim.fail(529)
+    clock.advance(59)
+    assert c.post("/summarize", json={"text": "alpha"}).get_json() == good  # still fresh at 59 s
+    clock.advance(2)
+    stale = c.post("/summarize", json={"text": "alpha"})
+    assert stale.get_json() == FALLBACK and stale.headers["X-Claude-Degraded"] == "upstream_unavailable"
 
 
 def test_fallback_that_raises_still_degrades_cleanly(sim: Simulator, clock: FakeClock) -> None:

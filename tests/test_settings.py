@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from flask import Flask
 
-from flask_claude import Claude, ConfigError
+from flask_claude import Claude, ClaudeGuardError, ConfigError
+from flask_claude.settings import SETTING_KEYS
 
 
 def init(**config: object) -> Flask:
@@ -92,3 +95,38 @@ def test_two_apps_from_one_extension_keep_their_settings() -> None:
             assert claude.settings.max_tokens_cap == cap
     with pytest.raises(RuntimeError, match="app context"):
         _ = claude.messages
+
+
+# --- the reference page documents every setting and every degradation reason -----------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _section_rows(text: str, heading: str) -> list[str]:
+    """The first cells of the Markdown table rows of one ``##`` section."""
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return [line.split("|")[1].strip() for line in section.splitlines()
+            if line.startswith("| `")]
+
+
+def test_reference_lists_every_setting_and_the_readme_links_it() -> None:
+    reference = (REPO / "docs" / "reference.md").read_text(encoding="utf-8")
+    documented = {cell.strip("`") for cell in _section_rows(reference, "Settings")}
+    assert documented == set(SETTING_KEYS)  # a new setting needs its row; a removed one loses it
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "docs/reference.md#settings" in readme and "docs/reference.md#log-events" in readme
+
+
+def test_reference_lists_every_degradation_reason() -> None:
+    reference = (REPO / "docs" / "reference.md").read_text(encoding="utf-8")
+    documented = {reason.strip(" `") for cell in _section_rows(reference, "Degradation reasons")
+                  for reason in cell.split(",")}
+    reasons = {cls.reason for cls in _subclasses(ClaudeGuardError)}
+    assert reasons <= documented, sorted(reasons - documented)
+
+
+def _subclasses(cls: type) -> set[type]:
+    found = set(cls.__subclasses__())
+    for sub in list(found):
+        found |= _subclasses(sub)
+    return found
