@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report, status and prices.")
 
 
-@claude_cli.command("simulate")
+@claude_cli.command("simulate", with_appcontext=False)  # also ``python -m flask_claude.simulator``, no app
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (keep it on loopback).")
 @click.option("--port", default=8765, show_default=True, type=int, help="Port to listen on.")
 @click.option("--fail", "fail_status", type=int, default=None, metavar="STATUS",
@@ -39,20 +39,27 @@ claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report, sta
 @click.option("--latency", type=float, default=0.0, help="Seconds before each response starts.")
 @click.option("--pad-prompt", type=click.IntRange(min=0), default=0, metavar="TOKENS",
               help="Count this many more input tokens per request (reach a long-prompt price band).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the canned reply text.")
+@click.option("--batch-polls", type=click.IntRange(min=0), default=1, show_default=True,
+              help="Retrieves of a message batch before it ends.")
+@click.option("--quiet", is_flag=True, help="Do not log each request.")
 def simulate(host: str, port: int, fail_status: int | None, fail_rate: float | None, fail_model: str | None,
-             latency: float, pad_prompt: int) -> None:
+             latency: float, pad_prompt: int, seed: int, batch_polls: int, quiet: bool) -> None:
     """Serve the offline Messages API; point CLAUDE_BASE_URL (or ANTHROPIC_BASE_URL) at it."""
-    from .simulator import Simulator, run_server
+    from .simulator import Simulator
+    from .simulator.server import make_loopback_server, serve_forever
 
-    simulator = Simulator()
+    simulator = Simulator(seed=seed, batch_polls_until_done=batch_polls)
     if latency:
         simulator.latency(latency)
     if pad_prompt:
         simulator.pad_prompt(pad_prompt)
     if fail_status is not None:
         simulator.fail(fail_status, rate=fail_rate, model=fail_model)
-    click.echo(f"flask-claude simulator on http://{host}:{port} (CLAUDE_BASE_URL=http://{host}:{port})")
-    run_server(host, port, simulator=simulator)
+    server = make_loopback_server(simulator, host, port, quiet)
+    url = f"http://{host}:{server.server_address[1]}"  # the real port when --port 0 picked one
+    click.echo(f"flask-claude simulator on {url} (CLAUDE_BASE_URL={url}); Ctrl+C to stop")
+    serve_forever(server)
 
 
 def _state() -> ClaudeState | None:
