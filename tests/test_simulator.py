@@ -19,6 +19,7 @@ import anthropic
 import httpx2
 import pytest
 
+from flask_claude import tokens
 from flask_claude.simulator import MESSAGE_OVERHEAD_TOKENS, Simulator, SimulatorServer, estimate_tokens
 
 from .conftest import FakeClock
@@ -570,9 +571,10 @@ def test_reset_clears_faults_requests_and_cache(sim: Simulator, client: anthropi
     assert ask(client, system=cached_system()).usage.cache_creation_input_tokens == PREFIX_TOKENS
 
 
-def test_estimate_tokens_is_a_quarter_of_the_characters_rounded_up() -> None:
-    assert [estimate_tokens(t) for t in ("", "a", "abcd", "abcde", "x" * 400)] == [1, 1, 1, 2, 100]
-    assert estimate_tokens("y" * 4001) == math.ceil(4001 / 4)
+def test_estimate_tokens_is_the_packages_a_third_of_the_characters_rounded_up() -> None:
+    assert estimate_tokens is tokens.estimate_tokens  # one estimate: the simulator's usage is the client's
+    assert [estimate_tokens(t) for t in ("", "a", "abc", "abcd", "x" * 400)] == [0, 1, 1, 2, 134]
+    assert estimate_tokens("y" * 4001) == math.ceil(4001 / 3)
 
 
 # --------------------------------------------------------------------------- loopback server

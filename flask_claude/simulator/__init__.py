@@ -26,7 +26,8 @@ real tokenizer.
 from __future__ import annotations
 
 from ..clock import Clock, SystemClock
-from .accounting import IMAGE_TOKENS, MESSAGE_OVERHEAD_TOKENS, estimate_tokens
+from ..tokens import estimate_tokens
+from .accounting import IMAGE_TOKENS, MESSAGE_OVERHEAD_TOKENS
 from .app import RecordedRequest, Simulator, run_server
 from .faults import Fault
 from .server import SimulatorServer

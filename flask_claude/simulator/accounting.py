@@ -1,19 +1,22 @@
 """What a simulated call costs: token counts of a prompt and prompt caching.
 
 ``count_tokens`` and the usage of ``create`` both come from :func:`prompt_segments`, so they always
-agree, and tests can compute expected numbers by hand from :func:`estimate_tokens`.
+agree, and tests can compute expected numbers by hand from :func:`estimate_tokens`: the same
+estimate the client sizes input caps with (``flask_claude.tokens``), so the simulator reports what
+the rest of the package would predict, and budget reservations (``tokens.upper_bound_tokens``,
+two characters a token) still hold more than any simulated call uses.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from ..clock import Clock
+from ..tokens import CHARS_PER_TOKEN, estimate_tokens
 
 #: Tokens added for every message on top of its content: role markers cost tokens on the real API
 #: too, and a constant keeps "more messages, more tokens" true even for one-word turns.
@@ -26,19 +29,14 @@ IMAGE_TOKENS = 1600
 _TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
 
 
-def estimate_tokens(text: str) -> int:
-    """Estimate the tokens of ``text`` as ``ceil(len(text) / 4)``, at least 1.
-
-    Four characters per token is the usual rule of thumb for English; what matters here is that the
-    estimate is cheap, deterministic and shared by every endpoint, so ``count_tokens`` and the usage
-    of ``create`` agree and tests can compute expected numbers by hand.
-    """
-    return max(1, math.ceil(len(text) / 4))
-
-
 def max_text_chars(tokens: int) -> int:
     """The longest text :func:`estimate_tokens` counts as ``tokens``: where a reply hits ``max_tokens``."""
-    return tokens * 4
+    return tokens * CHARS_PER_TOKEN
+
+
+def output_tokens(text: str) -> int:
+    """A reply's output tokens: its text's estimate, and at least 1 (ending the turn is a token too)."""
+    return max(1, estimate_tokens(text))
 
 
 @dataclass

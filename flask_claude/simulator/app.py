@@ -15,7 +15,7 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 from werkzeug.wrappers import Request
 
 from ..clock import Clock, SystemClock
-from .accounting import PromptCache, estimate_tokens, prompt_tokens
+from .accounting import PromptCache, output_tokens, prompt_tokens
 from .batches import BatchStore, is_batch_path
 from .faults import Endpoint, Fault, FaultScript, Shaping
 from .replies import cut_reply, last_user_text, natural_text
@@ -243,7 +243,7 @@ class Simulator(FaultScript):
         text = natural_text(self.seed, last_user_text(body["messages"]))
         text, stop_reason, stop_sequence = cut_reply(text, body["max_tokens"], body.get("stop_sequences") or [],
                                                      truncate=truncate)
-        usage = self._cache.usage(body, estimate_tokens(text), service_tier)
+        usage = self._cache.usage(body, output_tokens(text), service_tier)
         usage.input_tokens += self._pad_for(body.get("model"))
         return Reply(self._new_id("msg_sim_"), body["model"], text, stop_reason, stop_sequence, usage)
 
