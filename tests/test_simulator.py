@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +143,73 @@ def test_count_tokens_matches_the_input_usage_of_create(client: anthropic.Anthro
 
     expected = sum(map(estimate_tokens, ["be brief", "first question", "an answer", "a follow-up question"]))
     assert counted.input_tokens == created.usage.input_tokens == expected + 3 * MESSAGE_OVERHEAD_TOKENS
+
+
+# --------------------------------------------------------------------------- reply rules
+
+CLASSIFY = "Classify the sentiment. Answer with one word."
+
+
+def test_a_reply_rule_answers_a_matching_system_prompt_with_realistic_usage(
+    sim: Simulator, client: anthropic.Anthropic
+) -> None:
+    rule = sim.reply(CLASSIFY, "positive")
+
+    labelled = ask(client, "I loved the new release.", system=CLASSIFY, max_tokens=20)
+    with client.messages.stream(model=MODEL, max_tokens=20, system=CLASSIFY,
+                                messages=user("I loved the new release.")) as stream:
+        streamed = stream.get_final_message()
+    unscripted = ask(client, "I loved the new release.", max_tokens=20)
+
+    assert text_of(labelled) == text_of(streamed) == "positive"
+    assert labelled.stop_reason == streamed.stop_reason == "end_turn"
+    assert labelled.usage.output_tokens == estimate_tokens("positive") == 3
+    assert labelled.usage.input_tokens == (estimate_tokens(CLASSIFY) + estimate_tokens("I loved the new release.")
+                                           + MESSAGE_OVERHEAD_TOKENS)
+    assert text_of(unscripted) != "positive" and unscripted.stop_reason == "max_tokens"  # canned prose, cut
+    assert rule.matched == 2
+
+
+def test_reply_rules_match_the_user_message_by_regex_call_functions_and_the_newest_wins(
+    sim: Simulator, client: anthropic.Anthropic
+) -> None:
+    sim.reply(re.compile(r"\border #\d+"), lambda message: f"Order {message.split('#')[1]} ships today.")
+    older = sim.reply("refund", "No refunds.")
+    later = sim.reply("refund", "Refunds take a week.")
+    sim.reply("refund", "Refunds take five days.", model="claude-opus-4-7")  # the newest, but for Opus only
+
+    assert text_of(ask(client, "Where is order #42")) == "Order 42 ships today."
+    assert text_of(ask(client, "Where is order 42")) != "Order 42 ships today."
+    assert text_of(ask(client, "a refund please")) == "Refunds take a week."
+    assert text_of(ask(client, "a refund please", model="claude-opus-4-7")) == "Refunds take five days."
+    assert text_of(ask(client, "echo: a refund please")) == "a refund please"  # echo: is still echoed
+    assert (older.matched, later.matched) == (0, 1)
+
+
+def test_reply_rules_are_still_cut_by_max_tokens_and_stop_sequences_and_truncate_wins(
+    sim: Simulator, client: anthropic.Anthropic
+) -> None:
+    sim.reply("long", "one two three four five six seven eight nine ten")
+
+    assert ask(client, "long", max_tokens=3).stop_reason == "max_tokens"
+    stopped = ask(client, "long", stop_sequences=["four"])
+    assert (text_of(stopped), stopped.stop_reason, stopped.stop_sequence) == ("one two three ", "stop_sequence", "four")
+    sim.truncate(times=1)
+    assert ask(client, "long", max_tokens=40).usage.output_tokens == 40
+
+
+def test_reply_rules_survive_reset_until_cleared_and_bad_patterns_are_refused(
+    sim: Simulator, client: anthropic.Anthropic
+) -> None:
+    rule = sim.reply("ping", "pong")
+    sim.reset()
+    assert sim.replies == [rule] and text_of(ask(client, "ping")) == "pong"
+    sim.clear_replies()
+    assert sim.replies == [] and text_of(ask(client, "ping")) != "pong"
+    with pytest.raises(ValueError, match="pattern"):
+        sim.reply("", "anything")
+    with pytest.raises(ValueError, match="text"):
+        sim.reply("ping", 42)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- streaming

@@ -18,7 +18,7 @@ The core is one WSGI application (:class:`Simulator`, ``app.py``). Two ways to r
 
 The rest: the fault script (``faults.py``), token and prompt-cache accounting (``accounting.py``),
 the wire shapes (``wire.py``), the batch endpoints (``batches.py``) and the reply text
-(``replies.py``). Replies are deterministic: the same request gets the same text and token counts,
+and reply rules (``replies.py``). Replies are deterministic: the same request gets the same text and token counts,
 so tests can pin numbers. Token counts are a documented estimate (:func:`estimate_tokens`), not the
 real tokenizer.
 """
@@ -30,6 +30,7 @@ from ..tokens import estimate_tokens
 from .accounting import IMAGE_TOKENS, MESSAGE_OVERHEAD_TOKENS
 from .app import RecordedRequest, Simulator, run_server
 from .faults import Fault
+from .replies import ReplyRule
 from .server import SimulatorServer
 from .transport import SimulatorTransport
 
@@ -39,6 +40,7 @@ __all__ = [
     "Clock",
     "Fault",
     "RecordedRequest",
+    "ReplyRule",
     "Simulator",
     "SimulatorServer",
     "SimulatorTransport",

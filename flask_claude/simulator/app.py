@@ -18,7 +18,7 @@ from ..clock import Clock, SystemClock
 from .accounting import PromptCache, output_tokens, prompt_tokens
 from .batches import BatchStore, is_batch_path
 from .faults import Endpoint, Fault, FaultScript, Shaping
-from .replies import cut_reply, last_user_text, natural_text
+from .replies import ReplyRules, cut_reply, last_user_text, natural_text
 from .server import SimulatorServer, make_loopback_server, serve_forever
 from .transport import SimulatorTransport
 from .wire import (
@@ -63,10 +63,10 @@ class RecordedRequest:
         return isinstance(self.body, dict) and self.body.get("stream") is True
 
 
-class Simulator(FaultScript):
-    """The simulated API: a WSGI app plus a thread-safe script of faults and a request log.
+class Simulator(FaultScript, ReplyRules):
+    """The simulated API: a WSGI app plus a thread-safe script of faults, reply rules and a request log.
 
-    One instance holds all state (faults, prompt cache, batches, recorded requests), so a test can
+    One instance holds all state (faults, replies, prompt cache, batches, requests), so a test can
     script a failure, drive the code under test and then inspect exactly what reached the "API".
     Every time it reads or waits goes through ``clock`` (a :class:`flask_claude.clock.Clock`).
     """
@@ -74,7 +74,8 @@ class Simulator(FaultScript):
     def __init__(self, *, seed: int = 0, batch_polls_until_done: int = 1, clock: Clock | None = None) -> None:
         if batch_polls_until_done < 0:
             raise ValueError("batch_polls_until_done must be >= 0")
-        super().__init__()
+        FaultScript.__init__(self)
+        ReplyRules.__init__(self)
         self.seed = seed
         self.batch_polls_until_done = batch_polls_until_done
         self.clock: Clock = clock if clock is not None else SystemClock()
@@ -85,7 +86,9 @@ class Simulator(FaultScript):
         self._counter = 0
 
     def reset(self) -> None:
-        """Back to a fresh simulator: no faults, requests, cache entries or batches, ids restart."""
+        """Back to a fresh simulator: no faults, requests, cache entries or batches, ids restart.
+
+        Reply rules stay (like the seed they are set-up, often the app's own); ``clear_replies()``."""
         with self._lock:
             self.clear_faults()
             self._requests.clear()
@@ -240,7 +243,9 @@ class Simulator(FaultScript):
     # ------------------------------------------------------------------ replies
 
     def _reply(self, body: dict[str, Any], *, truncate: bool, service_tier: str = "standard") -> Reply:
-        text = natural_text(self.seed, last_user_text(body["messages"]))
+        user = last_user_text(body["messages"])
+        scripted = None if user.startswith("echo:") else self._scripted_text(body, user)
+        text = natural_text(self.seed, user) if scripted is None else scripted
         text, stop_reason, stop_sequence = cut_reply(text, body["max_tokens"], body.get("stop_sequences") or [],
                                                      truncate=truncate)
         usage = self._cache.usage(body, output_tokens(text), service_tier)
