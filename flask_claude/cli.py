@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import click
-from flask import Flask, current_app
+from flask import Flask, current_app, has_app_context
 from flask.cli import AppGroup
 
 from .report import GROUPINGS, build_report, parse_since, render_text
@@ -45,11 +45,17 @@ claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report, sta
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
 def simulate(host: str, port: int, fail_status: int | None, fail_rate: float | None, fail_model: str | None,
              latency: float, pad_prompt: int, seed: int, batch_polls: int, quiet: bool) -> None:
-    """Serve the offline Messages API; point CLAUDE_BASE_URL (or ANTHROPIC_BASE_URL) at it."""
+    """Serve the offline Messages API; point CLAUDE_BASE_URL (or ANTHROPIC_BASE_URL) at it.
+
+    Run in an app (``flask --app yourapp claude simulate``) that is set to simulate, it serves that
+    app's simulator, so the reply rules the app sets up answer over the wire too.
+    """
     from .simulator import Simulator
     from .simulator.server import make_loopback_server, serve_forever
 
-    simulator = Simulator(seed=seed, batch_polls_until_done=batch_polls)
+    state = current_app.extensions.get("claude") if has_app_context() else None
+    simulator = state.simulator if state is not None and state.simulator is not None else Simulator()
+    simulator.seed, simulator.batch_polls_until_done = seed, batch_polls
     if latency:
         simulator.latency(latency)
     if pad_prompt:
