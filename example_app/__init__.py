@@ -1,7 +1,8 @@
 """A small Flask app that calls Claude through flask-claude: summarize, classify, and a streamed chat.
 
 Run it with ``flask --app example_app run``. Without ``ANTHROPIC_API_KEY`` it answers from the
-offline simulator (canned text, no network, no cost); with a key it calls the real API.
+offline simulator (canned text, no network, no cost; a reply rule gives the classify prompt a label,
+see :func:`simulated_sentiment`); with a key it calls the real API.
 
 Everything is read from the environment at ``create_app()`` time, never at import time:
 
