@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.types import StartResponse, WSGIEnvironment
@@ -114,11 +114,11 @@ class Simulator(FaultScript, ReplyRules):
 
     # ------------------------------------------------------------------ ways in
 
-    def transport(self) -> SimulatorTransport:
+    def transport(self) -> SimulatorTransport[Simulator]:
         """An httpx2 transport (sync and async) that calls this simulator in-process."""
         return SimulatorTransport(self)
 
-    def serve(self, host: str = "127.0.0.1", port: int = 0, *, quiet: bool = True) -> SimulatorServer:
+    def serve(self, host: str = "127.0.0.1", port: int = 0, *, quiet: bool = True) -> SimulatorServer[Simulator]:
         """Start a threaded loopback server in a daemon thread; ``port=0`` picks a free port."""
         return SimulatorServer(self, host=host, port=port, quiet=quiet)
 
@@ -205,9 +205,8 @@ class Simulator(FaultScript, ReplyRules):
         except NotFound as exc:
             return error_response(404, "not_found_error", str(exc), request_id)
         if isinstance(answer, bytes):  # the results file, JSON lines
-            response_headers = headers(request_id, "application/binary")
-            response_headers.append(("content-length", str(len(answer))))
-            return Response(200, response_headers, self._body(environ, [answer], shaping, drop=False))
+            return Response(200, headers(request_id, "application/binary", answer),
+                            self._body(environ, [answer], shaping, drop=False))
         return self._json(answer, request_id, environ, shaping)
 
     def _record(self, request: Request, model: str | None, body: Any) -> None:
@@ -262,9 +261,8 @@ class Simulator(FaultScript, ReplyRules):
 
     def _json(self, payload: Any, request_id: str, environ: WSGIEnvironment, shaping: Shaping) -> Response:
         data = json_bytes(payload)
-        response_headers = headers(request_id, "application/json")
-        response_headers.append(("content-length", str(len(data))))
-        return Response(200, response_headers, self._body(environ, [data], shaping, drop=False))
+        return Response(200, headers(request_id, "application/json", data),
+                        self._body(environ, [data], shaping, drop=False))
 
     def _stream_response(
         self, environ: WSGIEnvironment, reply: Reply, fault: Fault | None, request_id: str, shaping: Shaping
@@ -294,7 +292,14 @@ class Simulator(FaultScript, ReplyRules):
 
 
 def run_server(
-    host: str = "127.0.0.1", port: int = 8765, *, simulator: Simulator | None = None, quiet: bool = False
+    host: str = "127.0.0.1", port: int = 8765, *, simulator: Simulator | None = None, quiet: bool = False,
+    ready: Callable[[str], object] | None = None,
 ) -> None:
-    """Serve the simulator in the foreground until interrupted (for a CLI or a sidecar process)."""
-    serve_forever(make_loopback_server(simulator or Simulator(), host, port, quiet))
+    """Serve the simulator in the foreground until interrupted (for a CLI or a sidecar process).
+
+    ``ready`` is called with the server's URL once its socket is bound (``port=0`` picks a free port).
+    """
+    server = make_loopback_server(simulator or Simulator(), host, port, quiet)
+    if ready is not None:
+        ready(f"http://{host}:{server.server_address[1]}")
+    serve_forever(server)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import threading
 from types import TracebackType
-from typing import Self
+from typing import Generic, Self, TypeVar
 from wsgiref.types import WSGIApplication
 
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+#: The app a server runs: a :class:`~flask_claude.simulator.Simulator`, typed as such for its callers.
+App = TypeVar("App", bound=WSGIApplication)
 
 
 class _RequestHandler(WSGIRequestHandler):
@@ -36,10 +39,10 @@ def serve_forever(server: BaseWSGIServer) -> None:
         server.server_close()
 
 
-class SimulatorServer:
+class SimulatorServer(Generic[App]):
     """A loopback server running the simulator in a daemon thread; stops on ``shutdown()``/exit."""
 
-    def __init__(self, simulator: WSGIApplication, *, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, simulator: App, *, host: str = "127.0.0.1", port: int = 0,
                  quiet: bool = True) -> None:
         self.simulator = simulator
         self._server = make_loopback_server(simulator, host, port, quiet)

@@ -12,11 +12,12 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
 from types import TracebackType
-from typing import Any
-from wsgiref.types import WSGIApplication, WSGIEnvironment
+from typing import Any, Generic
+from wsgiref.types import WSGIEnvironment
 
 import httpx2
 
+from .server import App
 from .wire import READ_TIMEOUT_KEY, ConnectionDropped, ReadTimedOut
 
 
@@ -80,7 +81,7 @@ class _network_errors:
             raise httpx2.ReadTimeout("The read operation timed out", request=self._request) from None
 
 
-class SimulatorTransport(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
+class SimulatorTransport(httpx2.BaseTransport, httpx2.AsyncBaseTransport, Generic[App]):
     """Calls the simulator's WSGI app in-process.
 
     Unlike ``httpx2.WSGITransport`` it passes the client's read timeout in (so a stall longer than it
@@ -88,7 +89,7 @@ class SimulatorTransport(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
     async side runs the app in a worker thread so delays do not block the event loop.
     """
 
-    def __init__(self, simulator: WSGIApplication) -> None:
+    def __init__(self, simulator: App) -> None:
         self.simulator = simulator
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:

@@ -133,8 +133,12 @@ def split(data: bytes, pieces: int) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)] or [b""]
 
 
-def headers(request_id: str, content_type: str) -> list[tuple[str, str]]:
-    return [("content-type", content_type), ("request-id", request_id)]
+def headers(request_id: str, content_type: str, data: bytes | None = None) -> list[tuple[str, str]]:
+    """The API's response headers; with ``data`` (a body known in full) its ``content-length`` too."""
+    found = [("content-type", content_type), ("request-id", request_id)]
+    if data is not None:
+        found.append(("content-length", str(len(data))))
+    return found
 
 
 def error_response(
@@ -143,10 +147,7 @@ def error_response(
     """The API's error body; never trickled or delayed beyond the headers, as the API's are not."""
     payload = {"type": "error", "error": {"type": error_type, "message": message}, "request_id": request_id}
     data = json_bytes(payload)
-    response_headers = headers(request_id, "application/json")
-    response_headers.append(("content-length", str(len(data))))
-    response_headers.extend(extra_headers)
-    return Response(status, response_headers, [data])
+    return Response(status, [*headers(request_id, "application/json", data), *extra_headers], [data])
 
 
 def deltas(text: str, words_per_delta: int = 3) -> list[str]:
