@@ -1,5 +1,6 @@
 """flask-claude: the production layer for Claude calls in a Flask app."""
 
+from .aiconfig import FeatureAIConfig
 from .body import request_json
 from .decorators import ai_feature, budgeted, fallback_to
 from .errors import (
@@ -26,6 +27,7 @@ __all__ = [
     "Claude",
     "ClaudeGuardError",
     "ConfigError",
+    "FeatureAIConfig",
     "FeatureDisabled",
     "InputTooLarge",
     "InvalidOutput",

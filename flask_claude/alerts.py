@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .rollups import DAY, MICRO, hourly_cost_micro, window_hours, window_minutes, window_stats
 from .signals import ops_alert
+from .storage import StorageUnavailable
 
 if TYPE_CHECKING:
     from .extension import ClaudeState
@@ -65,8 +66,6 @@ class OpsAlerts:
 
     def checks(self, now: float | None = None) -> tuple[list[Check], dict[str, str]]:
         """Each enabled alert's condition now, and the shared episode states (field -> JSON)."""
-        from .storage import StorageUnavailable
-
         s = self.settings
         now = self.state.clock.time() if now is None else now
         window = s.alert_window
@@ -101,8 +100,6 @@ class OpsAlerts:
 
     def evaluate(self, now: float | None = None) -> list[dict[str, Any]]:
         """Announce every alert whose episode starts or ends now; returns the events sent."""
-        from .storage import StorageUnavailable
-
         checks, states = self.checks(now)
         sent: list[dict[str, Any]] = []
         for check in checks:

@@ -445,14 +445,9 @@ class Budgets:
             else:
                 self._raise_alerts(crossed or [], actual, reservation)
 
-        later = getattr(self.store, "settle_later", None)
-        try:
-            if later is not None:  # written behind: it rides on the next round trip (storage.py)
-                later(actual, reservation.rids, self.settings.budget_alerts, now, done,
-                      success=success, breaker=self.state.breaker.params, rollup=rollup)
-            else:
-                done(self.store.settle(actual, reservation.rids, self.settings.budget_alerts, now,
-                                       success=success, breaker=self.state.breaker.params, rollup=rollup), None)
+        try:  # on Redis written behind: it rides on the next round trip (storage/redis.py)
+            self.store.settle_later(actual, reservation.rids, self.settings.budget_alerts, now, done,
+                                    success=success, breaker=self.state.breaker.params, rollup=rollup)
         except StorageUnavailable:
             # The call happened and was paid for: never fail the response now. The spend is kept
             # here and added to the budgets when storage is back; the holds lapse on their own.
@@ -547,9 +542,7 @@ class Budgets:
         from .context import CallScope
 
         now = self.state.clock.time() if now is None else now
-        flush = getattr(self.store, "flush", None)
-        if flush is not None:
-            flush()  # settlements written behind count in what an operator reads
+        self.store.flush()  # settlements written behind count in what an operator reads
         out = []
         features = list(self.settings.feature_budgets_usd)
         for feature in [None, *features]:

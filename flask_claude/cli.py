@@ -21,6 +21,7 @@ from flask import Flask, current_app, has_app_context
 from flask.cli import AppGroup
 
 from .report import GROUPINGS, build_report, parse_since, render_text
+from .storage import StorageUnavailable
 
 if TYPE_CHECKING:
     from .decorators import ViewSpec
@@ -172,8 +173,6 @@ def _flag(state: ClaudeState, flag: str) -> bool | None:
 def collect_status(state: ClaudeState, app: Flask, *, series: bool = False) -> dict[str, Any]:
     """Flags, breakers, today's budgets and the shared rollups, read from the app's provider and storage."""
     from .budget import period_bounds
-    from .storage import StorageUnavailable
-
     settings = state.settings
     now = state.clock.time()
     uri = settings.storage_uri

@@ -23,6 +23,7 @@ import anthropic
 import httpx2
 
 from . import telemetry
+from .aiconfig import AIRun
 from .context import CallScope, current_scope
 from .errors import (
     CallLimitExceeded,
@@ -73,6 +74,7 @@ class _Call:
     failure: Failure | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     span: telemetry.CallSpan = telemetry.NO_SPAN  # OpenTelemetry: the SDK's spans are its children
+    ai_run: AIRun | None = None  # the LaunchDarkly AI Config tracker of this call (aiconfig.py)
 
     @classmethod
     def bare(cls, state: ClaudeState, scope: CallScope, model: str) -> _Call:
@@ -292,11 +294,12 @@ class GuardedMessages:
         return call
 
     def _start_span(self, call: _Call, *, streaming: bool) -> None:
-        """The call's OpenTelemetry span, once it is reserved (a refused call never starts one)."""
+        """The call's OpenTelemetry span and AI Config run, once it is reserved (a refused call starts neither)."""
         state, scope = self._state, call.scope
         call.span = telemetry.start_call(operation="chat", chain=call.chain, max_tokens=call.params["max_tokens"],
                                          feature=scope.feature, route=scope.route, user=scope.user,
                                          salt=state.user_salt, streaming=streaming)
+        call.ai_run = AIRun.start(scope.ai_config, call.started)
 
     def _prepare(self, params: Mapping[str, Any], *, streaming: bool = False) -> _Call:
         """Every decision about a call that needs no I/O: count it, pick the chain, check and cap it.
@@ -464,6 +467,8 @@ class GuardedMessages:
             state.events.emit("claude_api_error", fields, level="ERROR")
         call.span.finish(model=call.model, retries=call.retries, fallback_from=call.fallback_from, cost=cost,
                          stop_reason=stop_reason, error_type=error.error_type if error is not None else None)
+        if call.ai_run is not None:
+            call.ai_run.finish(model=call.model, cost=cost, error=error is not None)
         if claude_called.receivers:
             claude_called.send(state.app, **fields)
         if enforce_complete and error is None:
@@ -515,6 +520,8 @@ class GuardedMessages:
         call.span.finish(model=None, retries=call.retries, fallback_from=call.fallback_from,
                          error_type=fields["error_type"],
                          degradation_reason=getattr(self._as_guard_error(call, exc), "reason", None))
+        if call.ai_run is not None:
+            call.ai_run.fail()
 
     def _as_guard_error(self, call: _Call, exc: BaseException) -> BaseException:
         if isinstance(exc, ClaudeGuardError):
@@ -601,6 +608,8 @@ class StreamAccount:
             self._stopped = True
         elif kind == "content_block_delta" and getattr(event.delta, "type", None) == "text_delta":
             self._text.append(event.delta.text)
+        if kind == "content_block_delta" and self._call.ai_run is not None:
+            self._call.ai_run.first_token()  # LaunchDarkly's time to first token (once per run)
 
     @staticmethod
     def _text_of(event: Any) -> str | None:

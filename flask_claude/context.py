@@ -34,6 +34,7 @@ class CallScope:
     admission: Any = None  # (app-wide budgets, request limits) still to check: see Budgets.admit
     rate_headers: dict[str, str] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)
+    ai_config: Any = None  # the request's LaunchDarkly AI Config (aiconfig.FeatureAIConfig), if the feature has one
 
 
 def current_scope() -> CallScope:

@@ -10,7 +10,7 @@ views and app factories.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -35,6 +35,9 @@ class FeatureOptions:
     max_calls: int | None = None
     max_history_turns: int | None = None
     validate: Any = None
+    ai_config: str | None = None  # a LaunchDarkly AI Config key: see aiconfig.py
+    ai_config_default: Any = None  # an ldai.AICompletionConfigDefault, for when LaunchDarkly cannot answer
+    ai_config_variables: Callable[[], Mapping[str, Any]] | None = None
 
     @property
     def flag_name(self) -> str:
@@ -98,15 +101,27 @@ def ai_feature(name: str, *, flag: str | None = None, max_tokens: int | None = N
                models: list[str] | tuple[str, ...] | None = None, max_input_chars: int | None = None,
                max_input_tokens: int | None = None, require_complete: bool = False,
                model_flag: str | None = None, max_calls: int | None = None,
-               max_history_turns: int | None = None, validate: Any = None) -> Callable[[F], F]:
+               max_history_turns: int | None = None, validate: Any = None, ai_config: str | None = None,
+               ai_config_default: Any = None,
+               ai_config_variables: Callable[[], Mapping[str, Any]] | None = None) -> Callable[[F], F]:
     """Mark a view as the AI feature ``name``: kill switch (flag ``ai-<name>``), attribution, caps.
 
     ``models`` is this feature's fallback chain (default ``CLAUDE_MODELS``); ``model_flag`` names a
     string flag whose value picks the first model per user (rolling out a new model version);
-    ``require_complete`` turns a ``max_tokens`` stop into a degradation.
+    ``require_complete`` turns a ``max_tokens`` stop into a degradation. ``ai_config`` names a LaunchDarkly
+    AI Config that serves the feature's on/off, first model, ``maxTokens`` and prompt per user
+    (``ai_config_default`` when LaunchDarkly cannot answer, ``ai_config_variables()`` for its templates).
     """
     if not isinstance(name, str) or not name:
         raise ConfigError("ai_feature() needs a feature name such as 'summarize'")
+    if ai_config is not None and (not isinstance(ai_config, str) or not ai_config):
+        raise ConfigError(f"ai_feature({name!r}, ai_config=...) must be an AI Config key, got {ai_config!r}")
+    if ai_config and model_flag:
+        raise ConfigError(f"ai_feature({name!r}) takes ai_config or model_flag, not both: each picks the model")
+    if (ai_config_default is not None or ai_config_variables is not None) and not ai_config:
+        raise ConfigError(f"ai_feature({name!r}): ai_config_default and ai_config_variables need ai_config")
+    if ai_config_variables is not None and not callable(ai_config_variables):
+        raise ConfigError(f"ai_feature({name!r}, ai_config_variables=...) must be a callable returning a dict")
     options = FeatureOptions(
         name=name, flag=flag, max_tokens=_positive_int("max_tokens", max_tokens),
         models=tuple(models) if models else None,
@@ -114,7 +129,8 @@ def ai_feature(name: str, *, flag: str | None = None, max_tokens: int | None = N
         max_input_tokens=_positive_int("max_input_tokens", max_input_tokens),
         require_complete=bool(require_complete), model_flag=model_flag,
         max_calls=_positive_int("max_calls", max_calls),
-        max_history_turns=_positive_int("max_history_turns", max_history_turns), validate=validate)
+        max_history_turns=_positive_int("max_history_turns", max_history_turns), validate=validate,
+        ai_config=ai_config, ai_config_default=ai_config_default, ai_config_variables=ai_config_variables)
 
     def decorate(view: F) -> F:
         spec, wrapper = _spec_of(view)

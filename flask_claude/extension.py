@@ -17,23 +17,24 @@ import httpx2
 from flask import Flask, current_app, has_app_context
 
 from . import telemetry
+from .aiconfig import FeatureAIConfig
 from .aio import AsyncGuardedMessages
 from .alerts import OpsAlerts
 from .budget import Budgets
 from .client import GuardedMessages
 from .clock import Clock, SystemClock
+from .context import current_scope
 from .decorators import ai_feature, budgeted, fallback_to
 from .degrade import ResponseCache, handle_guard_error
 from .errors import ClaudeGuardError, ConfigError
 from .events import EventLog
 from .flags import make_provider
-from .outage import OutageGuard
 from .pricing import PriceTable
 from .quart_support import is_quart_app, quart_globals
 from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
 from .rollups import AppRollups
 from .settings import Settings, load_settings
-from .storage import BreakerParams, MemoryStore, Store, make_store
+from .storage import BreakerParams, MemoryStore, OutageGuard, Store, make_store
 
 EXTENSION_KEY = "claude"
 SIMULATOR_BASE_URL = "http://simulator.flask-claude.invalid"
@@ -185,6 +186,15 @@ class Claude:
     @property
     def settings(self) -> Settings:
         return self.state().settings
+
+    @property
+    def ai_config(self) -> FeatureAIConfig:
+        """The LaunchDarkly AI Config served for this request's user (``ai_feature(..., ai_config=...)``)."""
+        config = current_scope().ai_config
+        if config is None:
+            raise ConfigError("claude.ai_config is set only inside a view decorated with "
+                              "ai_feature(..., ai_config='<key>')")
+        return config  # type: ignore[no-any-return]
 
     @property
     def simulator(self) -> Any:

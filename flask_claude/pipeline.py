@@ -1,7 +1,7 @@
 """The request pipeline of a decorated view, top to bottom (README: "How degradation works").
 
 1. scope: the feature spec and the user's key (``user_loader``, Flask-Login, or the remote address)
-2. flags: the global switch, the feature's flag, the model flag
+2. flags: the global switch, the feature's flag, the model flag or the LaunchDarkly AI Config (aiconfig.py)
 3. admission: the request limits and the app-wide budgets' kill state, before the view by default
 4. the view (sync or ``async def``), whose Claude calls are guarded by ``client.py`` under this scope
 5. any guard error or upstream failure -> the feature's degradation response
@@ -18,6 +18,7 @@ import httpx2
 from flask import Response, current_app, g, make_response, request
 from flask.views import View
 
+from .aiconfig import apply_ai_config
 from .body import from_request_body
 from .context import CallScope
 from .decorators import ViewSpec
@@ -52,8 +53,12 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
         if not state.flags.enabled(settings.global_flag, user, settings.flag_default):
             raise FeatureDisabled(f"global flag {settings.global_flag!r} is off")
         if feature is not None:
-            if not state.flags.enabled(feature.flag_name, user, settings.flag_default):
+            # An AI Config is the feature's switch in LaunchDarkly; its boolean flag then applies only if named.
+            if (feature.ai_config is None or feature.flag) and \
+                    not state.flags.enabled(feature.flag_name, user, settings.flag_default):
                 raise FeatureDisabled(f"flag {feature.flag_name!r} is off")
+            if feature.ai_config is not None:
+                apply_ai_config(state, feature, user, scope)
             if feature.model_flag:
                 first = state.flags.value(feature.model_flag, user, None)
                 if isinstance(first, str) and first:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .alerts import ALERTS
 from .rollups import LATENCY_BUCKETS, MICRO, TOKEN_BUCKETS, split_field
+from .storage import StorageUnavailable
 
 if TYPE_CHECKING:
     from flask import Response
@@ -50,8 +51,6 @@ class ClaudeCollector:
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-
-        from .storage import StorageUnavailable
 
         state = self._state
         up = GaugeMetricFamily("flask_claude_storage_up", "1 when the shared storage answered this scrape")
@@ -115,8 +114,6 @@ class ClaudeCollector:
     @staticmethod
     def _live(state: ClaudeState, alert_states: dict[str, str], seen_models: list[str]) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
-
-        from .storage import StorageUnavailable
 
         firing = GaugeMetricFamily("flask_claude_alert_firing", "1 while an ops alert's episode is open",
                                    labels=["alert"])

@@ -31,22 +31,19 @@ from __future__ import annotations
 
 import bisect
 import math
-import threading
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .storage import StorageUnavailable
+from .storage.rollups import DAY, GRACE_S, HOUR, MINUTE, MemoryRollups, RedisRollups, Snapshot  # noqa: F401
+
 MICRO = 1_000_000
-MINUTE = 60
-HOUR = 3600
-DAY = 86400
 # OpenTelemetry GenAI semantic conventions: gen_ai.client.operation.duration / gen_ai.client.token.usage.
 LATENCY_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,
                                       40.96, 81.92)
 TOKEN_BUCKETS: tuple[int, ...] = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304,
                                   16777216, 67108864)
-GRACE_S = 3600  # a bucket outlives the retention by this much, so a reader at the edge still finds it
 NO_FEATURE = "-"
 
 
@@ -105,179 +102,6 @@ def call_fields(*, feature: str | None, model: str | None, error_type: str | Non
 
 def degraded_fields(feature: str | None, reason: str) -> dict[str, int]:
     return {field_name(f"d:{_clean(reason, 'unknown')}", feature, None): 1}
-
-
-# --- Redis ------------------------------------------------------------------------------------------
-
-# Prepended to the settlement script (and run alone by ``RedisRollups.write``). The caller appends
-# KEYS minute, hour, total and ARGV ttl_ms, field1, amount1, ..., fieldN, amountN, N; N = 0 (and no
-# keys) when a step has no rollup. ``roll_keys`` tells the rest of the script how many KEYS were ours.
-ROLLUP_LUA = """
-local roll_keys = 0
-do
-  local roll_n = tonumber(ARGV[#ARGV])
-  if roll_n and roll_n > 0 then
-    roll_keys = 3
-    local minute_key, hour_key, total_key = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
-    local first = #ARGV - 2 * roll_n
-    local ttl = ARGV[first - 1]
-    for i = first, #ARGV - 1, 2 do
-      local f, amount = ARGV[i], ARGV[i + 1]
-      redis.call('HINCRBY', minute_key, f, amount)
-      redis.call('HINCRBY', total_key, f, amount)
-      redis.call('HINCRBY', hour_key, f, amount)
-    end
-    redis.call('PEXPIRE', minute_key, ttl)
-    redis.call('PEXPIRE', hour_key, ttl)
-  end
-end
-"""
-
-# An alert episode's shared state: KEYS alerts hash; ARGV field, '1' (firing) or '0', value, ttl_ms.
-# Returns 1 when this caller made the transition (and so is the one to announce it).
-_LUA_TRANSITION = """
-if ARGV[2] == '1' then
-  local claimed = redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  return claimed
-end
-return redis.call('HDEL', KEYS[1], ARGV[1])
-"""
-
-
-@dataclass
-class Snapshot:
-    """Raw rollup hashes as read: minute -> fields, hour -> cost fields, lifetime totals, alert states."""
-
-    minutes: dict[int, dict[str, int]] = field(default_factory=dict)
-    hours: dict[int, dict[str, int]] = field(default_factory=dict)
-    totals: dict[str, int] = field(default_factory=dict)
-    alerts: dict[str, str] = field(default_factory=dict)
-
-
-def _decode_hash(raw: Mapping[Any, Any]) -> dict[str, int]:
-    out = {}
-    for k, v in raw.items():
-        out[k.decode() if isinstance(k, bytes) else str(k)] = int(v)
-    return out
-
-
-class RedisRollups:
-    """The rollup half of ``RedisStore``: key names, the settle-script arguments, the readers."""
-
-    def __init__(self, store: Any) -> None:
-        self._store = store
-        self._client = store.client
-        self._tag = store.tag
-        self.retention = 2 * DAY
-        self._write = self._client.register_script(ROLLUP_LUA + "\nreturn 0\n")
-        self._transition = self._client.register_script(_LUA_TRANSITION)
-
-    def _key(self, name: str) -> str:
-        return f"{self._tag}:roll:{name}"
-
-    def extend(self, keys: list[str], args: list[Any], rollup: Mapping[str, int] | None, now: float) -> None:
-        """Append a rollup to a script's KEYS/ARGV (always the trailing count, 0 for none)."""
-        if not rollup:
-            args.append(0)
-            return
-        keys += [self._key(f"m:{math.floor(now / MINUTE)}"), self._key(f"h:{math.floor(now / HOUR)}"),
-                 self._key("total")]
-        args.append(int((self.retention + GRACE_S) * 1000))
-        for name, amount in rollup.items():
-            args += [name, amount]
-        args.append(len(rollup))
-
-    def write(self, rollup: Mapping[str, int], now: float) -> None:
-        keys: list[str] = []
-        args: list[Any] = []
-        self.extend(keys, args, rollup, now)
-        self._store._call(self._write, keys=keys, args=args)
-
-    def read(self, minutes: Sequence[int] = (), hours: Sequence[int] = (), *, totals: bool = False) -> Snapshot:
-        """One pipelined round trip, whatever is asked for (after this process's settlements written
-        behind, so what it shows includes its own latest calls)."""
-        self._store.flush()
-        pipe = self._client.pipeline(transaction=False)
-        for m in minutes:
-            pipe.hgetall(self._key(f"m:{m}"))
-        for h in hours:
-            pipe.hgetall(self._key(f"h:{h}"))
-        if totals:
-            pipe.hgetall(self._key("total"))
-        pipe.hgetall(self._key("alerts"))
-        res = self._store._call(pipe.execute)
-        snap = Snapshot()
-        i = 0
-        for m in minutes:
-            if res[i]:
-                snap.minutes[m] = _decode_hash(res[i])
-            i += 1
-        for h in hours:
-            if res[i]:
-                snap.hours[h] = _decode_hash(res[i])
-            i += 1
-        if totals:
-            snap.totals = _decode_hash(res[i])
-            i += 1
-        snap.alerts = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-                       for k, v in res[i].items()}
-        return snap
-
-    def transition(self, name: str, firing: bool, value: str) -> bool:
-        args = [name, "1" if firing else "0", value, int((self.retention + GRACE_S) * 1000)]
-        return bool(self._store._call(self._transition, keys=[self._key("alerts")], args=args))
-
-
-# --- memory -----------------------------------------------------------------------------------------
-
-
-class MemoryRollups:
-    """The same layout in one process, under its own lock; old minutes are dropped as new ones start."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.retention = 2 * DAY
-        self._minutes: dict[int, Counter[str]] = {}
-        self._hours: dict[int, Counter[str]] = {}
-        self._totals: Counter[str] = Counter()
-        self._alerts: dict[str, str] = {}
-
-    def write(self, rollup: Mapping[str, int], now: float) -> None:
-        minute = math.floor(now / MINUTE)
-        hour = math.floor(now / HOUR)
-        with self._lock:
-            bucket = self._minutes.get(minute)
-            if bucket is None:
-                bucket = self._minutes[minute] = Counter()
-                self._evict(now)
-            hourly = self._hours.setdefault(hour, Counter())
-            for name, amount in rollup.items():
-                bucket[name] += amount
-                self._totals[name] += amount
-                hourly[name] += amount
-
-    def _evict(self, now: float) -> None:
-        oldest = now - self.retention - GRACE_S
-        for m in [m for m in self._minutes if (m + 1) * MINUTE < oldest]:
-            del self._minutes[m]
-        for h in [h for h in self._hours if (h + 1) * HOUR < oldest]:
-            del self._hours[h]
-
-    def read(self, minutes: Sequence[int] = (), hours: Sequence[int] = (), *, totals: bool = False) -> Snapshot:
-        with self._lock:
-            return Snapshot(minutes={m: dict(self._minutes[m]) for m in minutes if m in self._minutes},
-                            hours={h: dict(self._hours[h]) for h in hours if h in self._hours},
-                            totals=dict(self._totals) if totals else {}, alerts=dict(self._alerts))
-
-    def transition(self, name: str, firing: bool, value: str) -> bool:
-        with self._lock:
-            if firing:
-                if name in self._alerts:
-                    return False
-                self._alerts[name] = value
-                return True
-            return self._alerts.pop(name, None) is not None
 
 
 # --- reading: windows, series, percentiles -----------------------------------------------------------
@@ -445,19 +269,12 @@ class AppRollups:
 
     def write(self, rollup: Mapping[str, int] | None, *, success: str | None = None) -> None:
         """One storage step: the rollup, and a model's success on its breaker when there is one."""
-        from .storage import StorageUnavailable
-
         if not rollup and success is None:
             return
         breaker = self.state.breaker.params if success is not None else None
-        later = getattr(self.store, "settle_later", None)
-        try:
-            if later is not None:  # written behind, like a settlement: it rides on the next round trip
-                later((), (), (), self.state.clock.time(), _ignore, success=success, breaker=breaker,
-                      rollup=dict(rollup) if rollup else None)
-            else:
-                self.store.settle((), (), (), self.state.clock.time(), success=success, breaker=breaker,
-                                  rollup=dict(rollup) if rollup else None)
+        try:  # written behind, like a settlement: it rides on the next round trip
+            self.store.settle_later((), (), (), self.state.clock.time(), _ignore, success=success, breaker=breaker,
+                                    rollup=dict(rollup) if rollup else None)
         except StorageUnavailable:
             pass
 

@@ -18,8 +18,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .clock import Clock
-from .storage import Begin, BreakerParams, Crossed, Line, Outcome, StorageUnavailable, Store
+from ..clock import Clock
+from .records import Begin, BreakerParams, Crossed, Line, Outcome, SettleDone, StorageUnavailable, Store
 
 Notify = Callable[[str, dict[str, Any]], None]
 
@@ -117,22 +117,18 @@ class OutageGuard:
                           success=success, breaker=breaker, rollup=rollup)
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
-                     done: Any, success: str | None = None, breaker: BreakerParams | None = None,
+                     done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
                      rollup: dict[str, int] | None = None) -> None:
-        later = getattr(self.inner, "settle_later", None)
-        if later is None:
-            done(self.settle(lines, rids, thresholds, now, success=success, breaker=breaker, rollup=rollup), None)
-        else:
-            self._call(later, lines, rids, thresholds, now, done, success=success, breaker=breaker, rollup=rollup)
+        self._call(self.inner.settle_later, lines, rids, thresholds, now, done, success=success, breaker=breaker,
+                   rollup=rollup)
 
     @property
     def rollups(self) -> Any:
         return self.inner.rollups
 
     def flush(self) -> None:
-        flush = getattr(self.inner, "flush", None)
-        if flush is not None and self._down_since is None:
-            flush()
+        if self._down_since is None:
+            self.inner.flush()
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         return self._call(self.inner.usage, keys, now)  # type: ignore[no-any-return]

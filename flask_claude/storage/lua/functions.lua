@@ -1,0 +1,66 @@
+-- Shared by the scripts below: prepended (after the constants BUCKETS and KILL_SHARE, which
+-- storage/redis.py writes from storage/records.py) to begin.lua, settle.lua and breaker_record.lua.
+-- Budgets: a hash per budget key: "spent", "exhausted" (the limit it was found spent at) and one
+-- "r:<rid>" field per live hold ("amount until"). Breakers: a hash per model: "open_until",
+-- "probe_since", and "c:<bucket>" / "f:<bucket>" call and failure counts.
+local function live_reserved(key, now)
+  local total = 0
+  local fields = redis.call('HGETALL', key)
+  for i = 1, #fields, 2 do
+    local f = fields[i]
+    if string.sub(f, 1, 2) == 'r:' then
+      local amount, untl = string.match(fields[i + 1], '(%-?%d+) (%S+)')
+      if tonumber(untl) <= now then
+        redis.call('HDEL', key, f)
+      else
+        total = total + tonumber(amount)
+      end
+    end
+  end
+  return total
+end
+
+-- Expiries are relative (the time left on the app's clock), never EXPIREAT: an absolute time from
+-- the app host's clock deletes keys at once when that clock is behind Redis's (or a test's is).
+local function ttl_ms(expires, now, grace_s)
+  return math.max(1, math.floor((expires - now + grace_s) * 1000))
+end
+
+local function claim_alert(key, threshold, expires, now)
+  if threshold == '' then return false end
+  return redis.call('SET', key .. '|alert|' .. threshold, '1', 'NX', 'PX', ttl_ms(expires, now, 1)) ~= false
+end
+
+local function record_outcome(key, ok, now, min_calls, rate, window, cooldown)
+  local state = redis.call('HMGET', key, 'open_until', 'probe_since')
+  if state[1] then
+    if not state[2] then return 0 end
+    if ok then redis.call('DEL', key); return 0 end
+    redis.call('HDEL', key, 'probe_since')
+    redis.call('HSET', key, 'open_until', tostring(now + cooldown))
+    return 1
+  end
+  local width = window / BUCKETS
+  local b = math.floor(now / width)
+  redis.call('HINCRBY', key, 'c:' .. b, 1)
+  if not ok then redis.call('HINCRBY', key, 'f:' .. b, 1) end
+  redis.call('HDEL', key, 'c:' .. (b - BUCKETS), 'f:' .. (b - BUCKETS))
+  redis.call('EXPIRE', key, math.ceil(window + cooldown) + 60)
+  if ok then return 0 end
+  local fields = {}
+  for i = b - BUCKETS + 1, b do
+    table.insert(fields, 'c:' .. i); table.insert(fields, 'f:' .. i)
+  end
+  local values = redis.call('HMGET', key, unpack(fields))
+  local calls, failures = 0, 0
+  for i = 1, #values, 2 do
+    calls = calls + tonumber(values[i] or '0'); failures = failures + tonumber(values[i + 1] or '0')
+  end
+  if calls >= min_calls and failures / calls >= rate then
+    redis.call('DEL', key)
+    redis.call('HSET', key, 'open_until', tostring(now + cooldown))
+    redis.call('EXPIRE', key, math.ceil(cooldown) + 3600)
+    return 1
+  end
+  return 0
+end

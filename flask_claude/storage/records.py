@@ -1,0 +1,129 @@
+"""What a storage step takes and gives back, and the protocol each backend implements.
+
+Units are integers (tokens, micro-dollars), so concurrent increments never round. See
+docs/ARCHITECTURE.md for which step runs when and how many round trips a request costs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+BREAKER_BUCKETS = 10  # the failure window is counted in this many time buckets: O(1) per record
+# A refused call marks its budget exhausted (the automatic kill switch) only if its worst case is a
+# typical share of the budget: one oversized request must not switch a feature off for everyone.
+KILL_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Line:
+    """One counter a step touches: a request limit (sliding window) or a budget (calendar period)."""
+
+    key: str
+    limit: int
+    amount: int
+    expires_at: float  # budgets: end of the period; request limits: the window length in seconds
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class BreakerParams:
+    min_calls: int
+    failure_rate: float
+    window: float
+    cooldown: float
+
+
+@dataclass(frozen=True)
+class Begin:
+    """What a call's first storage step does, all or nothing."""
+
+    gates: Sequence[Line] = ()  # app-wide budgets: refuse when spent (the automatic kill switch)
+    requests: Sequence[Line] = ()  # request limits to count this request against
+    holds: Sequence[Line] = ()  # budgets to hold the call's worst case on
+    member: str = ""  # this request's entry in the request-limit windows
+    rid: str = ""  # the hold's id, for settle
+    hold_until: float = 0.0
+    exhausted_alert: str = ""  # the alert threshold claimed by the first "spent for good" refusal
+    breakers: Sequence[str] = ()  # models whose breaker state to read
+    optional_holds: bool = False  # no room for the holds: admit anyway and hold nothing (a guess, not a call)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    stage: str = ""  # "gate" | "request" | "hold": which part refused
+    failed: int = -1  # index of the refusing line in that part
+    busy: bool = False  # a hold refused only because of others' live holds: room may come back soon
+    retry_after: float = 0.0
+    remaining: tuple[int, ...] = ()  # per request limit, after this request
+    newly_exhausted: bool = False
+    spent: int = 0
+    breakers: dict[str, float | None] = field(default_factory=dict)  # model -> open_until (None: closed)
+    held: bool = True  # False: optional holds found no room and were not taken
+
+
+@dataclass(frozen=True)
+class Crossed:
+    key: str
+    threshold: float
+    spent: int
+    limit: int
+
+
+class StorageUnavailable(Exception):
+    """The shared storage did not answer in time; ``CLAUDE_STORAGE_FAILURE`` decides what follows."""
+
+
+SettleDone = Callable[[list[Crossed] | None, str | None], None]  # (crossed, failure: "not_sent" | "uncertain")
+
+
+class BudgetStore(Protocol):
+    """Request limits and budgets: admit and hold before a call, settle after it."""
+
+    def begin(self, step: Begin, now: float) -> Outcome: ...
+
+    def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+               success: str | None = None, breaker: BreakerParams | None = None,
+               rollup: dict[str, int] | None = None) -> list[Crossed]:
+        """Replace the holds ``rids`` by the real amount; report alert thresholds crossed first here; record
+        ``success`` on that model's breaker; add the call's ``rollup`` increments (rollups.py)."""
+
+    def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
+                     rollup: dict[str, int] | None = None) -> None:
+        """``settle`` whenever the backend sends it best (at once in memory, written behind on Redis);
+        ``done(crossed, failure)`` is called once it landed or failed."""
+
+    def flush(self) -> None:
+        """Send every settlement still waiting (before a read that must include them, and at exit)."""
+
+    def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
+        """(spent, reserved) for each budget key."""
+
+
+class RecordStore(Protocol):
+    """Small JSON records that must outlive a process (a batch's reservation)."""
+
+    def put_record(self, key: str, value: str, ttl: float) -> None: ...
+
+    def get_record(self, key: str) -> str | None: ...
+
+
+class BreakerStore(Protocol):
+    """Per-model circuit breakers every worker shares."""
+
+    def breaker_allow(self, key: str, now: float, cooldown: float) -> bool: ...
+
+    def breaker_record(self, key: str, ok: bool, now: float, params: BreakerParams) -> bool: ...
+
+    def breaker_state(self, key: str, now: float) -> str: ...
+
+
+class Store(BudgetStore, RecordStore, BreakerStore, Protocol):
+    """What a backend implements (memory.py, redis.py; guard.py wraps one); ``rollups`` is where the
+    monitoring rollups live on it (rollups.py in this package)."""
+
+    @property
+    def rollups(self) -> Any: ...

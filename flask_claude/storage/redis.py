@@ -1,0 +1,285 @@
+"""The shared store: Redis, every step one Lua script (``lua/*.lua``), so atomic.
+
+Settlements are written behind: they ride in the next step's round trip (see ``RedisStore``), and on
+a plain ``redis://`` the scripts go over ``wire.py``'s socket per thread instead of redis-py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .records import (
+    Begin,
+    BreakerParams,
+    Crossed,
+    Line,
+    Outcome,
+    SettleDone,
+    StorageUnavailable,
+)
+from .rollups import RedisRollups
+from .scripts import lua
+from .wire import Call, LeanScripts, NotSent
+from .wire import usable as lean_usable
+
+MAX_PENDING = 256  # settlements waiting at most: past this one is sent at once
+FLUSHER_IDLE_S = 5.0  # a flusher thread with nothing to send for this long ends
+
+
+
+@dataclass
+class _Pending:
+    keys: list[str]
+    args: list[Any]
+    lines: Sequence[Line]
+    done: SettleDone
+    since: float
+
+
+class RedisStore:
+    """The shared store: every operation is one Lua script, so one round trip and atomic.
+
+    A settlement is written behind (``settle_later``): it rides in the same round trip as the next
+    ``begin`` of this process, or is sent by a flusher thread within ``settle_delay`` seconds when
+    no request comes, and at exit. Until it lands its hold stays, so a budget only looks fuller
+    (never emptier) for those milliseconds.
+    """
+
+    def __init__(self, uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05) -> None:
+        import redis
+        from limits.storage import storage_from_string
+
+        options: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+        if uri.startswith(("redis+sentinel", "valkey+sentinel")):
+            options = {"socket_timeout": socket_timeout}
+        self._limits_storage = storage_from_string(uri, **options)
+        self.client: Any = self._limits_storage.storage  # type: ignore[union-attr]
+        self.tag = f"{{fc:{prefix}}}"
+        # Any Redis error (OOM, READONLY during a failover, CLUSTERDOWN, a non-Redis peer) is an outage
+        # for CLAUDE_STORAGE_FAILURE to decide, never a 500.
+        self._errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
+        self._begin = self.client.register_script(lua("functions", "begin"))
+        self._settle = self.client.register_script(lua("functions", "rollup", "settle"))
+        self._allow = self.client.register_script(lua("breaker_allow"))
+        self._record = self.client.register_script(lua("functions", "breaker_record"))
+        self._lean = LeanScripts(self.client, socket_timeout) if lean_usable(self.client) else None
+        self._cluster = isinstance(self.client, redis.cluster.RedisCluster)
+        self._reply_errors = (redis.exceptions.ResponseError,)
+        self._settle_delay = settle_delay
+        self._pending: list[_Pending] = []
+        self._pending_lock = threading.Lock()
+        self._flush_wakeup = threading.Event()
+        self._flusher: tuple[int, threading.Thread] | None = None
+        _STORES.add(self)
+        self.rollups = RedisRollups(self)
+
+    def _k(self, key: str) -> str:
+        return f"{self.tag}:{key}"
+
+    def _b(self, model: str) -> str:
+        return f"{self.tag}:breaker:{model}"
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
+            raise StorageUnavailable(type(exc).__name__) from exc
+
+    # --- scripts, several per round trip ------------------------------------------------------
+
+    def _run(self, calls: Sequence[Call]) -> list[Any]:
+        """Run scripts in one round trip: a reply each, or the exception that command raised."""
+        if self._lean is not None:
+            return self._lean.run(calls)
+        if self._cluster:  # redis-py's cluster pipelines refuse EVALSHA: one script after the other
+            replies: list[Any] = []
+            for script, keys, args in calls:
+                try:
+                    replies.append(script(keys=keys, args=args))
+                except self._reply_errors as exc:
+                    replies.append(exc)
+            return replies
+        pipe = self.client.pipeline(transaction=False)
+        for script, keys, args in calls:
+            script(keys=keys, args=args, client=pipe)
+        return list(pipe.execute(raise_on_error=False))
+
+    def _run_with_pending(self, call: Call | None) -> Any:
+        """``call`` (if any) in the same round trip as every settlement waiting to be written."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        calls: list[Call] = [(self._settle, p.keys, p.args) for p in pending]
+        if call is not None:
+            calls.append(call)
+        if not calls:
+            return None
+        try:
+            replies = self._run(calls)
+        except self._errors as exc:
+            # Sent or not? A failure to connect or write means not; a reply that never came may
+            # still be applied when a hung Redis resumes, so it is not replayed (no double count).
+            sent = not isinstance(exc, NotSent | redis_connection_errors())
+            for p in pending:
+                p.done(None, "uncertain" if sent else "not_sent")
+            raise StorageUnavailable(type(exc).__name__) from exc
+        for p, reply in zip(pending, replies, strict=False):
+            if isinstance(reply, Exception):
+                p.done(None, "not_sent")  # an error reply: the script did not run
+            else:
+                p.done(self._crossed(p.lines, reply), None)
+        if call is None:
+            return None
+        reply = replies[-1]
+        if isinstance(reply, Exception):
+            raise StorageUnavailable(type(reply).__name__) from reply
+        return reply
+
+    def flush(self) -> None:
+        """Write every settlement still waiting (exit, a status read, or a test that looks at Redis)."""
+        try:
+            self._run_with_pending(None)
+        except StorageUnavailable:
+            pass  # each one's ``done`` was told
+
+    def _flush_soon(self) -> None:
+        """A flusher thread per process (a forked worker starts its own) for quiet moments; it ends
+        after a quiet spell and the next settlement starts it again."""
+        pid = os.getpid()
+        with self._pending_lock:
+            if self._flusher is None or self._flusher[0] != pid or not self._flusher[1].is_alive():
+                thread = threading.Thread(target=self._flush_loop, name="flask-claude-settle", daemon=True)
+                self._flusher = (pid, thread)
+                thread.start()
+            self._flush_wakeup.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            if not self._flush_wakeup.wait(timeout=FLUSHER_IDLE_S):
+                with self._pending_lock:
+                    if not self._flush_wakeup.is_set():
+                        self._flusher = None
+                        return
+            self._flush_wakeup.clear()
+            time.sleep(self._settle_delay)  # a request that comes meanwhile takes them along for free
+            self.flush()
+
+    def begin(self, step: Begin, now: float) -> Outcome:
+        keys = ([self._k(line.key) for line in (*step.gates, *step.requests, *step.holds)]
+                + [self._b(m) for m in step.breakers])
+        args: list[Any] = [repr(now), len(step.gates), len(step.requests), len(step.holds), len(step.breakers),
+                           step.member, step.rid, repr(step.hold_until), step.exhausted_alert,
+                           "1" if step.optional_holds else "0"]
+        for line in step.gates:
+            args += [line.limit, repr(line.expires_at)]
+        for line in step.requests:
+            args += [line.limit, repr(line.expires_at)]
+        for line in step.holds:
+            args += [line.limit, line.amount, repr(line.expires_at)]
+        res = self._run_with_pending((self._begin, keys, args))
+        ok = bool(int(res[0]))
+        stage = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
+        if not ok:
+            return Outcome(False, stage, int(res[2]), busy=bool(int(res[6])), retry_after=float(res[3]),
+                           newly_exhausted=bool(int(res[4])), spent=int(res[5]))
+        nr = len(step.requests)
+        remaining = tuple(int(x) for x in res[8:8 + nr])
+        opens = res[8 + nr:]
+        breakers = {m: (float(v) if v not in (b"", "") else None) for m, v in zip(step.breakers, opens, strict=True)}
+        return Outcome(True, remaining=remaining, breakers=breakers, held=bool(int(res[7])))
+
+    def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+               success: str | None = None, breaker: BreakerParams | None = None,
+               rollup: dict[str, int] | None = None) -> list[Crossed]:
+        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker, rollup)
+        return self._crossed(lines, self._call(self._settle, keys=keys, args=args))
+
+    def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
+                     rollup: dict[str, int] | None = None) -> None:
+        """``settle``, written behind: ``done(crossed, failure)`` is called once it was sent."""
+        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker, rollup)
+        with self._pending_lock:
+            self._pending.append(_Pending(keys, args, lines, done, time.monotonic()))
+            full = len(self._pending) >= MAX_PENDING
+        if full:
+            self.flush()
+        else:
+            self._flush_soon()
+
+    def _crossed(self, lines: Sequence[Line], res: Any) -> list[Crossed]:
+        return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
+
+    def _settle_call(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
+                     success: str | None, breaker: BreakerParams | None,
+                     rollup: dict[str, int] | None) -> tuple[list[str], list[Any]]:
+        keys = [self._k(line.key) for line in lines]
+        args: list[Any] = [repr(now), " ".join(rids), len(thresholds), *(repr(t) for t in thresholds), len(lines)]
+        for line in lines:
+            args += [line.limit, line.amount, repr(line.expires_at)]
+        if success is not None and breaker is not None:
+            keys.append(self._b(success))
+            args += [breaker.min_calls, repr(breaker.failure_rate), repr(breaker.window), repr(breaker.cooldown)]
+        self.rollups.extend(keys, args, rollup, now)
+        return keys, args
+
+    def ping(self) -> None:
+        """A cheap check that storage answers again (the outage guard's probe)."""
+        self._call(self.client.ping)
+
+    def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
+        out = []
+        for key in keys:
+            fields = self._call(self.client.hgetall, self._k(key))
+            reserved = 0
+            for name, value in fields.items():
+                if name.startswith(b"r:"):
+                    amount, until = value.split()
+                    if float(until) > now:
+                        reserved += int(amount)
+            out.append((int(fields.get(b"spent", 0)), reserved))
+        return out
+
+    def put_record(self, key: str, value: str, ttl: float) -> None:
+        self._call(self.client.set, self._k(f"record:{key}"), value, ex=max(1, math.ceil(ttl)))
+
+    def get_record(self, key: str) -> str | None:
+        value = self._call(self.client.get, self._k(f"record:{key}"))
+        return None if value is None else value.decode()
+
+    def breaker_allow(self, key: str, now: float, cooldown: float) -> bool:
+        return bool(self._call(self._allow, keys=[self._b(key)], args=[repr(now), repr(cooldown)]))
+
+    def breaker_record(self, key: str, ok: bool, now: float, params: BreakerParams) -> bool:
+        args = [repr(now), "1" if ok else "0", params.min_calls, repr(params.failure_rate), repr(params.window),
+                repr(params.cooldown)]
+        return bool(self._call(self._record, keys=[self._b(key)], args=args))
+
+    def breaker_state(self, key: str, now: float) -> str:
+        open_until = self._call(self.client.hget, self._b(key), "open_until")
+        if open_until is None:
+            return "closed"
+        return "open" if now < float(open_until) else "half_open"
+
+
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+@atexit.register
+def flush_all() -> None:
+    """A worker stopping cleanly (gunicorn's graceful exit, ``sys.exit``) writes what is waiting."""
+    for store in list(_STORES):
+        store.flush()
+
+
+def redis_connection_errors() -> type[BaseException]:
+    import redis
+
+    return redis.exceptions.ConnectionError
