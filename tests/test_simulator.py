@@ -11,6 +11,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -708,3 +710,49 @@ def test_the_transport_also_serves_the_async_client(sim: Simulator) -> None:
     text, error = asyncio.run(scenario())
 
     assert text == "async" and isinstance(error, httpx2.RemoteProtocolError)
+
+
+# --------------------------------------------------------------------------- the pytest plugin
+
+
+USER_SUITE = '''
+import anthropic
+import pytest
+from flask import Flask
+
+from flask_claude import Claude
+
+@pytest.fixture(scope="module")
+def app():
+    app = Flask("user_app")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_FLAGS="static", CLAUDE_LOG_PATH="/dev/null")
+    Claude(app)
+    app.extensions["claude"].simulator.reply("capital of France", "Paris.")  # the app's own set-up
+    return app
+
+def ask(app, text):
+    with app.app_context():
+        message = app.extensions["claude"].messages.create(
+            model="claude-haiku-4-5", max_tokens=20, messages=[{"role": "user", "content": text}])
+    return message.content[0].text
+
+def test_one_overrides_and_adds(app, claude_sim):
+    claude_sim.reply("capital of France", "Lyon.")
+    claude_sim.reply("ping", "pong")
+    assert (ask(app, "The capital of France?"), ask(app, "ping")) == ("Lyon.", "pong")
+
+def test_two_sees_the_apps_rules_only(app, claude_sim):
+    assert ask(app, "The capital of France?") == "Paris."
+    assert ask(app, "ping") != "pong"
+    assert [rule.text for rule in claude_sim.replies] == ["Paris."]
+'''
+
+
+def test_the_claude_sim_fixture_keeps_the_apps_reply_rules_and_removes_a_tests(tmp_path: Any) -> None:
+    """A user's suite, run by pytest with the flask-claude plugin: one shared app, two tests."""
+    (tmp_path / "test_user_app.py").write_text(USER_SUITE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user_app.py"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
