@@ -125,7 +125,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         claude.state(app).simulator.reply(CLASSIFY_SYSTEM, simulated_sentiment)
         why = "CLAUDE_SIMULATE is on" if settings.api_key else "no ANTHROPIC_API_KEY"
         print(f"example_app: {why}, so Claude calls go to the offline simulator "
-              f"({settings.base_url or 'in-process'}); replies are canned text, nothing is billed, "
-              "and the log prices calls at list price.",
+              f"({settings.base_url or 'in-process'}); replies are canned text (a reply rule gives "
+              "/classify a label), nothing is billed, and the log prices calls at list price.",
               file=sys.stderr, flush=True)
     return app
