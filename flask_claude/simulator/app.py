@@ -88,12 +88,15 @@ class Simulator(FaultScript, ReplyRules):
     def reset(self) -> None:
         """Back to a fresh simulator: no faults, requests, cache entries or batches, ids restart.
 
-        Reply rules stay (like the seed they are set-up, often the app's own); ``clear_replies()``."""
+        Reply rules stay: like the seed they are set-up, often the app's own (``clear_replies()``).
+        Each part is cleared under its own lock, never nested: ending a batch takes the batch lock,
+        then this one for an id, so holding this one while clearing batches could deadlock.
+        """
+        self.clear_faults()
+        self._cache.clear()
+        self._batches.clear()
         with self._lock:
-            self.clear_faults()
             self._requests.clear()
-            self._cache.clear()
-            self._batches.clear()
             self._counter = 0
 
     # ------------------------------------------------------------------ request log
