@@ -1,7 +1,8 @@
 """A small Flask app that calls Claude through flask-claude: summarize, classify, and a streamed chat.
 
 Run it with ``flask --app example_app run``. Without ``ANTHROPIC_API_KEY`` it answers from the
-offline simulator (canned text, no network, no cost); with a key it calls the real API.
+offline simulator (canned text, no network, no cost; a reply rule gives the classify prompt a label,
+see :func:`simulated_sentiment`); with a key it calls the real API.
 
 Everything is read from the environment at ``create_app()`` time, never at import time:
 
@@ -20,6 +21,7 @@ Everything is read from the environment at ``create_app()`` time, never at impor
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +33,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from flask_claude.flags import LaunchDarklyFlags
 from flask_claude.settings import SETTING_KEYS
 
-from .views import bp, claude
+from .views import CLASSIFY_SYSTEM, bp, claude
 
 DEFAULT_FLAGS_FILE = Path(__file__).with_name("flags.json")
 
@@ -48,6 +50,21 @@ def page_oncall(alert: dict[str, Any]) -> None:
         return
     print(f"BUDGET ALERT: {alert['budget']} passed {alert['threshold']:.0%} "
           f"({alert['spent']} of {alert['limit']} {alert['unit']})", file=sys.stderr, flush=True)
+
+
+_POSITIVE = ("good", "great", "love", "like", "fast", "excellent", "happy", "nice", "better", "best", "thank")
+_NEGATIVE = ("bad", "hate", "slow", "broken", "terrible", "awful", "worse", "worst", "angry", "disappoint", "fail")
+
+
+def simulated_sentiment(text: str) -> str:
+    """The offline simulator's answer to the classify prompt: a guess from a few word stems.
+
+    The simulator's canned prose is no label, so without this reply rule /classify would always
+    degrade there. A real model reads the text; this is only so the button works without a key.
+    """
+    words = re.findall(r"[a-z]+", text.lower())
+    score = (sum(w.startswith(_POSITIVE) for w in words) - sum(w.startswith(_NEGATIVE) for w in words))
+    return "positive" if score > 0 else "negative" if score < 0 else "neutral"
 
 
 def config_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -103,9 +120,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     settings = claude.state(app).settings
     if settings.simulate:
+        # A reply rule: the classify prompt gets a label (and /analyze's label too), here and from
+        # `flask --app example_app claude simulate`, which serves this app's simulator.
+        claude.state(app).simulator.reply(CLASSIFY_SYSTEM, simulated_sentiment)
         why = "CLAUDE_SIMULATE is on" if settings.api_key else "no ANTHROPIC_API_KEY"
         print(f"example_app: {why}, so Claude calls go to the offline simulator "
-              f"({settings.base_url or 'in-process'}); replies are canned text, nothing is billed, "
-              "and the log prices calls at list price.",
+              f"({settings.base_url or 'in-process'}); replies are canned text (a reply rule gives "
+              "/classify a label), nothing is billed, and the log prices calls at list price.",
               file=sys.stderr, flush=True)
     return app

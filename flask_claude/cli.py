@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import click
-from flask import Flask, current_app
+from flask import Flask, current_app, has_app_context
 from flask.cli import AppGroup
 
 from .clock import utc_now
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report, status and prices.")
 
 
-@claude_cli.command("simulate")
+@claude_cli.command("simulate", with_appcontext=False)  # also ``python -m flask_claude.simulator``, no app
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (keep it on loopback).")
 @click.option("--port", default=8765, show_default=True, type=int, help="Port to listen on.")
 @click.option("--fail", "fail_status", type=int, default=None, metavar="STATUS",
@@ -42,20 +42,33 @@ claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report, sta
 @click.option("--latency", type=float, default=0.0, help="Seconds before each response starts.")
 @click.option("--pad-prompt", type=click.IntRange(min=0), default=0, metavar="TOKENS",
               help="Count this many more input tokens per request (reach a long-prompt price band).")
+@click.option("--seed", type=int, default=None, help="Seed of the canned reply text (default: 0).")
+@click.option("--batch-polls", type=click.IntRange(min=0), default=None,
+              help="Retrieves of a message batch before it ends (default: 1).")
+@click.option("--quiet", is_flag=True, help="Do not log each request.")
 def simulate(host: str, port: int, fail_status: int | None, fail_rate: float | None, fail_model: str | None,
-             latency: float, pad_prompt: int) -> None:
-    """Serve the offline Messages API; point CLAUDE_BASE_URL (or ANTHROPIC_BASE_URL) at it."""
+             latency: float, pad_prompt: int, seed: int | None, batch_polls: int | None, quiet: bool) -> None:
+    """Serve the offline Messages API; point CLAUDE_BASE_URL (or ANTHROPIC_BASE_URL) at it.
+
+    Run in an app (``flask --app yourapp claude simulate``) that is set to simulate, it serves that
+    app's simulator, so the reply rules the app sets up answer over the wire too.
+    """
     from .simulator import Simulator, run_server
 
-    simulator = Simulator()
+    state = current_app.extensions.get("claude") if has_app_context() else None
+    simulator = state.simulator if state is not None and state.simulator is not None else Simulator()
+    if seed is not None:
+        simulator.seed = seed
+    if batch_polls is not None:
+        simulator.batch_polls_until_done = batch_polls
     if latency:
         simulator.latency(latency)
     if pad_prompt:
         simulator.pad_prompt(pad_prompt)
     if fail_status is not None:
         simulator.fail(fail_status, rate=fail_rate, model=fail_model)
-    click.echo(f"flask-claude simulator on http://{host}:{port} (CLAUDE_BASE_URL=http://{host}:{port})")
-    run_server(host, port, simulator=simulator)
+    run_server(host, port, simulator=simulator, quiet=quiet,  # --port 0: the URL has the port it picked
+               ready=lambda url: click.echo(f"flask-claude simulator on {url} (CLAUDE_BASE_URL={url}); Ctrl+C to stop"))
 
 
 # --- report ---------------------------------------------------------------------------------------

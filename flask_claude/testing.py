@@ -66,14 +66,20 @@ def claude_log() -> Iterator[CallLog]:
 
 @pytest.fixture
 def claude_sim(app: Any) -> Any:
-    """The simulator behind ``app`` (needs ``CLAUDE_SIMULATE=True``); faults are reset afterwards."""
+    """The simulator behind ``app`` (needs ``CLAUDE_SIMULATE=True``); faults are reset afterwards.
+
+    Reply rules the app set up (``sim.reply(...)`` in its factory) are kept; the ones a test adds or
+    removes are put back as they were afterwards.
+    """
     state = state_for(app)
     if state.simulator is None:
         pytest.fail("claude_sim needs an app configured with CLAUDE_SIMULATE=True")
     sim = state.simulator
+    rules = sim.replies
     sim.reset()
     yield sim
     sim.reset()
+    sim.replies = rules
 
 
 @pytest.fixture

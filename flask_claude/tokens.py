@@ -15,6 +15,7 @@ CHARS_PER_TOKEN = 3
 
 
 def estimate_tokens(text: str) -> int:
+    """The one token estimate of the package: input caps, cache-size checks and the simulator's usage."""
     return -(-len(text) // CHARS_PER_TOKEN) if text else 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -69,3 +70,18 @@ def test_the_chat_streams_into_the_page(page: Any, served_example: tuple[str, Fl
     page.wait_for_function("document.querySelector('#chat-output').textContent.trim().length > 20",
                            timeout=10_000)
     assert len(page.text_content("#chat-output").strip()) > 20
+
+
+def test_a_first_classify_click_shows_a_label(page: Any, served_example: tuple[str, Flask]) -> None:
+    url, app = served_example
+    page.goto(url + "/")
+    page.fill("#text", "I love how fast the new release is.")
+    page.click("#classify-btn")
+    page.wait_for_function("document.querySelector('#result').textContent.includes('label')", timeout=10_000)
+    assert json.loads(page.text_content("#result")) == {"label": "positive"}  # the page pretty-prints the JSON
+    assert page.text_content("#degraded").strip() == ""
+
+    app.extensions["claude"].simulator.truncate(times=1)  # a reply cut short still degrades, visibly
+    page.click("#classify-btn")
+    page.wait_for_function("document.querySelector('#degraded').textContent.includes('truncated')", timeout=10_000)
+    assert json.loads(page.text_content("#result")) == {"label": "unknown"}

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 from flask import Flask
 from flask.views import MethodView
 
@@ -85,10 +86,13 @@ def test_status_shows_shared_flags_breakers_and_spend(redis_url: str, tmp_path: 
 
     budgets = {b["budget"]: b for b in status["budgets"]["items"]}
     total = budgets["global daily budget"]
-    # The budget counts each call's cost rounded up to a micro-dollar; the log has the exact costs.
+    # The budget counts each call's cost rounded up to a micro-dollar. The log's cost_usd is rounded to
+    # 8 places, so a cost that is a whole number of micro-dollars can read a hair above it there:
+    # price the logged usage again, as the budget did, instead of rounding the rounded figure up.
     logged = [json.loads(line) for line in log_path.read_text().splitlines()]
-    costs = [r["cost_usd"] for r in logged if r["event"] == "claude_api_call"]
-    assert len(costs) == 4
+    calls = [r for r in logged if r["event"] == "claude_api_call"]
+    costs = [state.prices.cost(r["model"], r).usd for r in calls]
+    assert len(costs) == 4 and costs == pytest.approx([r["cost_usd"] for r in calls], abs=1e-8)
     assert total["spent_usd"] == sum(math.ceil(c * 1_000_000) for c in costs) / 1_000_000 > 0
     assert total["limit_usd"] == 1.0 and total["reserved_usd"] == 0
     assert total["remaining_usd"] == round(1.0 - total["spent_usd"], 6)

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import httpx2
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
@@ -130,8 +136,15 @@ def test_summarize_degrades_when_claude_is_down(client: FlaskClient, app: Flask)
     assert {r.model for r in sim.requests} == {"claude-opus-5-5", "claude-sonnet-5-5"}  # fell back first
 
 
-def test_classify_answers_a_label_or_degrades(client: FlaskClient) -> None:
-    # The simulator's "echo:" prompt makes it reply with the rest verbatim.
+def test_classify_answers_a_label_or_degrades(app: Flask, client: FlaskClient) -> None:
+    # On the simulator the example sets a reply rule for its classify prompt: a first click works.
+    for text, expected in (("I loved the new release.", "positive"), ("It is slow and broken.", "negative"),
+                           ("The meeting is at noon.", "neutral")):
+        answered = client.post("/classify", json={"text": text})
+        assert answered.status_code == 200 and "X-Claude-Degraded" not in answered.headers
+        assert answered.get_json() == {"label": expected}
+
+    # The simulator's "echo:" prompt makes it reply with the rest verbatim, rule or not.
     label = client.post("/classify", json={"text": "echo: Positive."})
     assert label.status_code == 200 and label.get_json() == {"label": "positive"}
 
@@ -140,11 +153,11 @@ def test_classify_answers_a_label_or_degrades(client: FlaskClient) -> None:
     assert invalid.headers["X-Claude-Degraded"] == "invalid_output"
     assert invalid.get_json() == {"label": "unknown"}
 
-    # Ordinary text gets simulator prose: longer than max_tokens=20, so require_complete degrades it,
-    # or, if it fits, it is not a label.
-    prose = client.post("/classify", json={"text": "I loved the new release."})
-    assert prose.headers["X-Claude-Degraded"] in ("truncated", "invalid_output")
-    assert prose.get_json() == {"label": "unknown"}
+    # A reply cut at max_tokens: require_complete degrades it rather than judging half an answer.
+    app.extensions["claude"].simulator.truncate(times=1)
+    cut = client.post("/classify", json={"text": "I loved the new release."})
+    assert cut.status_code == 503 and cut.headers["X-Claude-Degraded"] == "truncated"
+    assert cut.get_json() == {"label": "unknown"}
 
 
 def test_chat_streams_server_sent_events(client: FlaskClient) -> None:
@@ -215,3 +228,53 @@ def test_client_address_comes_from_x_forwarded_for_only_behind_trusted_proxies(
         client.post("/classify", json={"text": "echo: neutral"}, headers={"X-Forwarded-For": address})
     users = {line["user"] for line in log_lines(tmp_path) if line["event"] == "claude_api_call"}
     assert len(users) == distinct
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def simulator_process(*args: str, log_dir: Path) -> Iterator[str]:
+    """A loopback simulator in its own process (``--port 0``); yields its URL, read from its first line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_", "LAUNCHDARKLY_"))}
+    env["CLAUDE_LOG_PATH"] = str(log_dir / "simulator-process.jsonl")
+    process = subprocess.Popen([sys.executable, "-m", *args, "--port", "0", "--quiet"], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()  # printed once the socket is bound: no waiting on a timer
+        found = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert found, f"no URL in the simulator's first line: {line!r}"
+        yield found.group(0)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_the_tour_storm_on_flask_claude_simulate_keeps_the_apps_reply_rules(
+    make_example: Callable[..., Flask], tmp_path: Path
+) -> None:
+    """Tour step 3: `flask --app example_app claude simulate` serves the example's own simulator, reply
+    rule included, so /classify still answers a label over the wire while Opus is failed."""
+    command = ("flask", "--app", "example_app", "claude", "simulate",
+               "--fail", "529", "--fail-model", "claude-opus-5-5")
+    with simulator_process(*command, log_dir=tmp_path) as url:
+        app = make_example(CLAUDE_BASE_URL=url, CLAUDE_SIMULATE=True, CLAUDE_MAX_RETRIES=0)
+        client = app.test_client()
+        label = client.post("/classify", json={"text": "I loved the new release."})
+        summary = client.post("/summarize", json={"text": "Our release cut page load times in half."})
+    assert label.status_code == 200 and label.get_json() == {"label": "positive"}
+    assert summary.status_code == 200 and summary.get_json()["model"] == "claude-sonnet-5-5"  # Opus failed over
+    assert app.extensions["claude"].simulator.requests == []  # nothing answered in-process
+
+
+def test_python_m_flask_claude_simulator_is_the_same_command(tmp_path: Path) -> None:
+    with simulator_process("flask_claude.simulator", "--fail", "529", "--fail-rate", "0.5", log_dir=tmp_path) as url:
+        sdk = anthropic.Anthropic(api_key="sk-simulator", base_url=url, max_retries=0)
+        with pytest.raises(anthropic.OverloadedError):
+            sdk.messages.create(model="claude-haiku-5-5", max_tokens=20, messages=[{"role": "user", "content": "a"}])
+        reply = sdk.messages.create(model="claude-haiku-5-5", max_tokens=20,
+                                    messages=[{"role": "user", "content": "echo: b"}])
+        unknown = httpx2.get(url + "/v1/nothing")
+    assert reply.content[0].type == "text" and reply.content[0].text == "b"
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "not_found_error"

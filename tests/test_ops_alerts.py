@@ -304,5 +304,9 @@ def test_batch_results_are_counted_once(storage_uri: str, sim: Simulator, now_cl
     lines = [e for e in events(log_path, "claude_api_call") if e.get("batch_id") == batch.id]
     totals = state.rollups.read(totals=True).totals
     assert totals["c|-|claude-haiku-4-5"] == len(lines) == 3
-    assert totals["u|-|claude-haiku-4-5"] == sum(to_micro(e["cost_usd"]) for e in lines)
+    # Each call to the nearest micro-dollar, priced from its logged usage (the log's 8-place cost_usd can
+    # sit a hair off a half micro-dollar: haiku's batch input is half a micro-dollar a token).
+    costs = [state.prices.cost(e["model"], e, batch=True).usd for e in lines]
+    assert costs == pytest.approx([e["cost_usd"] for e in lines], abs=1e-8)
+    assert totals["u|-|claude-haiku-4-5"] == sum(to_micro(c) for c in costs)
     assert not any(k.startswith("l:") for k in totals)  # no latency of their own: not in the histogram

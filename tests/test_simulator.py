@@ -10,6 +10,9 @@ import asyncio
 import json
 import math
 import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +22,7 @@ import anthropic
 import httpx2
 import pytest
 
+from flask_claude import tokens
 from flask_claude.simulator import MESSAGE_OVERHEAD_TOKENS, Simulator, SimulatorServer, estimate_tokens
 
 from .conftest import FakeClock
@@ -141,6 +145,73 @@ def test_count_tokens_matches_the_input_usage_of_create(client: anthropic.Anthro
 
     expected = sum(map(estimate_tokens, ["be brief", "first question", "an answer", "a follow-up question"]))
     assert counted.input_tokens == created.usage.input_tokens == expected + 3 * MESSAGE_OVERHEAD_TOKENS
+
+
+# --------------------------------------------------------------------------- reply rules
+
+CLASSIFY = "Classify the sentiment. Answer with one word."
+
+
+def test_a_reply_rule_answers_a_matching_system_prompt_with_realistic_usage(
+    sim: Simulator, client: anthropic.Anthropic
+) -> None:
+    rule = sim.reply(CLASSIFY, "positive")
+
+    labelled = ask(client, "I loved the new release.", system=CLASSIFY, max_tokens=20)
+    with client.messages.stream(model=MODEL, max_tokens=20, system=CLASSIFY,
+                                messages=user("I loved the new release.")) as stream:
+        streamed = stream.get_final_message()
+    unscripted = ask(client, "I loved the new release.", max_tokens=20)
+
+    assert text_of(labelled) == text_of(streamed) == "positive"
+    assert labelled.stop_reason == streamed.stop_reason == "end_turn"
+    assert labelled.usage.output_tokens == estimate_tokens("positive") == 3
+    assert labelled.usage.input_tokens == (estimate_tokens(CLASSIFY) + estimate_tokens("I loved the new release.")
+                                           + MESSAGE_OVERHEAD_TOKENS)
+    assert text_of(unscripted) != "positive" and unscripted.stop_reason == "max_tokens"  # canned prose, cut
+    assert rule.matched == 2
+
+
+def test_reply_rules_match_the_user_message_by_regex_call_functions_and_the_newest_wins(
+    sim: Simulator, client: anthropic.Anthropic
+) -> None:
+    sim.reply(re.compile(r"\border #\d+"), lambda message: f"Order {message.split('#')[1]} ships today.")
+    older = sim.reply("refund", "No refunds.")
+    later = sim.reply("refund", "Refunds take a week.")
+    sim.reply("refund", "Refunds take five days.", model="claude-opus-4-7")  # the newest, but for Opus only
+
+    assert text_of(ask(client, "Where is order #42")) == "Order 42 ships today."
+    assert text_of(ask(client, "Where is order 42")) != "Order 42 ships today."
+    assert text_of(ask(client, "a refund please")) == "Refunds take a week."
+    assert text_of(ask(client, "a refund please", model="claude-opus-4-7")) == "Refunds take five days."
+    assert text_of(ask(client, "echo: a refund please")) == "a refund please"  # echo: is still echoed
+    assert (older.matched, later.matched) == (0, 1)
+
+
+def test_reply_rules_are_still_cut_by_max_tokens_and_stop_sequences_and_truncate_wins(
+    sim: Simulator, client: anthropic.Anthropic
+) -> None:
+    sim.reply("long", "one two three four five six seven eight nine ten")
+
+    assert ask(client, "long", max_tokens=3).stop_reason == "max_tokens"
+    stopped = ask(client, "long", stop_sequences=["four"])
+    assert (text_of(stopped), stopped.stop_reason, stopped.stop_sequence) == ("one two three ", "stop_sequence", "four")
+    sim.truncate(times=1)
+    assert ask(client, "long", max_tokens=40).usage.output_tokens == 40
+
+
+def test_reply_rules_survive_reset_until_cleared_and_bad_patterns_are_refused(
+    sim: Simulator, client: anthropic.Anthropic
+) -> None:
+    rule = sim.reply("ping", "pong")
+    sim.reset()
+    assert sim.replies == [rule] and text_of(ask(client, "ping")) == "pong"
+    sim.clear_replies()
+    assert sim.replies == [] and text_of(ask(client, "ping")) != "pong"
+    with pytest.raises(ValueError, match="pattern"):
+        sim.reply("", "anything")
+    with pytest.raises(ValueError, match="text"):
+        sim.reply("ping", 42)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- streaming
@@ -570,9 +641,10 @@ def test_reset_clears_faults_requests_and_cache(sim: Simulator, client: anthropi
     assert ask(client, system=cached_system()).usage.cache_creation_input_tokens == PREFIX_TOKENS
 
 
-def test_estimate_tokens_is_a_quarter_of_the_characters_rounded_up() -> None:
-    assert [estimate_tokens(t) for t in ("", "a", "abcd", "abcde", "x" * 400)] == [1, 1, 1, 2, 100]
-    assert estimate_tokens("y" * 4001) == math.ceil(4001 / 4)
+def test_estimate_tokens_is_the_packages_a_third_of_the_characters_rounded_up() -> None:
+    assert estimate_tokens is tokens.estimate_tokens  # one estimate: the simulator's usage is the client's
+    assert [estimate_tokens(t) for t in ("", "a", "abc", "abcd", "x" * 400)] == [0, 1, 1, 2, 134]
+    assert estimate_tokens("y" * 4001) == math.ceil(4001 / 3)
 
 
 # --------------------------------------------------------------------------- loopback server
@@ -638,3 +710,49 @@ def test_the_transport_also_serves_the_async_client(sim: Simulator) -> None:
     text, error = asyncio.run(scenario())
 
     assert text == "async" and isinstance(error, httpx2.RemoteProtocolError)
+
+
+# --------------------------------------------------------------------------- the pytest plugin
+
+
+USER_SUITE = '''
+import anthropic
+import pytest
+from flask import Flask
+
+from flask_claude import Claude
+
+@pytest.fixture(scope="module")
+def app():
+    app = Flask("user_app")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_FLAGS="static", CLAUDE_LOG_PATH="/dev/null")
+    Claude(app)
+    app.extensions["claude"].simulator.reply("capital of France", "Paris.")  # the app's own set-up
+    return app
+
+def ask(app, text):
+    with app.app_context():
+        message = app.extensions["claude"].messages.create(
+            model="claude-haiku-4-5", max_tokens=20, messages=[{"role": "user", "content": text}])
+    return message.content[0].text
+
+def test_one_overrides_and_adds(app, claude_sim):
+    claude_sim.reply("capital of France", "Lyon.")
+    claude_sim.reply("ping", "pong")
+    assert (ask(app, "The capital of France?"), ask(app, "ping")) == ("Lyon.", "pong")
+
+def test_two_sees_the_apps_rules_only(app, claude_sim):
+    assert ask(app, "The capital of France?") == "Paris."
+    assert ask(app, "ping") != "pong"
+    assert [rule.text for rule in claude_sim.replies] == ["Paris."]
+'''
+
+
+def test_the_claude_sim_fixture_keeps_the_apps_reply_rules_and_removes_a_tests(tmp_path: Any) -> None:
+    """A user's suite, run by pytest with the flask-claude plugin: one shared app, two tests."""
+    (tmp_path / "test_user_app.py").write_text(USER_SUITE)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "CLAUDE_"))}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_user_app.py"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
