@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anthropic
 import httpx2
 
-from .client import SEND_ERRORS, ChainRun, StreamAccount, _Call, create_kwargs
+from .calls import SEND_ERRORS, Call, ChainRun, create_kwargs
 from .clock import asleep
 from .context import current_scope
 from .errors import BudgetExceeded, ConfigError
 from .resilience import AsyncDeadlineTransport
+from .streams import StreamAccount
 
 if TYPE_CHECKING:
     from .client import GuardedMessages
@@ -155,7 +156,7 @@ class AsyncGuardedMessages:
         """Free upstream, so no budget or cost: only retries and the deadline."""
         core = self._core
         model = params.get("model") or self._state.settings.models[0]
-        call = _Call.bare(self._state, current_scope(), model)
+        call = Call.bare(self._state, current_scope(), model)
         try:
             client = await self.clients.get()
             return await self._run_chain(call, lambda m, timeout: client.messages.count_tokens(
@@ -166,13 +167,13 @@ class AsyncGuardedMessages:
     # --- the I/O of a call ------------------------------------------------------------------
 
     @staticmethod
-    async def _send_create(client: anthropic.AsyncAnthropic, call: _Call, model: str,
+    async def _send_create(client: anthropic.AsyncAnthropic, call: Call, model: str,
                            timeout: httpx2.Timeout) -> Any:
         beta, kwargs = create_kwargs(call, model, timeout)
         endpoint: Any = client.beta.messages if beta else client.messages
         return await endpoint.create(**kwargs)
 
-    async def _reserve(self, call: _Call) -> None:
+    async def _reserve(self, call: Call) -> None:
         """``GuardedMessages._reserve``, waiting for a busy budget with ``await``.
 
         Under ``asyncio.gather`` the room a call waits for is held by its siblings on this same loop:
@@ -191,7 +192,7 @@ class AsyncGuardedMessages:
             await asleep(clock, pause * (0.5 + random.random()))
             pause = min(pause * 2, 0.25)
 
-    async def _run_chain(self, call: _Call, send: Callable[[str, httpx2.Timeout], Awaitable[T]]) -> T:
+    async def _run_chain(self, call: Call, send: Callable[[str, httpx2.Timeout], Awaitable[T]]) -> T:
         """``GuardedMessages._run_chain`` with the attempt and the wait awaited."""
         chain = ChainRun(self._core, call)
         while (timeout := chain.next_attempt()) is not None:
@@ -253,7 +254,7 @@ class AsyncGuardedStreamManager:
 class AsyncGuardedMessageStream(StreamAccount):
     """Wraps the SDK's ``AsyncMessageStream`` (or raw ``AsyncStream``): ``async for``, ``text_stream``."""
 
-    def __init__(self, owner: GuardedMessages, call: _Call, inner: Any, *, manager: Any) -> None:
+    def __init__(self, owner: GuardedMessages, call: Call, inner: Any, *, manager: Any) -> None:
         super().__init__(owner, call, inner, manager=manager)
         self.text_stream: AsyncIterator[str] = self._text_stream()
 

@@ -181,9 +181,9 @@ class GuardedBatches:
         return None if raw is None else dict(json.loads(raw))
 
     def _passthrough(self, send: Any) -> Any:
-        from .client import _Call
+        from .calls import Call
 
-        call = _Call.bare(self._state, current_scope(), "batch")
+        call = Call.bare(self._state, current_scope(), "batch")
         try:
             return self._messages._run_chain(call, lambda _model, timeout: send(timeout))
         except BaseException as exc:
