@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from .budget import MICRO, Reservation
+from .calls import Call
 from .context import clamp_max_tokens, current_scope, max_tokens_cap
 from .errors import ConfigError
 from .rollups import call_fields
@@ -181,8 +182,6 @@ class GuardedBatches:
         return None if raw is None else dict(json.loads(raw))
 
     def _passthrough(self, send: Any) -> Any:
-        from .calls import Call
-
         call = Call.bare(self._state, current_scope(), "batch")
         try:
             return self._messages._run_chain(call, lambda _model, timeout: send(timeout))

@@ -23,15 +23,16 @@ from zoneinfo import ZoneInfo
 from limits import RateLimitItem
 
 from . import downgrade
+from .context import CallScope
 from .errors import BudgetExceeded, ClaudeGuardError, LimitExceeded
 from .events import hash_text
+from .flags import UserContext
 from .hygiene import has_cache_control
 from .signals import budget_alert
 from .storage import Begin, Crossed, Line, Outcome, StorageUnavailable, Store
 from .tokens import upper_bound_tokens
 
 if TYPE_CHECKING:
-    from .context import CallScope
     from .decorators import BudgetOptions
     from .extension import ClaudeState
 
@@ -162,8 +163,6 @@ class Budgets:
     def _global_limit_usd(self, scope: CallScope) -> float | None:
         limit = self.settings.daily_budget_usd
         if self.settings.budget_flag:
-            from .flags import UserContext
-
             value = self.state.flags.value(self.settings.budget_flag, UserContext(scope.user), None)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
                 limit = float(value)
@@ -565,8 +564,6 @@ class Budgets:
 
     def usage_report(self, now: float | None = None) -> list[dict[str, Any]]:
         """Today's app-wide budgets: for ``flask claude status``."""
-        from .context import CallScope
-
         now = self.state.clock.time() if now is None else now
         self.store.flush()  # settlements written behind count in what an operator reads
         out = []

@@ -21,9 +21,13 @@ import click
 from flask import Flask, current_app, has_app_context
 from flask.cli import AppGroup
 
+from .batches import is_batch_request
 from .clock import utc_now
-from .extension import state_for
+from .errors import ClaudeGuardError, UnknownModel
+from .pricing import PRICES_INFO, PriceTable
 from .report import GROUPINGS, build_report, parse_since, render_text
+from .simulator import Simulator, run_server
+from .state import state_for
 from .status import collect_status, render_status
 
 if TYPE_CHECKING:
@@ -53,8 +57,6 @@ def simulate(host: str, port: int, fail_status: int | None, fail_rate: float | N
     Run in an app (``flask --app yourapp claude simulate``) that is set to simulate, it serves that
     app's simulator, so the reply rules the app sets up answer over the wire too.
     """
-    from .simulator import Simulator, run_server
-
     state = current_app.extensions.get("claude") if has_app_context() else None
     simulator = state.simulator if state is not None and state.simulator is not None else Simulator()
     if seed is not None:
@@ -170,9 +172,6 @@ def render_prices(info: dict[str, Any], entries: dict[str, dict[str, Any]]) -> s
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON, in the data file's shape.")
 def prices_command(model: str | None, as_json: bool) -> None:
     """The price table this app bills with: packaged prices plus CLAUDE_PRICES overrides."""
-    from .errors import UnknownModel
-    from .pricing import PRICES_INFO, PriceTable
-
     state = state_for(required=False)
     table = state.prices if state is not None else PriceTable()
     if model is not None:
@@ -218,9 +217,6 @@ def _guarded_state() -> ClaudeState:
 @click.option("--feature", default=None, help="Attribute the batch's spend to this feature (and its budget).")
 def batch_submit(jsonl: Any, feature: str | None) -> None:
     """Submit FILE.jsonl: one {"custom_id": ..., "params": {...}} per line."""
-    from .batches import is_batch_request
-    from .errors import ClaudeGuardError
-
     requests = []
     for number, line in enumerate(jsonl, 1):
         if not line.strip():

@@ -21,6 +21,7 @@ import httpx2
 
 from . import telemetry
 from .aiconfig import AIRun
+from .batches import GuardedBatches
 from .calls import SEND_ERRORS, Call, ChainRun, call_deadline, create_kwargs, system_hash
 from .context import clamp_max_tokens, current_scope, max_tokens_cap
 from .errors import (
@@ -55,8 +56,6 @@ class GuardedMessages:
     """``claude.messages``: what the SDK's ``client.messages`` does, inside the guard rails."""
 
     def __init__(self, state: ClaudeState) -> None:
-        from .batches import GuardedBatches
-
         self._state = state
         self.batches = GuardedBatches(self)
         self._skip_logged_until: dict[str, float] = {}  # model -> when to log "skipped, circuit open" again

@@ -12,6 +12,9 @@ from typing import Any
 
 from flask import g, has_app_context, has_request_context, request
 
+from .errors import InvalidRequest
+from .state import quart_globals
+
 
 @dataclass
 class CallScope:
@@ -48,8 +51,6 @@ def clamp_max_tokens(requested: Any, cap: int) -> int:
     if requested is None:
         return cap
     if isinstance(requested, bool) or not isinstance(requested, int):
-        from .errors import InvalidRequest
-
         raise InvalidRequest(f"max_tokens must be a whole number, got {type(requested).__name__}")
     return min(requested, cap)
 
@@ -62,8 +63,6 @@ def current_scope() -> CallScope:
     if has_request_context():
         rule = request.url_rule
         return CallScope(route=rule.rule if rule is not None else request.path)
-    from .quart_support import quart_globals
-
     quart = quart_globals()  # a Quart view: Quart's contexts are not Flask's
     if quart is not None and quart.has_request_context():
         rule = quart.request.url_rule

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from markupsafe import escape
 
-from .extension import state_for
+from .state import state_for
+from .status import collect_status
 
 if TYPE_CHECKING:
     from .extension import Claude
@@ -66,8 +67,6 @@ def register_dashboard(app: Flask, extension: Claude, prefix: str) -> None:
 
 
 def _summary() -> dict[str, Any]:
-    from .status import collect_status
-
     state = state_for()
     state.ops_alerts.maybe_evaluate()  # before reading, so a page refresh shows an alert it just found
     return collect_status(state, current_app._get_current_object(), series=True)  # type: ignore[attr-defined]

@@ -17,9 +17,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec
 
+from flask import has_app_context
 from limits import RateLimitItem, parse_many
 
 from .errors import ConfigError
+from .pipeline import run
 
 if TYPE_CHECKING:
     from flask import Response
@@ -83,10 +85,6 @@ def _spec_of(view: Callable[P, Any]) -> tuple[ViewSpec, Callable[P, Response]]:
 
     @functools.wraps(view)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:
-        from flask import has_app_context
-
-        from .pipeline import run
-
         if not has_app_context():  # e.g. a Quart view: see quart_support.py for why, and what works there
             raise ConfigError("flask-claude's decorators work on Flask apps only; on Quart, call "
                               "claude.async_messages in the view and answer the fallback yourself")

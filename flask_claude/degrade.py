@@ -7,16 +7,20 @@ request id or a key.
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from flask import Response, current_app, jsonify, make_response
+from flask import Response, current_app, jsonify, make_response, request
+from flask.views import View
 
 from . import telemetry
+from .context import current_scope
 from .errors import ClaudeGuardError, InputTooLarge
 from .signals import feature_degraded
+from .state import state_for
 
 if TYPE_CHECKING:
     from .context import CallScope
@@ -45,9 +49,6 @@ def decorate(response: Response, exc: ClaudeGuardError, status: int | None = Non
 
 def handle_guard_error(exc: ClaudeGuardError) -> Response:
     """App-wide handler: a guarded call in an undecorated view still degrades instead of a 500."""
-    from .context import current_scope
-    from .extension import state_for
-
     state = state_for(required=False)
     status = state.settings.degraded_status if state is not None and exc.status == 503 else exc.status
     response = decorate(jsonify(public_body(exc)), exc, status)
@@ -98,8 +99,6 @@ class ResponseCache:
 
 
 def _cache_key(scope: CallScope, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, ...]:
-    from .pipeline import request_fingerprint
-
     return (scope.route or "", str(scope.user), request_fingerprint(args, kwargs))
 
 
@@ -159,3 +158,11 @@ def degrade(state: ClaudeState, spec: ViewSpec, scope: CallScope, exc: ClaudeGua
     decorate(response, exc, status)
     record_degradation(state, scope, exc, response.status_code, fallback_error)
     return response
+
+
+def request_fingerprint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """What "the same arguments" means for the response cache: URL arguments, query and body."""
+    body = request.get_data(cache=True) if request.method in ("POST", "PUT", "PATCH") else b""
+    args = tuple(a for a in args if not isinstance(a, View))  # a class-based view's ``self``
+    return json.dumps([list(map(str, args)), {k: str(v) for k, v in sorted(kwargs.items())},
+                       request.query_string.decode("latin-1"), body.decode("utf-8", "replace")])

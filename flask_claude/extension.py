@@ -10,33 +10,37 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any, Literal, overload
+from typing import Any
 
 import anthropic
 import httpx2
-from flask import Flask, current_app, has_app_context
+from flask import Flask
 
 from . import telemetry
 from .aiconfig import FeatureAIConfig
 from .aio import AsyncGuardedMessages
 from .alerts import OpsAlerts
 from .budget import Budgets
+from .cli import claude_cli
 from .client import GuardedMessages
 from .clock import Clock, SystemClock
 from .context import current_scope
+from .dashboard import register_dashboard
 from .decorators import ai_feature, budgeted, fallback_to
 from .degrade import ResponseCache, handle_guard_error
 from .errors import ClaudeGuardError, ConfigError
 from .events import EventLog
 from .flags import make_provider
 from .pricing import PriceTable
-from .quart_support import is_quart_app, quart_globals
+from .prometheus import metrics_response
+from .quart_support import handle_guard_error as handle_on_quart
 from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
 from .rollups import AppRollups
 from .settings import Settings, load_settings
+from .simulator import Simulator
+from .state import EXTENSION_KEY, current_app_or_none, is_quart_app, state_for
 from .storage import BreakerParams, MemoryStore, OutageGuard, Store, make_store
 
-EXTENSION_KEY = "claude"
 SIMULATOR_BASE_URL = "http://simulator.flask-claude.invalid"
 
 # Constructor arguments that are objects rather than settings (tests and advanced wiring).
@@ -56,8 +60,6 @@ class ClaudeState:
         self.prices.check(settings.models)  # an unpriced model fails the deploy, not a request
 
         if settings.simulate or simulator is not None:
-            from .simulator import Simulator
-
             self.simulator = simulator if simulator is not None else Simulator()
             inner: httpx2.BaseTransport = self.simulator.transport()
             api_key: str = "sk-simulator-no-real-key"
@@ -138,8 +140,6 @@ class Claude:
         settings = load_settings(app.config, self._overrides)
         app.extensions[EXTENSION_KEY] = ClaudeState(app, settings, self, **self._objects)
         if is_quart_app(app):
-            from .quart_support import handle_guard_error as handle_on_quart
-
             app.register_error_handler(ClaudeGuardError, handle_on_quart)
         else:
             app.register_error_handler(ClaudeGuardError, handle_guard_error)
@@ -147,12 +147,8 @@ class Claude:
                 app.extensions["claude_ops_hook"] = True
                 app.after_request(_evaluate_ops_alerts)
         if settings.dashboard:
-            from .dashboard import register_dashboard
-
             register_dashboard(app, self, settings.dashboard_prefix)
         if "claude" not in app.cli.commands:
-            from .cli import claude_cli
-
             app.cli.add_command(claude_cli)
 
     # --- the per-app state, found the Flask-Login way -------------------------------------------
@@ -205,8 +201,6 @@ class Claude:
 
     def metrics_view(self) -> Any:
         """A Flask view answering the Prometheus text format: ``app.get("/metrics")(claude.metrics_view)``."""
-        from .prometheus import metrics_response
-
         return metrics_response(self.state())
 
     def user_loader(self, fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -221,41 +215,3 @@ def _evaluate_ops_alerts(response: Any) -> Any:
     if state is not None:
         state.ops_alerts.maybe_evaluate()
     return response
-
-
-def current_app_or_none() -> Any:
-    """The app of the current context: Flask's, or Quart's when the code runs in a Quart app."""
-    if has_app_context():
-        return current_app._get_current_object()  # type: ignore[attr-defined]
-    quart = quart_globals()
-    if quart is not None:
-        return quart.current_app._get_current_object()
-    return None
-
-
-@overload
-def state_for(app: Any = None, *, required: Literal[True] = True) -> ClaudeState: ...
-
-
-@overload
-def state_for(app: Any = None, *, required: bool) -> ClaudeState | None: ...
-
-
-def state_for(app: Any = None, *, required: bool = True) -> ClaudeState | None:
-    """The ``ClaudeState`` of ``app`` (default: the current Flask or Quart app): the one lookup of it.
-
-    With ``required=False`` an app without flask-claude (or no app at all) gives None instead of
-    ``RuntimeError``: for hooks that run on every request and commands that say it themselves.
-    """
-    if app is None:
-        app = current_app_or_none()
-        if app is None:
-            if not required:
-                return None
-            raise RuntimeError("flask-claude needs an app context: call it inside a request, "
-                               "or inside `with app.app_context():`.")
-    state: ClaudeState | None = app.extensions.get(EXTENSION_KEY)
-    if state is None and required:
-        raise RuntimeError(f"flask-claude is not initialised on app {app.name!r}: "
-                           "call Claude(app) or claude.init_app(app).")
-    return state

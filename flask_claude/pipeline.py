@@ -11,23 +11,24 @@ docs/ARCHITECTURE.md walks through it, the modules each step calls and where to 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 import httpx2
 from flask import Response, current_app, g, make_response, request
-from flask.views import View
 
 from .aiconfig import apply_ai_config
 from .body import from_request_body
 from .context import CallScope
-from .decorators import ViewSpec
 from .degrade import degrade, remember
 from .errors import ClaudeGuardError, FeatureDisabled, InvalidRequest, UpstreamUnavailable
-from .extension import ClaudeState, state_for
 from .flags import UserContext
+from .state import state_for
+
+if TYPE_CHECKING:
+    from .decorators import ViewSpec
+    from .extension import ClaudeState
 
 
 def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Response:
@@ -137,11 +138,3 @@ def _flask_login_user() -> str | None:
         ident = current_user.get_id()
         return None if ident is None else f"user:{ident}"
     return None
-
-
-def request_fingerprint(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """What "the same arguments" means for the response cache: URL arguments, query and body."""
-    body = request.get_data(cache=True) if request.method in ("POST", "PUT", "PATCH") else b""
-    args = tuple(a for a in args if not isinstance(a, View))  # a class-based view's ``self``
-    return json.dumps([list(map(str, args)), {k: str(v) for k, v in sorted(kwargs.items())},
-                       request.query_string.decode("latin-1"), body.decode("utf-8", "replace")])

@@ -18,8 +18,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .alerts import ALERTS
-from .extension import state_for
+from .errors import ConfigError
 from .rollups import LATENCY_BUCKETS, MICRO, TOKEN_BUCKETS, split_field
+from .state import state_for
 from .storage import StorageUnavailable
 
 if TYPE_CHECKING:
@@ -35,8 +36,6 @@ def _import() -> Any:
     try:
         import prometheus_client
     except ImportError:  # pragma: no cover - the extra is documented
-        from .errors import ConfigError
-
         raise ConfigError("Prometheus metrics need prometheus-client: pip install 'flask-claude[prometheus]'") from None
     return prometheus_client
 

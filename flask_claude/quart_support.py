@@ -15,33 +15,17 @@ the JSON error with ``X-Claude-Degraded``).
 
 from __future__ import annotations
 
-import sys
-from types import ModuleType
 from typing import Any
 
+from .context import current_scope
+from .degrade import decorate, public_body, record_degradation
 from .errors import ClaudeGuardError
-
-
-def quart_globals() -> ModuleType | None:
-    """The ``quart`` module when the current code runs inside a Quart app context, else None."""
-    module = sys.modules.get("quart")
-    if module is None or not module.has_app_context():
-        return None
-    return module
-
-
-def is_quart_app(app: Any) -> bool:
-    module = sys.modules.get("quart")
-    return module is not None and isinstance(app, module.Quart)
+from .state import state_for
 
 
 async def handle_guard_error(exc: ClaudeGuardError) -> Any:
     """Quart's version of ``degrade.handle_guard_error``: the same body, headers, log line and signal."""
-    import quart
-
-    from .context import current_scope
-    from .degrade import decorate, public_body, record_degradation
-    from .extension import state_for
+    import quart  # only ever called inside a Quart app, so installed
 
     state = state_for(required=False)  # finds the Quart app through its own globals
     status = state.settings.degraded_status if state is not None and exc.status == 503 else exc.status

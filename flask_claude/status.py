@@ -16,6 +16,11 @@ from zoneinfo import ZoneInfo
 
 from flask import Flask
 
+from .budget import period_bounds
+from .decorators import _SPEC_ATTR
+from .storage import StorageUnavailable
+from .summary import ops_summary
+
 if TYPE_CHECKING:
     from .decorators import ViewSpec
     from .extension import ClaudeState
@@ -23,8 +28,6 @@ if TYPE_CHECKING:
 
 def _specs(view: Any) -> Iterator[ViewSpec]:
     """The specs on a view: the function itself (or what it wraps) and a class-based view's methods."""
-    from .decorators import _SPEC_ATTR
-
     fn, depth = view, 0
     while fn is not None and depth < 32:
         spec = getattr(fn, _SPEC_ATTR, None)
@@ -76,9 +79,6 @@ def _flag(state: ClaudeState, flag: str) -> bool | None:
 
 def collect_status(state: ClaudeState, app: Flask, *, series: bool = False) -> dict[str, Any]:
     """Flags, breakers, today's budgets and the shared rollups, read from the app's provider and storage."""
-    from .budget import period_bounds
-    from .storage import StorageUnavailable
-
     settings = state.settings
     now = state.clock.time()
     uri = settings.storage_uri
@@ -118,8 +118,6 @@ def collect_status(state: ClaudeState, app: Flask, *, series: bool = False) -> d
             storage.update(ok=False, error="storage unavailable (breaker state could not be read)")
     ops: dict[str, Any] | None = None
     if storage["ok"]:
-        from .summary import ops_summary
-
         try:
             ops = ops_summary(state, now, series=series)
         except StorageUnavailable as exc:

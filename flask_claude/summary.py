@@ -6,6 +6,7 @@ disagree, and every worker and host (all reading the same storage) shows the sam
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -65,8 +66,6 @@ def _point(start: float, stats: Stats) -> dict[str, Any]:
 
 
 def _firing(states: dict[str, str]) -> list[dict[str, Any]]:
-    import json
-
     out = []
     for name, raw in sorted(states.items()):
         alert, _, feature = name.partition("|")

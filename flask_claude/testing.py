@@ -20,7 +20,7 @@ import pytest
 from loguru import logger
 
 from .events import claude_fields
-from .extension import state_for
+from .state import state_for
 
 
 class CallLog:

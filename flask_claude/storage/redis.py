@@ -76,6 +76,9 @@ class RedisStore:
         self._settle_delay = settle_delay
         self._pending: list[_Pending] = []
         self._pending_lock = threading.Lock()
+        self._landed = threading.Condition(self._pending_lock)  # no settlement in flight any more
+        self._in_flight = 0
+        self._socket_timeout = socket_timeout
         self._flush_wakeup = threading.Event()
         self._flusher: tuple[int, threading.Thread] | None = None
         _STORES.add(self)
@@ -116,6 +119,18 @@ class RedisStore:
         """``call`` (if any) in the same round trip as every settlement waiting to be written."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
+            if pending:
+                self._in_flight += 1
+        try:
+            return self._send(pending, call)
+        finally:
+            if pending:
+                with self._pending_lock:
+                    self._in_flight -= 1
+                    if not self._in_flight:
+                        self._landed.notify_all()
+
+    def _send(self, pending: list[_Pending], call: Call | None) -> Any:
         calls: list[Call] = [(self._settle, p.keys, p.args) for p in pending]
         if call is not None:
             calls.append(call)
@@ -143,11 +158,14 @@ class RedisStore:
         return reply
 
     def flush(self) -> None:
-        """Write every settlement still waiting (exit, a status read, or a test that looks at Redis)."""
+        """Write every settlement still waiting (exit, a status read, or a test that looks at Redis),
+        and wait (a bounded while) for those another thread of this process is sending right now."""
         try:
             self._run_with_pending(None)
         except StorageUnavailable:
             pass  # each one's ``done`` was told
+        with self._pending_lock:
+            self._landed.wait_for(lambda: not self._in_flight, timeout=2 * self._socket_timeout + 1)
 
     def _flush_soon(self) -> None:
         """A flusher thread per process (a forked worker starts its own) for quiet moments; it ends
