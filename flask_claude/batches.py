@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from .budget import MICRO, Reservation
+from .budget import Reservation
 from .calls import Call
 from .context import clamp_max_tokens, current_scope, max_tokens_cap
 from .errors import ConfigError
 from .rollups import call_fields
-from .storage import Line, StorageUnavailable
+from .storage import MICRO, Line, StorageUnavailable
 from .tokens import upper_bound_tokens
 
 if TYPE_CHECKING:

@@ -14,29 +14,27 @@ import itertools
 import math
 import os
 import random
-import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from limits import RateLimitItem
-
 from . import downgrade
+from .before_view import BeforeView
 from .context import CallScope
-from .errors import BudgetExceeded, ClaudeGuardError, LimitExceeded
+from .errors import BudgetExceeded, LimitExceeded, StorageDown
 from .events import hash_text
 from .flags import UserContext
 from .hygiene import has_cache_control
+from .kept_spend import KeptSpend
+from .periods import PeriodCache, granularity, period_bounds  # noqa: F401  (period_bounds: re-exported)
 from .signals import budget_alert
-from .storage import Begin, Crossed, Line, Outcome, StorageUnavailable, Store
+from .storage import MICRO, Admission, Begin, Crossed, Line, Outcome, StorageUnavailable, Store
 from .tokens import upper_bound_tokens
 
 if TYPE_CHECKING:
     from .decorators import BudgetOptions
     from .extension import ClaudeState
 
-MICRO = 1_000_000  # USD are counted in integer micro-dollars
 
 _ids = itertools.count()
 _ID_PREFIX = os.urandom(4).hex()
@@ -45,35 +43,6 @@ _ID_PREFIX = os.urandom(4).hex()
 def _new_id() -> str:
     """Unique across workers (the pid) and cheap: ``uuid4`` costs a syscall per call."""
     return f"{_ID_PREFIX}{os.getpid():x}-{next(_ids):x}"
-
-
-class StorageDown(ClaudeGuardError):
-    status = 503
-    reason = "storage_unavailable"
-    public_message = "This AI feature is temporarily unavailable."
-
-
-def period_bounds(granularity: str, multiples: int, now: float, tz: ZoneInfo) -> tuple[str, float]:
-    """The calendar period containing ``now``: an id for keys and the moment it ends."""
-    local = datetime.fromtimestamp(now, tz)
-    if granularity in ("day", "month", "year") and multiples == 1:
-        if granularity == "day":
-            start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-            end = start + timedelta(days=1)
-            return start.strftime("%Y-%m-%d"), end.timestamp()
-        if granularity == "month":
-            start = local.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-            end = (start + timedelta(days=32)).replace(day=1)
-            return start.strftime("%Y-%m"), end.timestamp()
-        start = local.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
-        return start.strftime("%Y"), start.replace(year=start.year + 1).timestamp()
-    # Sub-day periods (and "2 days") are aligned to the clock in the configured zone.
-    seconds = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": 86400 * 31,
-               "year": 86400 * 366}[granularity] * multiples
-    utc_offset = local.utcoffset()
-    offset = utc_offset.total_seconds() if utc_offset is not None else 0.0
-    index = math.floor((now + offset) / seconds)
-    return f"{granularity[0]}{multiples}:{index}", (index + 1) * seconds - offset
 
 
 @dataclass
@@ -91,56 +60,19 @@ class Reservation:
         return (self.rid, *self.topups)
 
 
-@dataclass
-class PreHold:
-    """The first call's hold, taken with the admission before the view (one round trip for both)."""
-
-    reservation: Reservation
-    breakers: dict[str, float | None] | None
-    usd_micro: int
-    tokens: int
-
-
-MAX_KEPT_BUDGETS = 10_000  # budget keys whose outage-time spend a process keeps for later
-
-
-@dataclass
-class _Kept:
-    line: Line
-    usd: bool
-    app_wide: bool
-    amount: int = 0
-
-
-def _granularity(item: RateLimitItem) -> str:
-    return str(item.GRANULARITY.name)
-
-
-class Budgets:
+class Budgets(BeforeView):
     """One app's limits and budgets on its store (memory or Redis)."""
 
     def __init__(self, state: ClaudeState, store: Store) -> None:
         self.state = state
         self.store = store
         self.settings = state.settings
-        self.tz = ZoneInfo(self.settings.budget_timezone)
-        self._kept: dict[str, _Kept] = {}  # budget key -> spend settled while storage was down
-        self._kept_lock = threading.Lock()
-        self._lost = 0  # micro-dollars past MAX_KEPT_BUDGETS, reported when storage is back
-        self._periods: dict[tuple[str, int], tuple[str, float, float]] = {}
+        self.periods = PeriodCache(ZoneInfo(self.settings.budget_timezone))
+        self.kept = KeptSpend()  # spend settled while storage was down, replayed when it is back
         # feature -> (largest system/tools token bound, any cache_control, largest max_tokens) of its calls
         self._overheads: dict[str, tuple[int, bool, int]] = {}
 
     # --- keys -----------------------------------------------------------------------------
-
-    def _period(self, granularity: str, multiples: int, now: float) -> tuple[str, float]:
-        """``period_bounds``, computed once per period: it sits on every call's path."""
-        cached = self._periods.get((granularity, multiples))
-        if cached is not None and cached[2] <= now < cached[1]:
-            return cached[0], cached[1]
-        pid, end = period_bounds(granularity, multiples, now, self.tz)
-        self._periods[(granularity, multiples)] = (pid, end, now)
-        return pid, end
 
     def _subject(self, scope: CallScope, options: BudgetOptions | None) -> str:
         per = options.per if options is not None else "user"
@@ -190,15 +122,15 @@ class Budgets:
         if options is not None:
             subject = self._subject(scope, options)
             for item in options.tokens:
-                pid, end = self._period(_granularity(item), item.multiples, now)
+                pid, end = self.periods.bounds(granularity(item), item.multiples, now)
                 lines.append(Line(f"tok:{feature}:{subject}:{item}:{pid}", item.amount, 0, end,
                                   name=f"{subject} tokens {item}"))
             for amount, period in options.usd:
-                pid, end = self._period(period, 1, now)
+                pid, end = self.periods.bounds(period, 1, now)
                 usd_idx.append(len(lines))
                 lines.append(Line(f"usd:{feature}:{subject}:{period}:{pid}", round(amount * MICRO), 0, end,
                                   name=f"{subject} usd {amount}/{period}"))
-        pid, end = self._period("day", 1, now)
+        pid, end = self.periods.bounds("day", 1, now)
         feature_limit = self.settings.feature_budgets_usd.get(scope.feature or "")
         if feature_limit is not None:
             usd_idx.append(len(lines))
@@ -229,10 +161,10 @@ class Budgets:
         requests: list[Line] = []
         if options is not None and options.requests:
             subject = self._subject(scope, options)
-            requests = [Line(f"req:{scope.feature or '-'}:{subject}:{item}", item.amount, 1,
-                             float(item.get_expiry()), name=str(item)) for item in options.requests]
+            requests = [Line(f"req:{scope.feature or '-'}:{subject}:{item}", item.amount, 1, name=str(item),
+                             window=float(item.get_expiry())) for item in options.requests]
         gates = [lines[i] for i in sorted(app_wide)]
-        scope.admission = (gates, requests) if gates or requests else None
+        scope.admission = Admission(gates, requests) if gates or requests else None
 
     def finish_admission(self, scope: CallScope) -> None:
         """A view that made no Claude call is still counted against (and refused by) its limits."""
@@ -263,94 +195,8 @@ class Budgets:
         if pre is None:
             return self.reserve_worst(scope, usd_micro, tokens, hold_seconds=hold_seconds, breakers=tuple(chain),
                                       wait=wait, step_down=step_down)
-        if pre.reservation.downgraded_to and step_down is not None:
-            usd_micro = math.ceil(step_down.usd * MICRO)  # the admission already stepped down
-        if usd_micro <= pre.usd_micro and tokens <= pre.tokens:
-            return pre.reservation, pre.breakers
-        # The call needs more than the admission held: hold the difference, settle both as one.
-        try:
-            extra, _ = self.reserve_worst(scope, max(0, usd_micro - pre.usd_micro), max(0, tokens - pre.tokens),
-                                          hold_seconds=hold_seconds, wait=wait)
-        except ClaudeGuardError:
-            self.settle(pre.reservation, 0.0, 0)  # refused: give the admission's hold back too
-            raise
-        held = pre.reservation
-        if extra is None:  # storage down under the "open" policy: the admission's hold still stands
-            return held, pre.breakers
-        lines = [Line(h.key, h.limit, h.amount + e.amount, h.expires_at, h.name)
-                 for h, e in zip(held.lines, extra.lines, strict=True)]
-        return Reservation(held.rid, lines, held.usd_lines, held.app_wide, (*held.topups, extra.rid)), pre.breakers
-
-    # --- refusal before the view ------------------------------------------------------------
-
-    def admit_before_view(self, scope: CallScope) -> None:
-        """Check the request's limits before the view runs, so a refused request has no side effect.
-
-        When the feature bounds its input (``max_input_chars`` / ``max_input_tokens``) the first
-        call's worst case is nearly known here, so its hold is taken in the same round trip as the
-        admission and the call itself needs none (``begin`` tops it up if the call turns out larger).
-        The hold is sized from what the feature's earlier calls in this process added to the input
-        (system prompt, tools, ``max_tokens``); a budget without room for it refuses the request here,
-        before the view. Before the feature's first call is seen, the guess (the ``max_tokens`` cap)
-        may be far above the real call, so then a budget without room only skips the hold.
-        """
-        bound = self._input_bound(scope)
-        lines = self._templates(scope, scope.budgets, self.state.clock.time())[0] if bound is not None else []
-        if bound is None or not lines:
-            self.finish_admission(scope)
-            return
-        settings = self.settings
-        configured = scope.models or settings.models
-        chain = list(dict.fromkeys([scope.first_model or configured[0], *configured]))
-        cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
-        learned = self._overheads.get(scope.feature or "")
-        overhead, cached, seen_max = learned or (0, settings.auto_cache, cap)
-        max_tokens = min(cap, seen_max)
-        tokens = bound + overhead + max_tokens
-        try:
-            worst = self.state.prices.worst_case_usd(chain, bound + overhead, max_tokens, cache_write=cached)
-        except ClaudeGuardError:  # an unpriced model: the call will be refused with its own message
-            self.finish_admission(scope)
-            return
-        usd_micro = math.ceil(worst * MICRO)
-        step_down = downgrade.plan(self.state.prices, chain, scope.downgrade_at, bound + overhead, max_tokens,
-                                   cached=cached)
-        reservation, breakers = self.reserve_worst(scope, usd_micro, tokens, hold_seconds=settings.deadline + 60.0,
-                                                   breakers=tuple(chain), optional=learned is None,
-                                                   step_down=step_down)
-        if reservation is not None:
-            held_usd = math.ceil(step_down.usd * MICRO) if reservation.downgraded_to and step_down else usd_micro
-            scope.memo["prehold"] = PreHold(reservation, breakers, held_usd, tokens)
-
-    def release_unused(self, scope: CallScope) -> None:
-        """Give back a hold taken before the view that no call used (the view made no call, or failed)."""
-        pre: PreHold | None = scope.memo.pop("prehold", None)
-        if pre is not None:
-            self.settle(pre.reservation, 0.0, 0)
-
-    def _input_bound(self, scope: CallScope) -> int | None:
-        """An upper bound of the tokens of what callers send, from the feature's declared input caps."""
-        bounds = []
-        if scope.max_input_chars is not None:
-            bounds.append(2 * scope.max_input_chars)  # upper_bound_tokens: at most 2 tokens per character
-        if scope.max_input_tokens is not None:
-            bounds.append(6 * scope.max_input_tokens)  # the cap's estimate is 3 chars a token, the bound 2 a char
-        if not bounds:
-            return None
-        turns = scope.max_history_turns or 8
-        return min(bounds) + 16 + 16 * turns
-
-    def _learn_overhead(self, scope: CallScope, params: Any, input_bound: int, cached: bool, max_tokens: int) -> None:
-        """What a feature's calls add to the user's input (system prompt, tools), whether they mark
-        ``cache_control`` and the largest ``max_tokens`` they ask: the next admission's hold is sized
-        from these, so a feature's hold matches its calls after the first one."""
-        if scope.feature is None or (scope.max_input_chars is None and scope.max_input_tokens is None):
-            return
-        user_part = upper_bound_tokens({"messages": params.get("messages") or ()})
-        known = self._overheads.get(scope.feature, (0, False, 0))
-        learned = (max(known[0], input_bound - user_part), known[1] or cached, max(known[2], max_tokens))
-        if learned != known:
-            self._overheads[scope.feature] = learned
+        return self.use_prehold(scope, pre, usd_micro, tokens, hold_seconds=hold_seconds, wait=wait,
+                                step_down=step_down)
 
     def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *, hold_seconds: float,
                       breakers: tuple[str, ...] = (), optional: bool = False, wait: bool = True,
@@ -395,7 +241,8 @@ class Budgets:
         can look full while most of it is still unspent: such a refusal is "busy", not "exhausted",
         and is retried for up to ``CLAUDE_BUDGET_WAIT`` seconds before the caller is told to retry.
         """
-        gates, requests = scope.admission or ([], [])
+        admission = scope.admission or Admission()
+        gates, requests = admission.gates, admission.requests
         clock = self.state.clock
         waited_until = clock.monotonic() + (self.settings.budget_wait if wait else 0.0)
         pause = 0.02
@@ -425,7 +272,7 @@ class Budgets:
             tightest = min(range(len(requests)), key=lambda i: result.remaining[i])
             scope.rate_headers = {"RateLimit-Limit": str(requests[tightest].limit),
                                   "RateLimit-Remaining": str(result.remaining[tightest]),
-                                  "RateLimit-Reset": str(math.ceil(requests[tightest].expires_at))}
+                                  "RateLimit-Reset": str(math.ceil(requests[tightest].window))}
         return result.breakers
 
     def _refuse(self, result: Outcome, gates: list[Line], requests: list[Line], holds: list[Line],
@@ -487,48 +334,17 @@ class Budgets:
     # --- spend made while storage was down --------------------------------------------------
 
     def _keep(self, lines: list[Line], reservation: Reservation) -> None:
-        """Add a settlement that storage could not take to the spend kept in this process.
-
-        Kept per budget key, so it stays as small as the budgets touched during the outage; past
-        ``MAX_KEPT_BUDGETS`` keys the rest is counted as lost and said so when storage is back.
-        """
-        with self._kept_lock:
-            for i, line in enumerate(lines):
-                kept = self._kept.get(line.key)
-                if kept is None:
-                    if len(self._kept) >= MAX_KEPT_BUDGETS:
-                        self._lost += line.amount if i in reservation.usd_lines else 0
-                        continue
-                    self._kept[line.key] = kept = _Kept(line, i in reservation.usd_lines,
-                                                        i in reservation.app_wide)
-                kept.amount += line.amount
+        self.kept.keep(lines, reservation.usd_lines, reservation.app_wide)
 
     def _replay_if_back(self) -> None:
         """Storage answers again: add what was spent meanwhile, so an outage is not free money."""
-        if not self._kept or not getattr(self.store, "healthy", True):
+        if not self.kept or not getattr(self.store, "healthy", True):
             return
-        with self._kept_lock:
-            kept, self._kept = self._kept, {}
-            lost, self._lost = self._lost, 0
-        now = self.state.clock.time()
-        live = [k for k in kept.values() if k.line.expires_at > now]  # an ended period enforces nothing
-        lines = [Line(k.line.key, k.line.limit, k.amount, k.line.expires_at, k.line.name) for k in live]
-        try:
-            crossed = self.store.settle(lines, (), self.settings.budget_alerts, now) if lines else []
-        except StorageUnavailable:
-            with self._kept_lock:  # down again: keep it all for the next time
-                for key, k in kept.items():
-                    self._kept.setdefault(key, _Kept(k.line, k.usd, k.app_wide)).amount += k.amount
-                self._lost += lost
-            return
-        # every call adds its cost to each of its USD budgets: the largest is the outage's spend
-        # when an app-wide budget is set (all calls touch it)
-        fields = {"budgets": len(lines), "usd": round(max([k.amount for k in live if k.usd], default=0) / MICRO, 6),
-                  "lost_usd": round(lost / MICRO, 6)}
-        self.state.events.emit("spend_replayed", fields, level="WARNING")
-        replay = Reservation("", lines, [i for i, k in enumerate(live) if k.usd],
-                             [i for i, k in enumerate(live) if k.app_wide])
-        self._raise_alerts(crossed, lines, replay)
+        replayed = self.kept.replay(self.store, self.settings.budget_alerts, self.state.clock.time())
+        if replayed is not None:
+            fields, crossed, lines, usd_lines, app_wide = replayed
+            self.state.events.emit("spend_replayed", fields, level="WARNING")
+            self._raise_alerts(crossed, lines, Reservation("", lines, usd_lines, app_wide))
 
     def _alert(self, line: Line, threshold: float, spent: int, unit_usd: bool) -> None:
         """Log, signal and call the hook: once per threshold, app-wide budget and period, across all workers.

@@ -14,6 +14,7 @@ from flask import g, has_app_context, has_request_context, request
 
 from .errors import InvalidRequest
 from .state import quart_globals
+from .storage import Admission
 
 
 @dataclass
@@ -34,7 +35,7 @@ class CallScope:
     validate: Any = None
     budgets: Any = None
     calls: int = 0
-    admission: Any = None  # (app-wide budgets, request limits) still to check: see Budgets.admit
+    admission: Admission | None = None  # what the request's first storage step still has to check
     rate_headers: dict[str, str] = field(default_factory=dict)
     memo: dict[str, Any] = field(default_factory=dict)
     ai_config: Any = None  # the request's LaunchDarkly AI Config (aiconfig.FeatureAIConfig), if the feature has one

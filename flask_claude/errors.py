@@ -110,3 +110,11 @@ class InvalidRequest(ClaudeGuardError):
     status = 400
     reason = "invalid_request"
     public_message = "The request contains text or values that cannot be processed."
+
+
+class StorageDown(ClaudeGuardError):
+    """The shared storage is down and ``CLAUDE_STORAGE_FAILURE="closed"``: AI routes degrade."""
+
+    status = 503
+    reason = "storage_unavailable"
+    public_message = "This AI feature is temporarily unavailable."

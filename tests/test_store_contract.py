@@ -185,7 +185,7 @@ def test_holds_lapse_and_periods_end(make: Callable[[], Store]) -> None:
 
 def test_request_windows_slide(make: Callable[[], Store]) -> None:
     store = make()
-    window = Line("req", 2, 1, 60.0)
+    window = Line("req", 2, 1, window=60.0)
     for i, t in enumerate((NOW, NOW + 10)):
         assert store.begin(Begin(requests=[window], member=f"m{i}"), t).ok
     refused = store.begin(Begin(requests=[window], member="m2"), NOW + 20)

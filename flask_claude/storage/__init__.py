@@ -30,6 +30,8 @@ from .memory import MemoryStore
 from .records import (
     BREAKER_BUCKETS,
     KILL_SHARE,
+    MICRO,
+    Admission,
     Begin,
     BreakerParams,
     Crossed,
@@ -41,9 +43,9 @@ from .records import (
 )
 from .redis import RedisStore, flush_all
 
-__all__ = ["BREAKER_BUCKETS", "KILL_SHARE", "Begin", "BreakerParams", "Crossed", "Line", "MemoryStore",
-           "OutageGuard", "Outcome", "RedisStore", "SettleDone", "StorageUnavailable", "Store", "flush_all",
-           "make_store"]
+__all__ = ["BREAKER_BUCKETS", "KILL_SHARE", "MICRO", "Admission", "Begin", "BreakerParams", "Crossed", "Line",
+           "MemoryStore", "OutageGuard", "Outcome", "RedisStore", "SettleDone", "StorageUnavailable", "Store",
+           "flush_all", "make_store"]
 
 
 def make_store(uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05) -> Store:

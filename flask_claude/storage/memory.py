@@ -144,11 +144,11 @@ class MemoryStore:
                     return Outcome(False, "gate", i, retry_after=max(0.0, line.expires_at - now))
             remaining = []
             for i, line in enumerate(step.requests):
-                hits = self._window(line.key, line.expires_at)
-                while hits and hits[0] <= now - line.expires_at:
+                hits = self._window(line.key, line.window)
+                while hits and hits[0] <= now - line.window:
                     hits.popleft()
                 if len(hits) + 1 > line.limit:
-                    return Outcome(False, "request", i, retry_after=max(0.0, hits[0] + line.expires_at - now))
+                    return Outcome(False, "request", i, retry_after=max(0.0, hits[0] + line.window - now))
                 remaining.append(line.limit - len(hits) - 1)
             budgets = [self._budget(line.key, line.expires_at, now) for line in step.holds]
             amounts = [line.amount for line in step.holds]

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+MICRO = 1_000_000  # USD are counted in integer micro-dollars: concurrent increments never round
 BREAKER_BUCKETS = 10  # the failure window is counted in this many time buckets: O(1) per record
 # A refused call marks its budget exhausted (the automatic kill switch) only if its worst case is a
 # typical share of the budget: one oversized request must not switch a feature off for everyone.
@@ -18,13 +19,23 @@ KILL_SHARE = 0.25
 
 @dataclass(frozen=True)
 class Line:
-    """One counter a step touches: a request limit (sliding window) or a budget (calendar period)."""
+    """One counter a step touches: a budget (a calendar period) or a request limit (a sliding window)."""
 
     key: str
     limit: int
     amount: int
-    expires_at: float  # budgets: end of the period; request limits: the window length in seconds
+    expires_at: float = 0.0  # budgets: the end of the period (0 for a request limit)
     name: str = ""
+    window: float = 0.0  # request limits: the sliding window's length in seconds (0 for a budget)
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a request's admission still has to check: the app-wide budgets' kill state and its
+    request limits (``Budgets.admit`` builds it; the first storage step of the request takes it)."""
+
+    gates: list[Line] = field(default_factory=list)
+    requests: list[Line] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

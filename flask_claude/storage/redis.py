@@ -198,7 +198,7 @@ class RedisStore:
         for line in step.gates:
             args += [line.limit, repr(line.expires_at)]
         for line in step.requests:
-            args += [line.limit, repr(line.expires_at)]
+            args += [line.limit, repr(line.window)]
         alt = step.alt_amounts if step.downgrade_line >= 0 else [line.amount for line in step.holds]
         for line, alt_amount in zip(step.holds, alt, strict=True):
             args += [line.limit, line.amount, alt_amount, repr(line.expires_at)]
