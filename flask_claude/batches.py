@@ -77,6 +77,7 @@ class GuardedBatches:
             raise
         record = {"state": "pending", "feature": scope.feature, "route": scope.route,
                   "user": state.events.user(scope.user), "submitted_at": state.clock.time(),
+                  "models": sorted({p["params"]["model"] for p in prepared}),
                   "reservation": asdict(reservation) if reservation is not None else None}
         self._put(batch.id, record)
         state.events.emit("batch_submitted", {"batch_id": batch.id, "feature": scope.feature, "route": scope.route,
@@ -118,14 +119,11 @@ class GuardedBatches:
                 total_tokens += (cost.input_tokens + cost.output_tokens + cost.cache_read_input_tokens
                                  + cost.cache_creation_input_tokens)
                 state.events.emit("claude_api_call", {
-                    "request_id": None, "feature": feature, "route": route, "user": user,
-                    "model": message.model, "requested_model": message.model, "fallback_from": None,
+                    **_line(feature, route, user, message.model, batch_id, item.custom_id),
                     "input_tokens": cost.input_tokens, "output_tokens": cost.output_tokens,
                     "cache_read_input_tokens": cost.cache_read_input_tokens,
                     "cache_creation_input_tokens": cost.cache_creation_input_tokens,
-                    "latency_ms": None, "retries": 0, "stop_reason": message.stop_reason,
-                    "cost_usd": round(cost.usd, 8), "system_prompt_hash": None,
-                    "batch_id": batch_id, "custom_id": item.custom_id})
+                    "stop_reason": message.stop_reason, "cost_usd": round(cost.usd, 8)})
                 rollup.update(call_fields(
                     feature=feature, model=message.model, error_type=None, fallback=False, retries=0,
                     input_tokens=cost.input_tokens, output_tokens=cost.output_tokens,
@@ -133,8 +131,8 @@ class GuardedBatches:
                     cost_usd=cost.usd, latency_s=None))
             elif counted:
                 state.events.emit("claude_api_error", {
-                    "feature": feature, "route": route, "batch_id": batch_id, "custom_id": item.custom_id,
-                    "error_type": f"batch_{result.type}", "status_code": None, "cost_usd": 0.0})
+                    **_line(feature, route, user, _only_model(record), batch_id, item.custom_id),
+                    "error_type": f"batch_{result.type}", "status_code": None})
                 rollup.update(call_fields(
                     feature=feature, model=None, error_type=f"batch_{result.type}", fallback=False, retries=0,
                     input_tokens=0, output_tokens=0, cache_read=0, cache_creation=0, cost_usd=0.0, latency_s=None))
@@ -187,3 +185,20 @@ class GuardedBatches:
             return self._messages._run_chain(call, lambda _model, timeout: send(timeout))
         except BaseException as exc:
             raise self._messages._as_guard_error(call, exc) from None
+
+
+def _line(feature: str | None, route: str | None, user: str | None, model: str | None, batch_id: str,
+          custom_id: str) -> dict[str, Any]:
+    """A batch result's log line has every field a call's line has (events.CALL_FIELDS), so one jq
+    or one dashboard reads both; what a batch cannot know (latency, request id) is null."""
+    return {"request_id": None, "feature": feature, "route": route, "user": user, "model": model,
+            "requested_model": model, "fallback_from": None, "input_tokens": 0, "output_tokens": 0,
+            "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "latency_ms": None, "retries": 0,
+            "stop_reason": None, "cost_usd": 0.0, "system_prompt_hash": None, "batch_id": batch_id,
+            "custom_id": custom_id}
+
+
+def _only_model(record: dict[str, Any] | None) -> str | None:
+    """The model of a failed batch request: known when the whole batch asked one model."""
+    models = (record or {}).get("models") or []
+    return str(models[0]) if len(models) == 1 else None

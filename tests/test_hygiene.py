@@ -249,3 +249,26 @@ def test_batch_cli_submit_status_results(make_app, tmp_path: Any) -> None:
     bad.write_text('{"custom_id": "x"}\n')
     refused = runner.invoke(args=["claude", "batch", "submit", str(bad)])
     assert refused.exit_code != 0 and "line 1" in refused.output
+
+
+def test_a_batch_error_line_has_the_fields_of_a_call_error_line(make_app, sim: Simulator,
+                                                                 claude_log: CallLog) -> None:
+    """One jq, one dashboard for both: a failed batch request is logged with user and model too."""
+    from flask_claude.events import CALL_FIELDS
+
+    app = make_app()
+    requests = [{"custom_id": "ok", "params": {"model": "claude-sonnet-4-6", "max_tokens": 20,
+                                               "messages": [{"role": "user", "content": "hi"}]}},
+                {"custom_id": "bad", "params": {"model": "claude-sonnet-4-6", "max_tokens": 20, "messages": []}}]
+    with app.app_context():
+        batches = app.extensions["claude"].messages.batches
+        batch = batches.create(requests=requests)
+        while batches.retrieve(batch.id).processing_status != "ended":
+            pass
+        results = {r.custom_id: r.result.type for r in batches.results(batch.id)}
+    assert results == {"ok": "succeeded", "bad": "errored"}
+    [error] = [e for e in claude_log.events("claude_api_error") if e.get("batch_id") == batch.id]
+    [call] = [e for e in claude_log.events("claude_api_call") if e.get("batch_id") == batch.id]
+    assert set(CALL_FIELDS) <= set(error) and set(CALL_FIELDS) <= set(call)
+    assert error["error_type"] == "batch_errored" and error["model"] == "claude-sonnet-4-6"
+    assert error["user"] == call["user"] and error["cost_usd"] == 0.0
