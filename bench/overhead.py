@@ -57,8 +57,6 @@ COUNT_N = int(os.environ.get("BENCH_COUNT_N", "200"))
 MODEL = "claude-sonnet-4-6"
 PROMPT = "Summarize: the quarterly report shows steady growth in every region."
 
-claude = Claude()
-
 
 def raw_view_factory(client: anthropic.Anthropic) -> Callable[[], Any]:
     def ask() -> Any:
@@ -89,7 +87,9 @@ def app_d(sim: Simulator, storage_uri: str, name: str) -> Flask:
     return app
 
 
-def app_guarded(storage_uri: str, log_path: str, name: str) -> Flask:
+def app_guarded(storage_uri: str, log_path: str, name: str, *, admission: str = "before_view",
+                feature: dict[str, Any] | None = None) -> Flask:
+    """The guarded route; by default its feature bounds its input, so the hold rides on the admission."""
     app = Flask(name)
     app.config.update(
         CLAUDE_SIMULATE=True,
@@ -97,11 +97,14 @@ def app_guarded(storage_uri: str, log_path: str, name: str) -> Flask:
         CLAUDE_STORAGE_URI=storage_uri,
         CLAUDE_DAILY_BUDGET_USD=1_000_000,
         CLAUDE_LOG_PATH=log_path,
+        CLAUDE_ADMISSION=admission,
+        CLAUDE_STORAGE_PREFIX=name,
     )
+    claude = Claude()  # one per app: the round-trip benchmark builds several side by side
     claude.init_app(app)
 
     @app.post("/ask")
-    @ai_feature("ask", max_tokens=64, max_input_chars=4000)  # an input bound: the hold rides on the admission
+    @ai_feature("ask", max_tokens=64, **({"max_input_chars": 4000} if feature is None else feature))
     @budgeted(requests="1000000/minute", tokens="1000000000/day", usd="1000000/day")
     @fallback_to({"text": None, "notice": "paused"}, status=503)
     def ask() -> Any:

@@ -26,11 +26,10 @@ from collections import Counter
 from typing import Any
 
 from _common import RedisServer, diff_stats, machine_description, percentile, table
-from flask import Flask, request
+from flask import Flask
 from loguru import logger
-from overhead import Caller, RoundTrips, app_a
+from overhead import Caller, RoundTrips, app_a, app_guarded
 
-from flask_claude import Claude, ai_feature, budgeted, fallback_to
 from flask_claude.simulator import Simulator
 
 MODEL = "claude-sonnet-4-6"
@@ -45,26 +44,6 @@ MODES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def guarded_app(storage_uri: str, log_path: str, name: str, admission: str, feature: dict[str, Any]) -> Flask:
-    claude = Claude()
-    app = Flask(name)
-    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MODELS=[MODEL, "claude-haiku-4-5"], CLAUDE_STORAGE_URI=storage_uri,
-                      CLAUDE_DAILY_BUDGET_USD=1_000_000, CLAUDE_LOG_PATH=log_path, CLAUDE_ADMISSION=admission,
-                      CLAUDE_STORAGE_PREFIX=name)
-    claude.init_app(app)
-
-    @app.post("/ask")
-    @ai_feature("ask", max_tokens=64, **feature)
-    @budgeted(requests="1000000/minute", tokens="1000000000/day", usd="1000000/day")
-    @fallback_to({"text": None, "notice": "paused"}, status=503)
-    def ask() -> Any:
-        msg = claude.messages.create(model=MODEL, max_tokens=64,
-                                     messages=[{"role": "user", "content": request.json["text"]}])
-        return {"text": msg.content[0].text}
-
-    return app
-
-
 def main() -> None:
     logger.remove()
     log_path = os.path.join(tempfile.mkdtemp(prefix="bench-trips-"), "claude.jsonl")
@@ -76,7 +55,7 @@ def main() -> None:
 
 
 def run(server: RedisServer, log_path: str) -> None:
-    apps = {label: guarded_app(server.url, log_path, f"bench_{i}", admission, feature)
+    apps = {label: app_guarded(server.url, log_path, f"bench_{i}", admission=admission, feature=feature)
             for i, (label, (admission, feature)) in enumerate(MODES.items())}
     callers = {label: Caller(app) for label, app in apps.items()}
     bare = Caller(app_a(Simulator()))
