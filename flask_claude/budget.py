@@ -272,7 +272,7 @@ class Budgets(BeforeView):
             tightest = min(range(len(requests)), key=lambda i: result.remaining[i])
             scope.rate_headers = {"RateLimit-Limit": str(requests[tightest].limit),
                                   "RateLimit-Remaining": str(result.remaining[tightest]),
-                                  "RateLimit-Reset": str(math.ceil(requests[tightest].window))}
+                                  "RateLimit-Reset": str(math.ceil(result.resets[tightest]))}
         return result.breakers
 
     def _refuse(self, result: Outcome, gates: list[Line], requests: list[Line], holds: list[Line],

@@ -543,3 +543,17 @@ def test_a_hung_redis_costs_one_timeout_per_episode_and_its_spend_is_replayed(si
         assert usage["global daily budget"] == pytest.approx(claude_log.spend_usd(), abs=1e-5 * 40)
     finally:
         server.stop()
+
+
+def test_ratelimit_reset_is_the_time_until_a_slot_frees(storage_uri: str, sim: Simulator, clock: FakeClock) -> None:
+    """``RateLimit-Reset`` on an admitted request: when its window's oldest hit leaves, not the window."""
+    app = budget_app(sim, clock, storage_uri, budget=budgeted(requests="3/minute"))
+    c = app.test_client()
+    first = c.post("/ask")
+    assert first.headers["RateLimit-Reset"] == "60" and first.headers["RateLimit-Remaining"] == "2"
+    clock.advance(20)
+    second = c.post("/ask")
+    assert second.headers["RateLimit-Reset"] == "40" and second.headers["RateLimit-Remaining"] == "1"
+    clock.advance(15)
+    third = c.post("/ask")
+    assert third.headers["RateLimit-Reset"] == "25" and third.headers["RateLimit-Remaining"] == "0"

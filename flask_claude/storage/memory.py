@@ -142,7 +142,7 @@ class MemoryStore:
                 budget = self._budget(line.key, line.expires_at, now)
                 if budget.spent >= line.limit or budget.exhausted_at_limit == line.limit:
                     return Outcome(False, "gate", i, retry_after=max(0.0, line.expires_at - now))
-            remaining = []
+            remaining, resets = [], []
             for i, line in enumerate(step.requests):
                 hits = self._window(line.key, line.window)
                 while hits and hits[0] <= now - line.window:
@@ -150,6 +150,7 @@ class MemoryStore:
                 if len(hits) + 1 > line.limit:
                     return Outcome(False, "request", i, retry_after=max(0.0, hits[0] + line.window - now))
                 remaining.append(line.limit - len(hits) - 1)
+                resets.append(max(0.0, hits[0] + line.window - now) if hits else line.window)
             budgets = [self._budget(line.key, line.expires_at, now) for line in step.holds]
             amounts = [line.amount for line in step.holds]
             downgraded, fraction = False, 0.0
@@ -181,8 +182,8 @@ class MemoryStore:
                 if held:
                     budget.holds[step.rid] = (amount, step.hold_until)
             breakers = {m: (b.open_until if (b := self._breakers.get(m)) else None) for m in step.breakers}
-            return Outcome(True, remaining=tuple(remaining), breakers=breakers, held=held, downgraded=downgraded,
-                           fraction=fraction)
+            return Outcome(True, remaining=tuple(remaining), resets=tuple(resets), breakers=breakers, held=held,
+                           downgraded=downgraded, fraction=fraction)
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,

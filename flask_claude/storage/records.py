@@ -74,6 +74,7 @@ class Outcome:
     busy: bool = False  # a hold refused only because of others' live holds: room may come back soon
     retry_after: float = 0.0
     remaining: tuple[int, ...] = ()  # per request limit, after this request
+    resets: tuple[float, ...] = ()  # per request limit: seconds until its oldest hit leaves the window
     newly_exhausted: bool = False
     spent: int = 0
     breakers: dict[str, float | None] = field(default_factory=dict)  # model -> open_until (None: closed)

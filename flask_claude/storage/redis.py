@@ -210,9 +210,10 @@ class RedisStore:
                            newly_exhausted=bool(int(res[4])), spent=int(res[5]))
         nr = len(step.requests)
         remaining = tuple(int(x) for x in res[10:10 + nr])
-        opens = res[10 + nr:]
+        resets = tuple(float(x) for x in res[10 + nr:10 + 2 * nr])
+        opens = res[10 + 2 * nr:]
         breakers = {m: (float(v) if v not in (b"", "") else None) for m, v in zip(step.breakers, opens, strict=True)}
-        return Outcome(True, remaining=remaining, breakers=breakers, held=bool(int(res[7])),
+        return Outcome(True, remaining=remaining, resets=resets, breakers=breakers, held=bool(int(res[7])),
                        downgraded=bool(int(res[8])), fraction=float(res[9]))
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,

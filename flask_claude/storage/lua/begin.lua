@@ -4,7 +4,7 @@
 -- ARGV: now, ng, nr, nh, nb, member, rid, hold_until, alert, optional_holds ('1'/'0'),
 --       downgrade_line (1-based hold, 0: none), downgrade_at,
 --       then per gate (limit, expires), per request (limit, window), per hold (limit, amount, alt_amount, expires).
--- Returns {ok, stage, failed, retry, newly, spent, busy, held, downgraded, fraction, remaining...,
+-- Returns {ok, stage, failed, retry, newly, spent, busy, held, downgraded, fraction, remaining..., reset...,
 --          open_until per breaker ('' = closed)}.
 local now = tonumber(ARGV[1])
 local ng, nr, nh, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -20,7 +20,7 @@ for i = 1, ng do
     return {0, 'gate', i - 1, tostring(math.max(0, expires - now)), 0, 0, 0}
   end
 end
-local remaining = {}
+local remaining, resets = {}, {}
 for j = 1, nr do
   local key = KEYS[ng + j]
   local limit, window = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
@@ -31,6 +31,11 @@ for j = 1, nr do
     return {0, 'request', j - 1, tostring(math.max(0, tonumber(oldest[2]) + window - now)), 0, 0, 0}
   end
   remaining[j] = limit - count - 1
+  resets[j] = window  -- until a slot frees: the oldest hit's end, or this one's when it is the first
+  if count > 0 then
+    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    resets[j] = math.max(0, tonumber(oldest[2]) + window - now)
+  end
 end
 local hold_args = a
 local held = 1
@@ -77,6 +82,7 @@ for k = 1, nh * held do
 end
 local out = {1, '', -1, '0', 0, 0, 0, held, use_alt, tostring(fraction)}
 for j = 1, nr do table.insert(out, remaining[j]) end
+for j = 1, nr do table.insert(out, tostring(resets[j])) end
 for m = 1, nb do
   table.insert(out, redis.call('HGET', KEYS[ng + nr + nh + m], 'open_until') or '')
 end
