@@ -124,7 +124,7 @@ class OutageGuard:
 
     @property
     def rollups(self) -> Any:
-        return self.inner.rollups
+        return _GuardedRollups(self, self.inner.rollups)
 
     def flush(self) -> None:
         if self._down_since is None:
@@ -151,3 +151,30 @@ class OutageGuard:
     def __getattr__(self, name: str) -> Any:
         # Backend-specific extras (the Redis client for ``flask claude status``) pass through.
         return getattr(self.inner, name)
+
+
+class _GuardedRollups:
+    """The wrapped store's rollups, read and written through the same breaker: an alert evaluation
+    or a dashboard read during an outage answers at once instead of waiting a socket timeout."""
+
+    def __init__(self, guard: OutageGuard, inner: Any) -> None:
+        self._guard = guard
+        self._inner = inner
+
+    def read(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard._call(self._inner.read, *args, **kwargs)
+
+    def transition(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard._call(self._inner.transition, *args, **kwargs)
+
+    def write(self, *args: Any, **kwargs: Any) -> Any:
+        return self._guard._call(self._inner.write, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)  # extend (no I/O), retention
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._inner, name, value)  # e.g. retention, set once at start
