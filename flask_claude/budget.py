@@ -369,7 +369,7 @@ class Budgets(BeforeView):
 
     def _guarded(self, step: Any) -> Any:
         """A storage step under ``CLAUDE_STORAGE_FAILURE``; the outage itself is logged once per
-        episode by the store's guard (``outage.py``), not here per request."""
+        episode by the store's guard (``storage/guard.py``), not here per request."""
         self._replay_if_back()
         try:
             return step()

@@ -255,7 +255,7 @@ class AsyncDeadlineTransport(httpx2.AsyncBaseTransport):
 
 
 class CircuitBreaker:
-    """Per-model breaker whose state lives in the app's store (``storage.py``).
+    """Per-model breaker whose state lives in the app's store (``storage/``).
 
     On ``memory://`` it is this process's; on Redis every worker and host skips a dead model
     together. A storage outage never blocks a call: the breaker then lets calls through.
