@@ -18,7 +18,6 @@ import os
 import re
 import sys
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -202,63 +201,38 @@ class _FileWriter:
             os.write(self._fd, data)
 
 
-_sinks: dict[str, list[int]] = {}  # destination -> [loguru handler id, number of EventLogs using it]
-_sinks_lock = threading.Lock()
+_writers: dict[str, Callable[[str], None]] = {}  # destination -> its writer, shared by every EventLog there
+_writers_lock = threading.Lock()
 
 
-_released: list[str] = []  # destinations whose EventLog was collected, handled at the next install
+def _stderr(line: str) -> None:
+    sys.stderr.write(line)
+    sys.stderr.flush()
 
 
-def _release_sink(destination: str) -> None:
-    """Called by the garbage collector, at any point of any thread: so only note it, take no lock."""
-    _released.append(destination)
+def _writer(destination: str) -> Callable[[str], None]:
+    """Our JSON line goes to its file with one ``os.write``, not through a loguru sink.
 
-
-def _drain_released() -> None:
-    """Remove handlers no app uses any more, so they do not pile up (called with ``_sinks_lock`` held)."""
-    while _released:
-        destination = _released.pop()
-        entry = _sinks.get(destination)
-        if entry is None:
-            continue
-        entry[1] -= 1
-        if entry[1] <= 0:
-            del _sinks[destination]
-            logger.remove(entry[0])
-
-
-def _install_sink(destination: str) -> None:
-    """One loguru sink per destination, shared by every app that logs there (no duplicate lines)."""
-    with _sinks_lock:
-        _drain_released()
-        if destination in _sinks:
-            _sinks[destination][1] += 1
-            return
-        write: Callable[[str], Any]
-        if destination == "-":
-            def write(line: str) -> None:
-                sys.stderr.write(line)
-                sys.stderr.flush()
-        else:
-            write = _FileWriter(destination).write
-
-        def sink(message: Any) -> None:
-            fields = message.record["extra"]["claude_sink"].fields
-            write(json.dumps(fields, default=str, ensure_ascii=False) + "\n")
-
-        def only_ours(record: Mapping[str, Any]) -> bool:
-            return record["extra"].get("claude_sink") == destination
-
-        _sinks[destination] = [logger.add(sink, level="INFO", format="{message}", filter=only_ours, catch=True), 1]
+    Measured on the request path (bench/ablate_overhead.py), a loguru sink's formatting and dispatch
+    cost more than the line itself, and a sink is a handler the library would add to the app's
+    logger. The event still reaches loguru (``EventLog.emit``), fields flat in ``extra``, for every
+    sink the app adds; with none, loguru returns at once.
+    """
+    with _writers_lock:
+        write = _writers.get(destination)
+        if write is None:
+            write = _writers[destination] = _stderr if destination == "-" else _FileWriter(destination).write
+        return write
 
 
 class _Route(str):
-    """``extra["claude_sink"]``: the destination our sink filters on, carrying the event's own fields.
+    """``extra["claude_sink"]``: marks a record as a flask-claude event (its destination), carrying the
+    event's own fields for ``claude_fields``.
 
     The fields are also bound flat in ``extra`` for the app's sinks, mixed there with whatever the app
-    bound or contextualized itself; our line must hold exactly ours, in our order, without a second
-    copy in ``extra`` that every ``serialize=True`` sink would print. As a ``str`` it serializes as
-    the destination alone.
+    bound or contextualized itself; ``claude_fields`` gives exactly ours, in our order, without a
+    second copy in ``extra`` that every ``serialize=True`` sink would print. As a ``str`` it
+    serializes as the destination alone.
     """
 
     __slots__ = ("fields",)
@@ -281,8 +255,7 @@ class EventLog:
         self.hash_users = hash_users
         self.log_content = log_content
         self.salt = salt
-        _install_sink(self.destination)
-        weakref.finalize(self, _release_sink, self.destination)
+        self._write = _writer(self.destination)
 
     def user(self, key: str | None) -> str | None:
         if key is None:
@@ -314,6 +287,10 @@ class EventLog:
             elif isinstance(value, (str, Mapping, list, tuple)):
                 value = _scrub_value(value, self.secrets)  # numbers and None need no scrubbing
             record[key] = value
+        try:
+            self._write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+        except OSError:
+            pass  # a full disk or a closed stderr must not fail the request; loguru's sinks still get it
         route = _Route(self.destination)
         route.fields = record
         # The message is the fixed event name: untrusted text is bound, never formatted.
