@@ -166,16 +166,8 @@ class FaultScript:
         with ``status_code == 200`` and never retries it: the case callers most often mishandle.
         Non-streaming requests are not affected and do not use the fault up.
         """
-        fault = Fault(
-            kind="stream_error",
-            model=model,
-            times=_check_times(times),
-            rate=_check_rate(rate),
-            error_type=error_type,
-            message=message or DEFAULT_MESSAGES.get(error_type, "Error"),
-            after_deltas=max(0, after_deltas),
-        )
-        return self._add_fault(fault)
+        return self._stream_fault("stream_error", model, after_deltas, times, rate, error_type=error_type,
+                                  message=message or DEFAULT_MESSAGES.get(error_type, "Error"))
 
     def drop_stream(
         self,
@@ -190,14 +182,7 @@ class FaultScript:
         The client sees a raw ``httpx2.RemoteProtocolError`` while reading the body, in both modes.
         Non-streaming requests are not affected and do not use the fault up.
         """
-        fault = Fault(
-            kind="drop_stream",
-            model=model,
-            times=_check_times(times),
-            rate=_check_rate(rate),
-            after_deltas=max(0, after_deltas),
-        )
-        return self._add_fault(fault)
+        return self._stream_fault("drop_stream", model, after_deltas, times, rate)
 
     def end_stream(
         self,
@@ -214,14 +199,7 @@ class FaultScript:
         checks for ``message_stop`` knows the reply is incomplete. Non-streaming requests are not
         affected and do not use the fault up.
         """
-        fault = Fault(
-            kind="end_stream",
-            model=model,
-            times=_check_times(times),
-            rate=_check_rate(rate),
-            after_deltas=max(0, after_deltas),
-        )
-        return self._add_fault(fault)
+        return self._stream_fault("end_stream", model, after_deltas, times, rate)
 
     def truncate(self, *, model: str | None = None, times: int | None = None, rate: float | None = None) -> Fault:
         """Make replies use up their whole budget: ``stop_reason`` "max_tokens" and
@@ -302,6 +280,12 @@ class FaultScript:
                 trickle_delay=trickle.trickle_delay or 0.0,
                 trickle_chunks=trickle.trickle_chunks,
             )
+
+    def _stream_fault(self, kind: FaultKind, model: str | None, after_deltas: int, times: int | None,
+                      rate: float | None, **details: Any) -> Fault:
+        """A fault of streaming replies after ``after_deltas`` text deltas (non-streaming calls pass)."""
+        return self._add_fault(Fault(kind=kind, model=model, times=_check_times(times), rate=_check_rate(rate),
+                                     after_deltas=max(0, after_deltas), **details))
 
     def _add_fault(self, fault: Fault) -> Fault:
         with self._script_lock:
