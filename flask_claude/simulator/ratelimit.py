@@ -75,7 +75,8 @@ class RateLimiter:
     def _for(self, model: str | None) -> RateLimit | None:
         exact = [x for x in self._limits if x.model is not None and x.model == model]
         anyone = [x for x in self._limits if x.model is None]
-        return (exact or anyone or [None])[0]
+        found = exact or anyone
+        return found[0] if found else None
 
     def _bucket(self, limit: RateLimit, model: str | None, name: str, now: float) -> _Bucket:
         key = (model, name)

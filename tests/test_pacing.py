@@ -1,0 +1,137 @@
+"""Pacing from the upstream's rate-limit headers and the concurrency cap, through the real SDK and the
+simulator's rate limiter (real ``anthropic-ratelimit-*`` headers, real 429s), on both stores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic
+import pytest
+
+from flask_claude import ai_feature
+from flask_claude.errors import RateLimitedUpstream
+from flask_claude.pacing import Ask, parse_headers
+from flask_claude.simulator import Simulator
+from flask_claude.storage import make_store
+from flask_claude.testing import CallLog
+
+from .conftest import FakeClock, user_msg
+
+OPUS, SONNET = "claude-opus-4-7", "claude-sonnet-4-6"
+
+
+@pytest.fixture
+def sim(clock: FakeClock) -> Simulator:
+    """The simulator on the test's clock: its buckets refill as the fake clock moves."""
+    return Simulator(clock=clock)
+
+
+def create(app: Any, **kwargs: Any) -> Any:
+    params = {"max_tokens": 100, "messages": user_msg("Summarise the plot of Hamlet.")} | kwargs
+    with app.app_context():
+        return app.extensions["claude"].messages.create(**params)
+
+
+def test_headers_parse_into_quotas(sim: Simulator, clock: FakeClock) -> None:
+    sim.rate_limit(requests=10, output_tokens=1000, window=60)
+    client = anthropic.Anthropic(api_key="k", base_url="http://sim", max_retries=0,
+                                 http_client=__import__("httpx2").Client(transport=sim.transport()))
+    raw = client.messages.with_raw_response.create(model=OPUS, max_tokens=100, messages=user_msg("hi"))
+    quotas = parse_headers(raw.headers, clock.time())
+    assert set(quotas) == {"requests", "output-tokens"}  # "tokens" is the tighter of the two, not its own
+    assert quotas["requests"].limit == 10 and quotas["requests"].remaining == 9
+    assert quotas["requests"].reset_in == pytest.approx(6.0)  # one request refills in 60/10 s
+    assert quotas["output-tokens"].remaining > 900  # pre-charged at max_tokens, the unused part given back
+
+
+def test_wait_paces_instead_of_meeting_a_429(make_app, sim: Simulator, clock: FakeClock, storage_uri: str) -> None:
+    limit = sim.rate_limit(requests=4, window=60, model=OPUS)
+    app = make_app(CLAUDE_STORAGE_URI=storage_uri, CLAUDE_PACING_WAIT=60)
+    for _ in range(6):
+        assert create(app, model=OPUS).model == OPUS
+    assert limit.limited == 0  # the upstream never had to refuse
+    assert limit.admitted == 6
+    assert clock.sleeps and all(s > 0 for s in clock.sleeps)  # the 5th and 6th waited for their turn
+
+
+def test_off_meets_the_429s(make_app, sim: Simulator, clock: FakeClock) -> None:
+    limit = sim.rate_limit(requests=4, window=60, model=OPUS)
+    app = make_app(CLAUDE_PACING="off")
+    for _ in range(6):
+        assert create(app, model=OPUS).model == OPUS  # retried after the upstream's retry-after
+    assert limit.limited >= 2
+
+
+def test_fallback_goes_to_the_next_model(make_app, sim: Simulator, clock: FakeClock, claude_log: CallLog,
+                                         storage_uri: str) -> None:
+    limit = sim.rate_limit(requests=2, window=60, model=OPUS)
+    app = make_app(CLAUDE_STORAGE_URI=storage_uri, CLAUDE_PACING="fallback")
+    models = [create(app, model=OPUS).model for _ in range(4)]
+    assert models == [OPUS, OPUS, SONNET, SONNET]
+    assert limit.limited == 0 and clock.sleeps == []
+    fallback = claude_log.events("model_fallback")[0]
+    assert fallback["reason"] == "rate_limited_upstream" and fallback["attempts"] == 0
+
+
+def test_a_wait_longer_than_allowed_degrades_with_429(make_app, sim: Simulator, clock: FakeClock,
+                                                      claude_log: CallLog) -> None:
+    limit = sim.rate_limit(requests=2, window=60)
+    app = make_app(CLAUDE_PACING_WAIT=1, CLAUDE_MODELS=[OPUS])
+
+    @app.route("/ask")
+    @ai_feature("ask")
+    def ask() -> Any:
+        return {"text": app.extensions["claude"].messages.create(
+            model=OPUS, max_tokens=50, messages=user_msg("hi")).content[0].text}
+
+    client = app.test_client()
+    assert client.get("/ask").status_code == 200
+    assert client.get("/ask").status_code == 200
+    response = client.get("/ask")
+    assert response.status_code == 429
+    assert response.headers["X-Claude-Degraded"] == "rate_limited_upstream"
+    assert int(response.headers["Retry-After"]) >= 1
+    assert limit.admitted == 2 and limit.limited == 0  # nothing was sent for the refused call
+    assert claude_log.events("claude_api_error")[-1]["error_type"] == "rate_limited_upstream"
+    with pytest.raises(RateLimitedUpstream):
+        create(app, model=OPUS)
+
+
+def test_concurrency_leases_queue_in_order_and_lapse(storage_uri: str, clock: FakeClock) -> None:
+    """A lease nobody gives back (its worker was killed) lapses; waiters are served first come first."""
+    store = make_store(storage_uri, prefix="pace-test", socket_timeout=1.0)
+    pacing = store.pacing
+
+    def ask(waiter: str) -> Ask:
+        return Ask(OPUS, waiter, {"requests": 1}, max_wait=5.0, cap=1, lease_ttl=30.0, pace=True)
+
+    now = clock.time()
+    assert pacing.admit(ask("dead-worker"), now).granted  # never released
+    first = pacing.admit(ask("a"), now)
+    second = pacing.admit(ask("b"), now + 0.1)
+    assert not first.granted and first.position == 1
+    assert not second.granted and second.position == 2
+    assert not pacing.admit(ask("b"), now + 0.5).granted  # still leased, and "a" is ahead
+    for t in range(1, 30):  # both keep asking (a waiter that stops asking leaves the queue)
+        assert not pacing.admit(ask("a"), now + t).granted and not pacing.admit(ask("b"), now + t).granted
+    later = now + 30.5  # the lease lapsed; "b" asks first but "a" came first
+    assert not pacing.admit(ask("b"), later).granted
+    assert pacing.admit(ask("a"), later).granted
+    pacing.release(OPUS, "a")
+    store.flush()
+    assert pacing.admit(ask("b"), later + 0.1).granted
+    snap = pacing.snapshot([OPUS], later + 0.2)
+    assert snap[OPUS]["leases"] == 1 and snap[OPUS]["queued"] == 0
+
+
+def test_max_concurrency_queues_calls_above_it(make_app, sim: Simulator, clock: FakeClock, storage_uri: str) -> None:
+    """A cap of 1 with a lease held elsewhere: the call waits its turn, then goes once the lease lapses."""
+    app = make_app(CLAUDE_STORAGE_URI=storage_uri, CLAUDE_MAX_CONCURRENCY={OPUS: 1}, CLAUDE_PACING="off",
+                   CLAUDE_PACING_WAIT=60, CLAUDE_DEADLINE=30)
+    state = app.extensions["claude"]
+    other = Ask(OPUS, "other-worker", {"requests": 1}, max_wait=0, cap=1, lease_ttl=3.0, pace=False)
+    assert state.store.pacing.admit(other, clock.time()).granted
+    assert create(app, model=OPUS).model == OPUS
+    assert sum(clock.sleeps) >= 3.0  # queued until the other worker's lease lapsed
+    state.store.flush()
+    assert state.store.pacing.snapshot([OPUS], clock.time()).get(OPUS, {}).get("leases", 0) == 0  # back at settle
