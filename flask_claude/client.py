@@ -267,7 +267,7 @@ class GuardedMessages:
                                  success=call.success_model, rollup=rollup)
         else:
             state.rollups.write(rollup, success=call.success_model)
-        state.pacer.done(call)
+        state.pacer.done(call, output_tokens=cost.output_tokens)
         fields = {
             "request_id": request_id,
             **base,

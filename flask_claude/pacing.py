@@ -54,12 +54,19 @@ class Quota:
     remaining: int
     reset_in: float  # seconds until the bucket is full again, on our clock
 
-    def rate(self, previous: float | None) -> float:
-        """Refill per second: what is missing over the time to full, when that says enough."""
+    def rate(self, previous: float | None, weight: float) -> tuple[float, float]:
+        """Refill per second and the estimate's weight: what is missing over the time to full.
+
+        The most precise estimate is the one with most missing (``remaining`` is floored and
+        ``reset`` may be rounded), so a new one replaces the last only when it is at least as deep.
+        Before any, the API's per-minute window.
+        """
         missing = self.limit - self.remaining - 1  # ``remaining`` is floored: up to 1 more is missing
-        if self.reset_in > 0.05 and missing >= 0.05 * self.limit:
-            return missing / self.reset_in
-        return previous if previous else self.limit / DEFAULT_WINDOW
+        if self.reset_in > 0.05 and missing >= 1 and missing >= weight:
+            return missing / self.reset_in, float(missing)
+        if previous:
+            return previous, weight
+        return self.limit / DEFAULT_WINDOW, 0.0
 
 
 def parse_headers(headers: Mapping[str, str] | Any, now: float) -> dict[str, Quota]:
@@ -120,6 +127,7 @@ class CallPacing:
     waiter: str = field(default_factory=lambda: uuid.uuid4().hex)
     need: dict[str, int] | None = None
     leases: list[str] = field(default_factory=list)  # models leased
+    debited: str | None = None  # the model whose buckets the last turn taken was debited from
     queued: dict[str, float] = field(default_factory=dict)  # model -> monotonic time it began to queue
     waited: float = 0.0
 
@@ -184,8 +192,9 @@ class Pacer:
         except StorageUnavailable:
             return GO
         if answer.granted:
-            if cap is not None:
+            if cap is not None and model not in marks.leases:
                 marks.leases.append(model)
+            marks.debited = model if ask.pace else None
             marks.queued.pop(model, None)
             marks.waited += answer.wait
             return Decision("go", answer.wait)
@@ -224,10 +233,16 @@ class Pacer:
         except StorageUnavailable:
             pass
 
-    def done(self, call: Call) -> None:
-        """The call settled: its leases go back and it leaves any queue (written behind)."""
+    def done(self, call: Call, output_tokens: int | None = None) -> None:
+        """The call settled: its leases go back, it leaves any queue, and the output tokens its reply
+        did not use go back to the model's bucket, as the upstream gives them back (written behind)."""
         marks = call.pacing
-        if marks is None or not (marks.leases or marks.queued):
+        if marks is None:
+            return
+        unused = 0
+        if output_tokens is not None and marks.debited == call.model and marks.need is not None:
+            unused = max(0, marks.need["output-tokens"] - output_tokens)
+        if not (marks.leases or marks.queued or unused):
             return
         store = self._store()
         if store is None:
@@ -235,6 +250,8 @@ class Pacer:
         from .storage import StorageUnavailable
 
         try:
+            if unused:
+                store.credit(call.model, {"output-tokens": unused, "tokens": unused})
             for model in marks.leases:
                 store.release(model, marks.waiter)
             for model in list(marks.queued):

@@ -32,6 +32,7 @@ class _Dim:
     level: float
     at: float
     rate: float
+    weight: float = 0.0  # how much was missing when the rate was estimated (Quota.rate)
 
     def now(self, now: float) -> float:
         return min(float(self.limit), self.level + self.rate * max(0.0, now - self.at))
@@ -96,13 +97,21 @@ class MemoryPacing:
             m = self._models.setdefault(model, _Model())
             for d, quota in quotas.items():
                 dim = m.dims.get(d)
-                rate = quota.rate(dim.rate if dim else None)
-                if dim is None:
-                    m.dims[d] = _Dim(quota.limit, float(quota.remaining), now, rate)
-                else:
-                    level = min(dim.now(now), float(quota.remaining))
-                    m.dims[d] = _Dim(quota.limit, level, now, rate)
+                if dim is not None and dim.limit != quota.limit:
+                    dim = None  # a new limit: what was learnt of the old one no longer holds
+                rate, weight = quota.rate(dim.rate if dim else None, dim.weight if dim else -1.0)
+                level = float(quota.remaining) if dim is None else min(dim.now(now), float(quota.remaining))
+                m.dims[d] = _Dim(quota.limit, level, now, rate, weight)
 
+    def credit(self, model: str, amounts: dict[str, int]) -> None:
+        with self._lock:
+            m = self._models.get(model)
+            if m is None:
+                return
+            for d, amount in amounts.items():
+                dim = m.dims.get(d)
+                if dim is not None:
+                    dim.level = min(float(dim.limit), dim.level + amount)
     def release(self, model: str, waiter: str) -> None:
         with self._lock:
             m = self._models.get(model)
@@ -146,6 +155,7 @@ class RedisPacing:
         client = store.client
         self._admit = client.register_script(lua("pace"))
         self._observe = client.register_script(lua("pace_observe"))
+        self._credit = client.register_script(lua("pace_credit"))
         self._release = client.register_script(
             "redis.call('ZREM', KEYS[1], ARGV[1]) redis.call('ZREM', KEYS[2], ARGV[1]) return 0")
 
@@ -168,6 +178,12 @@ class RedisPacing:
         for d, q in quotas.items():
             args += [d, q.limit, q.remaining, repr(q.reset_in)]
         self._store.later(self._observe, self._keys(model)[:1], args)
+
+    def credit(self, model: str, amounts: dict[str, int]) -> None:
+        args: list[Any] = [len(amounts)]
+        for d, amount in amounts.items():
+            args += [d, amount]
+        self._store.later(self._credit, self._keys(model)[:1], args)
 
     def release(self, model: str, waiter: str) -> None:
         keys = self._keys(model)

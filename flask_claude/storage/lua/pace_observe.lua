@@ -1,24 +1,31 @@
 -- Record what a response says is left of each dimension: a header only lowers the level (pacing.py).
 -- KEYS: pace hash.  ARGV: now, ttl_ms, default window, n, n x (dimension, limit, remaining, reset_in)
--- The refill rate is what is missing over the time to full, when that says enough (Quota.rate).
+-- The refill rate is what is missing over the time to full; the deepest estimate wins (Quota.rate).
 local now = tonumber(ARGV[1]); local window = tonumber(ARGV[3]); local n = tonumber(ARGV[4])
 for i = 0, n - 1 do
   local d = ARGV[5 + 4 * i]; local limit = tonumber(ARGV[6 + 4 * i])
   local remaining = tonumber(ARGV[7 + 4 * i]); local reset_in = tonumber(ARGV[8 + 4 * i])
-  local old = tonumber(redis.call('HGET', KEYS[1], 'q:' .. d))
+  local known = tonumber(redis.call('HGET', KEYS[1], 'L:' .. d)) == limit
+  local old, weight, level, at = nil, -1, nil, nil
+  if known then
+    old = tonumber(redis.call('HGET', KEYS[1], 'q:' .. d))
+    weight = tonumber(redis.call('HGET', KEYS[1], 'w:' .. d)) or 0
+    level = tonumber(redis.call('HGET', KEYS[1], 'v:' .. d))
+    at = tonumber(redis.call('HGET', KEYS[1], 't:' .. d))
+  end
   local missing = limit - remaining - 1
-  local rate
-  if reset_in > 0.05 and missing >= 0.05 * limit then rate = missing / reset_in
-  elseif old then rate = old
-  else rate = limit / window end
-  local level = tonumber(redis.call('HGET', KEYS[1], 'v:' .. d))
+  local rate = old
+  if reset_in > 0.05 and missing >= 1 and missing >= weight then
+    rate = missing / reset_in; weight = missing
+  elseif not old then
+    rate = limit / window; weight = 0
+  end
   if level then
-    local at = tonumber(redis.call('HGET', KEYS[1], 't:' .. d))
     level = math.min(limit, level + old * math.max(0, now - at), remaining)
   else
     level = remaining
   end
-  redis.call('HSET', KEYS[1], 'L:' .. d, limit, 'q:' .. d, string.format('%.6f', rate),
+  redis.call('HSET', KEYS[1], 'L:' .. d, limit, 'q:' .. d, string.format('%.6f', rate), 'w:' .. d, weight,
              'v:' .. d, string.format('%.6f', level), 't:' .. d, string.format('%.6f', now))
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
