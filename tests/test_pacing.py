@@ -135,3 +135,37 @@ def test_max_concurrency_queues_calls_above_it(make_app, sim: Simulator, clock: 
     assert sum(clock.sleeps) >= 3.0  # queued until the other worker's lease lapsed
     state.store.flush()
     assert state.store.pacing.snapshot([OPUS], clock.time()).get(OPUS, {}).get("leases", 0) == 0  # back at settle
+
+
+def test_status_and_metrics_show_the_pacing_state(make_app, sim: Simulator, clock: FakeClock) -> None:
+    from flask_claude.status import collect_status, render_status
+
+    sim.rate_limit(requests=50, output_tokens=20_000, window=60, model=OPUS)
+    app = make_app(CLAUDE_MAX_CONCURRENCY=4)
+    create(app, model=OPUS)
+    state = app.extensions["claude"]
+    with app.app_context():
+        status = collect_status(state, app)
+    entry = status["pacing"]["models"][OPUS]
+    assert entry["limits"]["requests"]["limit"] == 50 and entry["limits"]["requests"]["remaining"] == 49
+    assert entry["leases"] == 0 and entry["queued"] == 0
+    assert "claude-opus-4-7: output-tokens" in render_status(status)
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from flask_claude.prometheus import ClaudeCollector
+
+    registry = CollectorRegistry()
+    registry.register(ClaudeCollector(app))
+    text = generate_latest(registry).decode()
+    assert 'flask_claude_ratelimit_remaining{dimension="requests",model="claude-opus-4-7"} 49.0' in text
+    assert 'flask_claude_pacing_leases{model="claude-opus-4-7"} 0.0' in text
+
+
+def test_settings_refuse_a_wrong_pacing(make_app) -> None:
+    from flask_claude.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="CLAUDE_PACING"):
+        make_app(CLAUDE_PACING="sometimes")
+    with pytest.raises(ConfigError, match="CLAUDE_MAX_CONCURRENCY"):
+        make_app(CLAUDE_MAX_CONCURRENCY={OPUS: 0})
