@@ -85,6 +85,7 @@ def run_mode(mode: str, sim: Simulator, url: str, redis: RedisServer, tmp: str) 
     server = Gunicorn("pacing_app:create_app()", env, workers=4, threads=16)
     try:
         limit.limited = limit.admitted = 0
+        limit.limited_by_model.clear()
         sim.clear_requests()
         started = time.monotonic()
         results = drive(server.base, SECONDS)
@@ -101,9 +102,10 @@ def run_mode(mode: str, sim: Simulator, url: str, redis: RedisServer, tmp: str) 
     degraded = Counter(r[4] for r in results if r[2] != 200)
     return [mode, len(results), upstream, limit.limited, f"{100 * limit.limited / max(1, upstream):.1f}%",
             len(ok), f"{per_window:.1f}", f"{primary_steady:.1f} ({100 * primary_steady / REQUESTS:.0f}%)",
-            f"{percentile(latencies, 50):.2f}", f"{percentile(latencies, 95):.2f}",
+            f"{percentile(latencies, 50):.2f}", f"{percentile(latencies, 95):.2f}", f"{max(latencies):.2f}",
             ", ".join(f"{k or '-'} {v}" for k, v in sorted(degraded.items())) or "0",
-            ", ".join(f"{m.split('-')[1]} {n}" for m, n in sorted(by_model.items()))]
+            ", ".join(f"{m.split('-')[1]} {n} ({limit.limited_by_model.get(m, 0)} 429s)"
+                      for m, n in sorted(by_model.items()))]
 
 
 def main() -> None:
@@ -122,7 +124,7 @@ def main() -> None:
             load = meter.report()
         header = ["CLAUDE_PACING", "client requests", "upstream calls", "upstream 429s", "429 share",
                   "200 OK", "OK per window (steady)", f"{PRIMARY} OK per window (vs {REQUESTS})",
-                  "p50 s", "p95 s", "not 200 (X-Claude-Degraded)", "upstream calls by model"]
+                  "p50 s", "p95 s", "max s", "not 200 (X-Claude-Degraded)", "upstream calls by model"]
         print(machine_description(redis.version()))
         print(f"{quiet}; {load}")
         print(f"limits per model: {REQUESTS} requests and {OUTPUT_TOKENS:,} output tokens per {WINDOW:g} s window "

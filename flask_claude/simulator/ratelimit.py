@@ -43,6 +43,7 @@ class RateLimit:
     model: str | None = None
     limited: int = 0  # 429s answered, for a test or a benchmark to read
     admitted: int = 0
+    limited_by_model: dict[str | None, int] = field(default_factory=dict)
     _buckets: dict[tuple[str | None, str], _Bucket] = field(default_factory=dict)
 
     def limits(self) -> dict[str, int]:
@@ -99,6 +100,7 @@ class RateLimiter:
             short = [name for name, b in buckets.items() if b.level < need[name]]
             if short:
                 limit.limited += 1
+                limit.limited_by_model[model] = limit.limited_by_model.get(model, 0) + 1
                 wait = max((need[n] - buckets[n].level) / (buckets[n].limit / limit.window) for n in short)
                 return False, [*self._headers(limit, buckets, now), ("retry-after", str(max(1, math.ceil(wait))))]
             for name, bucket in buckets.items():
