@@ -86,6 +86,8 @@ def run_mode(mode: str, sim: Simulator, url: str, redis: RedisServer, tmp: str) 
     try:
         limit.limited = limit.admitted = 0
         limit.limited_by_model.clear()
+        limit.limited_at.clear()
+        wall_start = time.time()
         sim.clear_requests()
         started = time.monotonic()
         results = drive(server.base, SECONDS)
@@ -100,7 +102,8 @@ def run_mode(mode: str, sim: Simulator, url: str, redis: RedisServer, tmp: str) 
     primary_steady = sum(1 for r in steady if r[3] == PRIMARY) / steady_windows
     latencies = [r[1] - r[0] for r in results]
     degraded = Counter(r[4] for r in results if r[2] != 200)
-    return [mode, len(results), upstream, limit.limited, f"{100 * limit.limited / max(1, upstream):.1f}%",
+    late = sum(1 for t in limit.limited_at if t - wall_start >= WINDOW)
+    return [mode, len(results), upstream, f"{limit.limited} ({late})", f"{100 * limit.limited / max(1, upstream):.1f}%",
             len(ok), f"{per_window:.1f}", f"{primary_steady:.1f} ({100 * primary_steady / REQUESTS:.0f}%)",
             f"{percentile(latencies, 50):.2f}", f"{percentile(latencies, 95):.2f}", f"{max(latencies):.2f}",
             ", ".join(f"{k or '-'} {v}" for k, v in sorted(degraded.items())) or "0",
@@ -122,7 +125,7 @@ def main() -> None:
                 rows.append(run_mode(mode, sim, server.url, redis, tmp))
                 print(f"  {mode}: done", file=sys.stderr)
             load = meter.report()
-        header = ["CLAUDE_PACING", "client requests", "upstream calls", "upstream 429s", "429 share",
+        header = ["CLAUDE_PACING", "client requests", "upstream calls", "upstream 429s (after 1st window)", "429 share",
                   "200 OK", "OK per window (steady)", f"{PRIMARY} OK per window (vs {REQUESTS})",
                   "p50 s", "p95 s", "max s", "not 200 (X-Claude-Degraded)", "upstream calls by model"]
         print(machine_description(redis.version()))

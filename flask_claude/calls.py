@@ -210,7 +210,7 @@ class ChainRun:
 
     def _observe(self) -> None:
         if self.mark is not None and self.mark.headers is not None and self.call.settles:
-            self.state.pacer.observe(self.call.model, self.mark.headers)
+            self.state.pacer.observe(self.call, self.call.model, self.mark.headers)
 
     def succeeded(self) -> None:
         call = self.call

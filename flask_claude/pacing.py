@@ -13,6 +13,8 @@ covers it; the next call is scheduled behind it. Arrival order at the store is t
 across every worker, in one atomic step and without polling. A turn further away than the call may
 wait is not taken (nothing is debited): ``CLAUDE_PACING`` then falls back or degrades.
 
+Before a model's first report nothing is known and calls go, counted; the first report takes them
+off what it says is left (some were perhaps counted in it already: the error is on the safe side).
 A header only ever lowers the shared level (``min``): the store's level also counts calls in flight
 that the upstream had not seen when it answered; the refill, not the headers, raises it again.
 
@@ -118,6 +120,7 @@ class Answer:
     granted: bool
     wait: float = 0.0  # granted: wait this long, then send; refused: how long until it would fit
     position: int = 0  # > 0: queued for a lease, this many ahead of the free ones (ask again)
+    known: bool = True  # False: let through before any report (its own report settles the doubt)
 
 
 @dataclass
@@ -128,6 +131,7 @@ class CallPacing:
     need: dict[str, int] | None = None
     leases: list[str] = field(default_factory=list)  # models leased
     debited: str | None = None  # the model whose buckets the last turn taken was debited from
+    unknown: str | None = None  # the model that let this call through before knowing anything
     queued: dict[str, float] = field(default_factory=dict)  # model -> monotonic time it began to queue
     waited: float = 0.0
 
@@ -195,6 +199,7 @@ class Pacer:
             if cap is not None and model not in marks.leases:
                 marks.leases.append(model)
             marks.debited = model if ask.pace else None
+            marks.unknown = None if answer.known else model
             marks.queued.pop(model, None)
             marks.waited += answer.wait
             return Decision("go", answer.wait)
@@ -216,7 +221,7 @@ class Pacer:
         except StorageUnavailable:
             pass
 
-    def observe(self, model: str, headers: Any) -> None:
+    def observe(self, call: Call, model: str, headers: Any) -> None:
         """Record what a response (a 429 too) says is left, written behind with the settlement."""
         if headers is None:
             return
@@ -226,10 +231,14 @@ class Pacer:
         quotas = parse_headers(headers, self.state.clock.time())
         if not quotas:
             return
+        marks = call.pacing
+        counted = None
+        if marks is not None and marks.unknown == model and marks.need is not None:
+            counted, marks.unknown = marks.need, None  # the upstream has counted this one
         from .storage import StorageUnavailable
 
         try:
-            store.observe(model, quotas, self.state.clock.time())
+            store.observe(model, quotas, self.state.clock.time(), counted)
         except StorageUnavailable:
             pass
 

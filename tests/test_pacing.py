@@ -169,3 +169,27 @@ def test_settings_refuse_a_wrong_pacing(make_app) -> None:
         make_app(CLAUDE_PACING="sometimes")
     with pytest.raises(ConfigError, match="CLAUDE_MAX_CONCURRENCY"):
         make_app(CLAUDE_MAX_CONCURRENCY={OPUS: 0})
+
+
+def test_calls_let_through_before_the_first_report_are_not_forgotten(storage_uri: str, clock: FakeClock) -> None:
+    """Two calls go before anything is known; the first report (from one of them) may not count the
+    other yet, so it is taken off what the report says is left."""
+    from flask_claude.pacing import Quota
+
+    store = make_store(storage_uri, prefix="pace-unknown", socket_timeout=1.0)
+    pacing = store.pacing
+    now = clock.time()
+    need = {"requests": 1}
+    first = pacing.admit(Ask(OPUS, "a", need, 0.0, None, 30.0, True), now)
+    second = pacing.admit(Ask(OPUS, "b", need, 0.0, None, 30.0, True), now)
+    assert first.granted and not first.known and second.granted and not second.known
+    # "a"'s reply: 3 left of 4 (the upstream counted "a" only); "b" is still in doubt
+    pacing.observe(OPUS, {"requests": Quota(4, 3, 15.0)}, now, counted=need)
+    store.flush()
+    assert pacing.snapshot([OPUS], now)[OPUS]["limits"]["requests"]["remaining"] == 2
+    for waiter in "cd":  # the two left
+        answer = pacing.admit(Ask(OPUS, waiter, need, 0.0, None, 30.0, True), now)
+        assert answer.granted and answer.known
+    refused = pacing.admit(Ask(OPUS, "e", need, 0.0, None, 30.0, True), now)
+    # one missing at 4 a minute (the report was too full to tell the rate: the API's minute)
+    assert not refused.granted and refused.wait == pytest.approx(15.0, rel=0.01)

@@ -44,6 +44,7 @@ class RateLimit:
     limited: int = 0  # 429s answered, for a test or a benchmark to read
     admitted: int = 0
     limited_by_model: dict[str | None, int] = field(default_factory=dict)
+    limited_at: list[float] = field(default_factory=list)  # when each 429 was answered (the clock's time)
     _buckets: dict[tuple[str | None, str], _Bucket] = field(default_factory=dict)
 
     def limits(self) -> dict[str, int]:
@@ -101,6 +102,7 @@ class RateLimiter:
             if short:
                 limit.limited += 1
                 limit.limited_by_model[model] = limit.limited_by_model.get(model, 0) + 1
+                limit.limited_at.append(now)
                 wait = max((need[n] - buckets[n].level) / (buckets[n].limit / limit.window) for n in short)
                 return False, [*self._headers(limit, buckets, now), ("retry-after", str(max(1, math.ceil(wait))))]
             for name, bucket in buckets.items():

@@ -44,6 +44,7 @@ class _Model:
     leases: dict[str, float] = field(default_factory=dict)  # waiter -> lapses at
     queue: dict[str, tuple[int, float]] = field(default_factory=dict)  # waiter -> (ticket, heartbeat until)
     ticket: int = 0
+    unknown: dict[str, float] = field(default_factory=dict)  # let through before any report, per dimension
 
 
 class MemoryPacing:
@@ -82,6 +83,9 @@ class MemoryPacing:
                     if need > level:
                         wait = max(wait, (need - level) / dim.rate)
                     levels[d] = level - need
+                if not levels:  # nothing known yet: the call goes, counted for the first report
+                    for d, need in _need_items(ask):
+                        m.unknown[d] = m.unknown.get(d, 0.0) + need
                 if wait > ask.max_wait:
                     m.queue.pop(ask.waiter, None)
                     return Answer(False, wait)
@@ -90,17 +94,22 @@ class MemoryPacing:
             if cap > 0:
                 m.queue.pop(ask.waiter, None)
                 m.leases[ask.waiter] = now + ask.lease_ttl
-            return Answer(True, wait)
+            return Answer(True, wait, known=bool(levels) or not ask.pace)
 
-    def observe(self, model: str, quotas: dict[str, Quota], now: float) -> None:
+    def observe(self, model: str, quotas: dict[str, Quota], now: float, counted: dict[str, int] | None = None) -> None:
         with self._lock:
             m = self._models.setdefault(model, _Model())
             for d, quota in quotas.items():
+                if counted and counted.get(d):
+                    m.unknown[d] = m.unknown.get(d, 0.0) - counted[d]
                 dim = m.dims.get(d)
                 if dim is not None and dim.limit != quota.limit:
                     dim = None  # a new limit: what was learnt of the old one no longer holds
                 rate, weight = quota.rate(dim.rate if dim else None, dim.weight if dim else -1.0)
-                level = float(quota.remaining) if dim is None else min(dim.now(now), float(quota.remaining))
+                if dim is None:  # the first report: calls let through before it may not be counted in it
+                    level = float(quota.remaining) - max(0.0, m.unknown.get(d, 0.0))
+                else:
+                    level = min(dim.now(now), float(quota.remaining))
                 m.dims[d] = _Dim(quota.limit, level, now, rate, weight)
 
     def credit(self, model: str, amounts: dict[str, int]) -> None:
@@ -171,12 +180,12 @@ class RedisPacing:
         for d, need in items:
             args += [d, need]
         res = self._store._admit_now((self._admit, self._keys(ask.model), args))
-        return Answer(bool(int(res[0])), float(_decode(res[1])), int(res[2]))
+        return Answer(bool(int(res[0])), float(_decode(res[1])), int(res[2]), bool(int(res[3])))
 
-    def observe(self, model: str, quotas: dict[str, Quota], now: float) -> None:
+    def observe(self, model: str, quotas: dict[str, Quota], now: float, counted: dict[str, int] | None = None) -> None:
         args: list[Any] = [repr(now), STATE_TTL_MS, repr(DEFAULT_WINDOW), len(quotas)]
         for d, q in quotas.items():
-            args += [d, q.limit, q.remaining, repr(q.reset_in)]
+            args += [d, q.limit, q.remaining, repr(q.reset_in), (counted or {}).get(d, 0)]
         self._store.later(self._observe, self._keys(model)[:1], args)
 
     def credit(self, model: str, amounts: dict[str, int]) -> None:

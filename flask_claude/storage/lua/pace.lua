@@ -1,7 +1,7 @@
 -- May a waiter call this model now? The concurrency lease first, then the token buckets (pacing.py).
 -- KEYS: pace hash, leases zset, queue zset (score: ticket), queue heartbeats zset, ticket counter
 -- ARGV: now, waiter, max_wait, cap (0: none), lease_ttl, heartbeat_ttl, pace (1/0), n, n x (dimension, need)
--- Returns {granted 1/0, wait (string), queue position}.
+-- Returns {granted 1/0, wait (string), queue position, 1 when the buckets were known (0: let through unknown)}.
 local now = tonumber(ARGV[1]); local waiter = ARGV[2]; local max_wait = tonumber(ARGV[3])
 local cap = tonumber(ARGV[4]); local lease_ttl = tonumber(ARGV[5]); local hb_ttl = tonumber(ARGV[6])
 local pace = ARGV[7] == '1'; local n = tonumber(ARGV[8])
@@ -21,12 +21,13 @@ if cap > 0 then
       redis.call('ZADD', KEYS[4], now + hb_ttl, waiter)
       local ms = math.ceil(hb_ttl * 1000) + 60000
       redis.call('PEXPIRE', KEYS[3], ms); redis.call('PEXPIRE', KEYS[4], ms); redis.call('PEXPIRE', KEYS[5], ms)
-      return {0, '0', math.max(1, ahead - math.max(free, 0) + 1)}
+      return {0, '0', math.max(1, ahead - math.max(free, 0) + 1), 1}
     end
   end
 end
 local wait = 0
 local levels = {}
+local known = 1
 if pace then
   for i = 0, n - 1 do
     local d = ARGV[9 + 2 * i]; local need = tonumber(ARGV[10 + 2 * i])
@@ -40,9 +41,15 @@ if pace then
       levels[d] = level - need
     end
   end
+  if next(levels) == nil then
+    known = 0
+    -- Nothing known yet: the call goes, and is counted so the first report does not forget it.
+    for i = 0, n - 1 do redis.call('HINCRBYFLOAT', KEYS[1], 'u:' .. ARGV[9 + 2 * i], ARGV[10 + 2 * i]) end
+    redis.call('PEXPIRE', KEYS[1], 600000)
+  end
   if wait > max_wait then
     redis.call('ZREM', KEYS[3], waiter); redis.call('ZREM', KEYS[4], waiter)
-    return {0, string.format('%.6f', wait), 0}
+    return {0, string.format('%.6f', wait), 0, 1}
   end
   for d, level in pairs(levels) do
     redis.call('HSET', KEYS[1], 'v:' .. d, string.format('%.6f', level), 't:' .. d, string.format('%.6f', now))
@@ -53,4 +60,4 @@ if cap > 0 then
   redis.call('ZADD', KEYS[2], now + lease_ttl, waiter)
   redis.call('PEXPIRE', KEYS[2], math.ceil(lease_ttl * 1000) + 1000)
 end
-return {1, string.format('%.6f', wait), 0}
+return {1, string.format('%.6f', wait), 0, known}

@@ -1,10 +1,13 @@
 -- Record what a response says is left of each dimension: a header only lowers the level (pacing.py).
--- KEYS: pace hash.  ARGV: now, ttl_ms, default window, n, n x (dimension, limit, remaining, reset_in)
+-- KEYS: pace hash.  ARGV: now, ttl_ms, default window, n, n x (dimension, limit, remaining, reset_in, counted)
+-- ``counted``: what the reporting call took while let through unknown (the upstream counted it: no
+-- longer in doubt). A first report also takes off what was let through unknown (``u:``, pace.lua), counted or not.
 -- The refill rate is what is missing over the time to full; the deepest estimate wins (Quota.rate).
 local now = tonumber(ARGV[1]); local window = tonumber(ARGV[3]); local n = tonumber(ARGV[4])
 for i = 0, n - 1 do
-  local d = ARGV[5 + 4 * i]; local limit = tonumber(ARGV[6 + 4 * i])
-  local remaining = tonumber(ARGV[7 + 4 * i]); local reset_in = tonumber(ARGV[8 + 4 * i])
+  local d = ARGV[5 + 5 * i]; local limit = tonumber(ARGV[6 + 5 * i])
+  local remaining = tonumber(ARGV[7 + 5 * i]); local reset_in = tonumber(ARGV[8 + 5 * i])
+  if tonumber(ARGV[9 + 5 * i]) > 0 then redis.call('HINCRBYFLOAT', KEYS[1], 'u:' .. d, -tonumber(ARGV[9 + 5 * i])) end
   local known = tonumber(redis.call('HGET', KEYS[1], 'L:' .. d)) == limit
   local old, weight, level, at = nil, -1, nil, nil
   if known then
@@ -23,7 +26,8 @@ for i = 0, n - 1 do
   if level then
     level = math.min(limit, level + old * math.max(0, now - at), remaining)
   else
-    level = remaining
+    -- The first report: calls let through before it may not be counted in it yet.
+    level = remaining - math.max(0, tonumber(redis.call('HGET', KEYS[1], 'u:' .. d)) or 0)
   end
   redis.call('HSET', KEYS[1], 'L:' .. d, limit, 'q:' .. d, string.format('%.6f', rate), 'w:' .. d, weight,
              'v:' .. d, string.format('%.6f', level), 't:' .. d, string.format('%.6f', now))
