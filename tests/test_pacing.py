@@ -193,3 +193,21 @@ def test_calls_let_through_before_the_first_report_are_not_forgotten(storage_uri
     refused = pacing.admit(Ask(OPUS, "e", need, 0.0, None, 30.0, True), now)
     # one missing at 4 a minute (the report was too full to tell the rate: the API's minute)
     assert not refused.granted and refused.wait == pytest.approx(15.0, rel=0.01)
+
+
+def test_async_calls_wait_their_turn_too(make_app, sim: Simulator, clock: FakeClock) -> None:
+    from flask_claude import Claude
+
+    limit = sim.rate_limit(requests=4, window=60, model=OPUS)
+    app = make_app(CLAUDE_PACING_WAIT=60)
+
+    @app.post("/ask")
+    @ai_feature("ask")
+    async def ask() -> Any:
+        models = [(await Claude().async_messages.create(model=OPUS, max_tokens=50, messages=user_msg("hi"))).model
+                  for _ in range(5)]
+        return {"models": models}
+
+    assert app.test_client().post("/ask").get_json() == {"models": [OPUS] * 5}
+    assert limit.limited == 0 and limit.admitted == 5
+    assert clock.sleeps and max(clock.sleeps) > 1  # the fifth awaited its turn on the injected clock
