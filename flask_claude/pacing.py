@@ -157,6 +157,9 @@ class Pacer:
         self.mode = settings.pacing
         self.max_wait = settings.pacing_wait
         self.caps = settings.max_concurrency
+        # model -> (its replies carry rate-limit headers, until when this is believed): a model whose
+        # replies carry none (a proxy strips them, the simulator without limits) costs no round trip.
+        self._headers_seen: dict[str, tuple[bool, float]] = {}
 
     def cap(self, model: str) -> int | None:
         if isinstance(self.caps, dict):
@@ -174,6 +177,10 @@ class Pacer:
         cap = self.cap(model)
         if (self.mode == "off" and cap is None) or not call.settles:
             return GO
+        if cap is None:
+            seen = self._headers_seen.get(model)
+            if seen is not None and not seen[0] and self.state.clock.monotonic() < seen[1]:
+                return GO
         store = self._store()
         if store is None:
             return GO
@@ -229,6 +236,7 @@ class Pacer:
         if store is None:
             return
         quotas = parse_headers(headers, self.state.clock.time())
+        self._headers_seen[model] = (bool(quotas), self.state.clock.monotonic() + (600.0 if quotas else 60.0))
         if not quotas:
             return
         marks = call.pacing
