@@ -150,6 +150,9 @@ def test_status_and_metrics_show_the_pacing_state(make_app, sim: Simulator, cloc
     assert entry["limits"]["requests"]["limit"] == 50 and entry["limits"]["requests"]["remaining"] == 49
     assert entry["leases"] == 0 and entry["queued"] == 0
     assert "claude-opus-4-7: output-tokens" in render_status(status)
+    from flask_claude.dashboard import _pacing
+
+    assert "<td>claude-opus-4-7</td><td>output-tokens" in _pacing(status["pacing"])  # the dashboard's card
 
     from prometheus_client import CollectorRegistry, generate_latest
 
