@@ -8,8 +8,7 @@ from typing import Any
 import anthropic
 import pytest
 
-from flask_claude import ai_feature
-from flask_claude.errors import RateLimitedUpstream
+from flask_claude import RateLimitedUpstream, ai_feature
 from flask_claude.pacing import Ask, parse_headers
 from flask_claude.simulator import Simulator
 from flask_claude.storage import make_store
