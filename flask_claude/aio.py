@@ -196,6 +196,10 @@ class AsyncGuardedMessages:
         """``GuardedMessages._run_chain`` with the attempt and the wait awaited."""
         chain = ChainRun(self._core, call)
         while (timeout := chain.next_attempt()) is not None:
+            if (pause := chain.admit()) is not None:  # pacing: wait for the turn, or ask again
+                if pause > 0:
+                    await asleep(self._state.clock, pause)
+                continue
             tokens = chain.enter_attempt()
             delay: float | None = None
             try:

@@ -21,6 +21,7 @@ from .aiconfig import AIRun
 from .context import CallScope
 from .errors import (
     InvalidRequest,
+    RateLimitedUpstream,
     UpstreamUnavailable,
 )
 from .events import hash_text
@@ -67,6 +68,7 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)
     span: telemetry.CallSpan = telemetry.NO_SPAN  # OpenTelemetry: the SDK's spans are its children
     ai_run: AIRun | None = None  # the LaunchDarkly AI Config tracker of this call (aiconfig.py)
+    pacing: Any = None  # pacing.CallPacing: its waiter id, need and leases, once pacing asked for it
 
     @classmethod
     def bare(cls, state: ClaudeState, scope: CallScope, model: str) -> Call:
@@ -122,6 +124,29 @@ class ChainRun:
         self.done = False
         self.last_exc: BaseException | None = None
         self.mark: AttemptMark | None = None
+        self._admitted: tuple[int, int] | None = None  # (model index, attempt) the pacer let through
+
+    def admit(self) -> float | None:
+        """Pacing (``pacing.py``) before an attempt: None to send now, else seconds to wait and then
+        ask ``next_attempt`` again (the turn was taken: it then sends; queued: it asks again)."""
+        call = self.call
+        key = (self.index, self.attempt)
+        if self._admitted == key:
+            return None
+        decision = self.state.pacer.decide(call, call.model, last=self.index == len(call.chain) - 1)
+        if decision.action == "go":
+            self._admitted = key
+            return decision.wait or None
+        if decision.action == "again":
+            return decision.wait
+        failure = Failure(FailureKind.RATE_LIMITED, None, "rate_limited_upstream")
+        if decision.action == "fallback":
+            self._model_failed(failure, paced=True)
+            return 0.0
+        call.failure = failure
+        self.done = True
+        raise RateLimitedUpstream(f"no room at {call.model} within the pacing wait",
+                                  retry_after=max(1.0, decision.wait))
 
     def next_attempt(self) -> httpx2.Timeout | None:
         """The timeout of the next attempt on ``call.model``, or None when the chain is over."""
@@ -158,6 +183,7 @@ class ChainRun:
         """An attempt failed upstream: seconds to wait before retrying the same model, or None to go on."""
         call, policy = self.call, self.state.retry_policy
         self.last_exc = exc
+        self._observe()
         failure = classify(exc)
         self.owner._record_outcome(call.model, ok=not failure.counts_against_model)  # a hang is the model's
         if call.deadline.expired and failure.kind == FailureKind.TIMEOUT:
@@ -182,8 +208,13 @@ class ChainRun:
         self.call.extra["detail"] = type(exc).__name__
         raise InvalidRequest(f"the request could not be built: {type(exc).__name__}") from None
 
+    def _observe(self) -> None:
+        if self.mark is not None and self.mark.headers is not None and self.call.settles:
+            self.state.pacer.observe(self.call, self.call.model, self.mark.headers)
+
     def succeeded(self) -> None:
         call = self.call
+        self._observe()
         if call.reservation is not None or call.settles:
             call.success_model = call.model  # recorded on its breaker by the settlement
         else:
@@ -191,17 +222,17 @@ class ChainRun:
         if self.index > 0:
             call.fallback_from = call.chain[0]
 
-    def _model_failed(self, failure: Failure) -> None:
+    def _model_failed(self, failure: Failure, *, paced: bool = False) -> None:
         """The current model is done: fall back to the next one, or end the chain."""
         call, state = self.call, self.state
         call.failure = failure
-        falls_back = failure.kind in _FALLBACK_KINDS or (
+        falls_back = paced or failure.kind in _FALLBACK_KINDS or (
             failure.kind == FailureKind.RATE_LIMITED and state.settings.fallback_on_rate_limit)
         if not falls_back or self.index == len(call.chain) - 1 or call.deadline.expired:
             self.done = True
             return
         model, next_model = call.chain[self.index], call.chain[self.index + 1]
-        skipped = failure.kind == FailureKind.CIRCUIT_OPEN
+        skipped = failure.kind == FailureKind.CIRCUIT_OPEN or paced
         call.fallback_from = call.chain[0]
         fields: dict[str, Any] = {"feature": call.scope.feature, "route": call.scope.route, "from_model": model,
                                   "to_model": next_model, "reason": failure.error_type,

@@ -49,9 +49,17 @@ claude_cli = AppGroup("claude", help="flask-claude: simulator, spend report, sta
 @click.option("--seed", type=int, default=None, help="Seed of the canned reply text (default: 0).")
 @click.option("--batch-polls", type=click.IntRange(min=0), default=None,
               help="Retrieves of a message batch before it ends (default: 1).")
+@click.option("--rate-limit-requests", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Limit each model to N requests per window (anthropic-ratelimit-* headers, 429s).")
+@click.option("--rate-limit-output-tokens", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Limit each model to N output tokens per window (pre-charged at max_tokens).")
+@click.option("--rate-limit-window", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds the rate limits are per (10 plays a minute six times faster).")
 @click.option("--quiet", is_flag=True, help="Do not log each request.")
 def simulate(host: str, port: int, fail_status: int | None, fail_rate: float | None, fail_model: str | None,
-             latency: float, pad_prompt: int, seed: int | None, batch_polls: int | None, quiet: bool) -> None:
+             latency: float, pad_prompt: int, seed: int | None, batch_polls: int | None,
+             rate_limit_requests: int | None, rate_limit_output_tokens: int | None, rate_limit_window: float,
+             quiet: bool) -> None:
     """Serve the offline Messages API; point CLAUDE_BASE_URL (or ANTHROPIC_BASE_URL) at it.
 
     Run in an app (``flask --app yourapp claude simulate``) that is set to simulate, it serves that
@@ -67,6 +75,9 @@ def simulate(host: str, port: int, fail_status: int | None, fail_rate: float | N
         simulator.latency(latency)
     if pad_prompt:
         simulator.pad_prompt(pad_prompt)
+    if rate_limit_requests or rate_limit_output_tokens:
+        simulator.rate_limit(requests=rate_limit_requests, output_tokens=rate_limit_output_tokens,
+                             window=rate_limit_window)
     if fail_status is not None:
         simulator.fail(fail_status, rate=fail_rate, model=fail_model)
     run_server(host, port, simulator=simulator, quiet=quiet,  # --port 0: the URL has the port it picked

@@ -200,6 +200,10 @@ class GuardedMessages:
         """Try each model in turn: bounded retries per model, the breaker and the deadline for all."""
         chain = ChainRun(self, call)
         while (timeout := chain.next_attempt()) is not None:
+            if (pause := chain.admit()) is not None:  # pacing: wait for the turn, or ask again
+                if pause > 0:
+                    self._state.clock.sleep(pause)
+                continue
             tokens = chain.enter_attempt()
             delay: float | None = None
             try:
@@ -262,6 +266,7 @@ class GuardedMessages:
                                  success=call.success_model, rollup=rollup)
         else:
             state.rollups.write(rollup, success=call.success_model)
+        state.pacer.done(call, output_tokens=cost.output_tokens)
         fields = {
             "request_id": request_id,
             **base,
@@ -327,6 +332,7 @@ class GuardedMessages:
             state.budgets.settle(call.reservation, 0.0, 0, rollup=rollup)
         else:  # no hold to release: the rollup is this failure's one extra storage step
             state.rollups.write(rollup)
+        state.pacer.done(call)
         fields = {"request_id": getattr(exc, "request_id", None), **base,
                   "input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 0,
                   "cache_creation_input_tokens": 0, "stop_reason": None, "cost_usd": 0.0,

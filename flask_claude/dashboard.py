@@ -135,6 +135,8 @@ def _content(data: dict[str, Any]) -> str:
             "error-chart", labels, [("error rate", COLORS[7], [p["error_rate"] for p in hour])], unit="%"), "wide"))
         grid.append(_card("Degraded responses, last 24 h", _degraded(ops)))
     grid.append(_card("Circuit breakers", _breakers(data["breakers"])))
+    if data.get("pacing"):
+        grid.append(_card("Upstream rate limits", _pacing(data["pacing"])))
     grid.append(_card("Flags", _flags(data)))
     parts.append('<div class="grid">' + "".join(grid) + "</div>")
     return "".join(parts)
@@ -188,6 +190,20 @@ def _breakers(breakers: dict[str, str]) -> str:
     rows = "".join(f'<tr><td>{escape(m)}</td><td class="{"bad" if s != "closed" else "ok"}">{escape(s)}</td></tr>'
                    for m, s in breakers.items())
     return f"<table id=breakers>{rows}</table>"
+
+
+def _pacing(pacing: dict[str, Any]) -> str:
+    """What each model's rate limit has left now (the shared pacing state), leases and queue."""
+    rows = []
+    for model, entry in pacing["models"].items():
+        dims = ", ".join(f"{escape(d)} {v['remaining']:g}/{v['limit']}" for d, v in sorted(entry["limits"].items()))
+        rows.append(f"<tr><td>{escape(model)}</td><td>{dims or '-'}</td><td>{entry['leases']}</td>"
+                    f"<td>{entry['queued']}</td></tr>")
+    note = f'<p class=muted>CLAUDE_PACING={escape(pacing["mode"])}</p>'
+    if not rows:
+        return note + "<p class=muted>Nothing reported yet.</p>"
+    return (note + "<table id=pacing><tr><th>model</th><th>left now</th><th>in flight</th><th>queued</th></tr>"
+            + "".join(rows) + "</table>")
 
 
 def _flags(data: dict[str, Any]) -> str:

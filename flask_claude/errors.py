@@ -74,6 +74,18 @@ class UpstreamUnavailable(ClaudeGuardError):
     public_message = "The AI service is temporarily unavailable; try again soon."
 
 
+class RateLimitedUpstream(ClaudeGuardError):
+    """The upstream's rate limit (or the concurrency cap) leaves no room within the wait allowed.
+
+    429 with ``Retry-After`` (when the room comes back): like the API's own answer, the client should
+    come back later; nothing was sent upstream.
+    """
+
+    status = 429
+    reason = "rate_limited_upstream"
+    public_message = "The AI service is busy right now; try again shortly."
+
+
 class InputTooLarge(ClaudeGuardError):
     status = 413
     reason = "input_too_large"

@@ -31,6 +31,7 @@ from .degrade import ResponseCache, handle_guard_error
 from .errors import ClaudeGuardError, ConfigError
 from .events import EventLog
 from .flags import make_provider
+from .pacing import Pacer
 from .pricing import PriceTable
 from .prometheus import metrics_response
 from .quart_support import handle_guard_error as handle_on_quart
@@ -113,6 +114,7 @@ class ClaudeState:
         self.response_cache = ResponseCache()
         self.budgets = Budgets(self, self.store)
         self.rollups = AppRollups(self)  # per-minute numbers every worker shares (rollups.py)
+        self.pacer = Pacer(self)  # pacing from the upstream's rate-limit headers (pacing.py)
         self.ops_alerts = OpsAlerts(self)
 
     def _storage_event(self, event: str, fields: dict[str, Any]) -> None:

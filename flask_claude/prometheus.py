@@ -134,6 +134,26 @@ class ClaudeCollector:
         except StorageUnavailable:
             pass
         yield remaining
+        yield from _pacing(state, list(dict.fromkeys([*state.settings.models, *seen_models])))
+
+
+def _pacing(state: ClaudeState, models: list[str]) -> Iterator[Any]:
+    """What each model's rate limit has left (as the shared pacing state sees it now), leases, queue."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    remaining = GaugeMetricFamily("flask_claude_ratelimit_remaining",
+                                  "What the upstream's rate limit has left now, per model and dimension (below 0: "
+                                  "turns already handed out)", labels=["model", "dimension"])
+    leases = GaugeMetricFamily("flask_claude_pacing_leases", "Calls in flight holding a concurrency lease",
+                               labels=["model"])
+    queued = GaugeMetricFamily("flask_claude_pacing_queued", "Calls queued for a concurrency lease",
+                               labels=["model"])
+    for model, entry in state.pacer.snapshot(models).items():
+        for dimension, values in entry["limits"].items():
+            remaining.add_metric([model, dimension], values["remaining"])
+        leases.add_metric([model], entry["leases"])
+        queued.add_metric([model], entry["queued"])
+    yield from (remaining, leases, queued)
 
 
 def _buckets(m: dict[str, int], prefix: str, bounds: tuple[float, ...]) -> list[tuple[str, float]]:

@@ -156,10 +156,11 @@ class AttemptMark:
     """Set by the transport when an attempt's request reaches it: an exception raised before that
     is a request the SDK could not build (unencodable text, a bad argument), never an upstream fault."""
 
-    __slots__ = ("sent",)
+    __slots__ = ("headers", "sent")
 
     def __init__(self) -> None:
         self.sent = False
+        self.headers: Any = None  # the response's headers, for pacing (pacing.py)
 
 
 current_attempt: ContextVar[AttemptMark | None] = ContextVar("flask_claude_attempt", default=None)
@@ -198,6 +199,8 @@ class DeadlineTransport(httpx2.BaseTransport):
         if deadline is not None and deadline.expired:
             raise httpx2.ConnectTimeout("flask-claude deadline exceeded before sending", request=request)
         response = self.inner.handle_request(request)
+        if mark is not None:
+            mark.headers = response.headers
         if deadline is None:
             return response
         return httpx2.Response(status_code=response.status_code, headers=response.headers,
@@ -241,6 +244,8 @@ class AsyncDeadlineTransport(httpx2.AsyncBaseTransport):
         if deadline is not None and deadline.expired:
             raise httpx2.ConnectTimeout("flask-claude deadline exceeded before sending", request=request)
         response = await self.inner.handle_async_request(request)
+        if mark is not None:
+            mark.headers = response.headers
         if deadline is None:
             return response
         return httpx2.Response(status_code=response.status_code, headers=response.headers,

@@ -144,6 +144,13 @@ def _storage_uri(key: str, value: Any) -> str:
     return value
 
 
+def _concurrency(key: str, value: Any) -> int | dict[str, int] | None:
+    """One cap for every model, or a dict model -> cap (a model not in it is unlimited)."""
+    if isinstance(value, Mapping):
+        return {str(m): _number(f"{key}[{m!r}]", v, integer=True, minimum=1) for m, v in value.items()}
+    return _optional(lambda k, v: _number(k, v, integer=True, minimum=1))(key, value)  # type: ignore[no-any-return]
+
+
 def _setting(default: Any, parse: Callable[..., Any], env: str | None = None) -> Any:
     return field(default=default, metadata={"parse": parse, "env": env})
 
@@ -169,6 +176,9 @@ class Settings:
     stream_deadline: float = _setting(600.0, lambda k, v: _number(k, v, allow_zero=False))
     admission: str = _setting("before_view", _choice("before_view", "with_first_call"))
     fallback_on_rate_limit: bool = _setting(False, _bool)
+    pacing: str = _setting("wait", _choice("wait", "fallback", "off"))
+    pacing_wait: float = _setting(10.0, _number)
+    max_concurrency: int | dict[str, int] | None = _setting(None, _concurrency)
     prices: dict[str, Any] = _setting(None, _mapping)
     auto_cache: bool = _setting(True, _bool)
     log_path: str | None = _setting(None, _optional_str)

@@ -116,6 +116,9 @@ def collect_status(state: ClaudeState, app: Flask, *, series: bool = False) -> d
         breakers[model] = state.breaker.state(model, now)
         if breakers[model] == "unknown":  # the breaker swallows outages (calls go through); we report them
             storage.update(ok=False, error="storage unavailable (breaker state could not be read)")
+    cap = settings.max_concurrency
+    pacing: dict[str, Any] = {"mode": settings.pacing, "wait_s": settings.pacing_wait, "max_concurrency": cap,
+                              "models": state.pacer.snapshot(models) if storage["ok"] else {}}
     ops: dict[str, Any] | None = None
     if storage["ok"]:
         try:
@@ -130,6 +133,7 @@ def collect_status(state: ClaudeState, app: Flask, *, series: bool = False) -> d
         "features": features,
         "breakers": breakers,
         "budgets": budgets,
+        "pacing": pacing,
         "ops": ops,
     }
 
@@ -193,10 +197,27 @@ def render_status(status: dict[str, Any]) -> str:
         out.append(f"  {item['budget']}: spent ${item['spent_usd']:.4f} of ${item['limit_usd']:.2f}, "
                    f"reserved ${item['reserved_usd']:.4f}, remaining ${item['remaining_usd']:.4f}; "
                    f"alerts passed: {passed}{flag}")
+    out += ["", *_render_pacing(status.get("pacing"))]
     ops = status.get("ops")
     if ops is not None:
         out += ["", *_render_ops(ops, storage["shared"])]
     return "\n".join(out)
+
+
+def _render_pacing(pacing: dict[str, Any] | None) -> list[str]:
+    """What the upstream's rate-limit headers last said per model, and the concurrency queue."""
+    if not pacing:
+        return []
+    cap = pacing["max_concurrency"]
+    out = [f"Upstream rate limits (CLAUDE_PACING={pacing['mode']}, wait up to {pacing['wait_s']:g} s; "
+           f"max concurrency: {cap if cap is not None else 'unlimited'})"]
+    if not pacing["models"]:
+        out.append("  nothing known yet (no response with anthropic-ratelimit-* headers recently)")
+    for model, entry in pacing["models"].items():
+        dims = ", ".join(f"{d} {v['remaining']:g}/{v['limit']}" for d, v in sorted(entry["limits"].items()))
+        out.append(f"  {model}: {dims or 'no limits reported'}; in flight (leases) {entry['leases']}, "
+                   f"queued {entry['queued']}")
+    return out
 
 
 def _seconds(value: float | None) -> str:

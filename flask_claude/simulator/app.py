@@ -18,6 +18,7 @@ from ..clock import Clock, SystemClock
 from .accounting import PromptCache, output_tokens, prompt_tokens
 from .batches import BatchStore, is_batch_path
 from .faults import Endpoint, Fault, FaultScript, Shaping
+from .ratelimit import RateLimit, RateLimiter
 from .replies import ReplyRules, cut_reply, last_user_text, natural_text
 from .server import SimulatorServer, make_loopback_server, serve_forever
 from .transport import SimulatorTransport
@@ -84,6 +85,16 @@ class Simulator(FaultScript, ReplyRules):
         self._cache = PromptCache(self.clock)
         self._batches = BatchStore(self.clock, self._run_batch_request, self._new_id)
         self._counter = 0
+        self._limiter = RateLimiter(self.clock)
+
+    def rate_limit(self, *, requests: int | None = None, input_tokens: int | None = None,
+                   output_tokens: int | None = None, window: float = 60.0, model: str | None = None) -> RateLimit:
+        """Limit requests and tokens per ``window`` seconds (per model; ``model=None``: every model,
+        each its own bucket), answering ``anthropic-ratelimit-*`` headers and 429s as the API does."""
+        return self._limiter.add(RateLimit(requests, input_tokens, output_tokens, window, model))
+
+    def clear_rate_limits(self) -> None:
+        self._limiter.clear()
 
     def reset(self) -> None:
         """Back to a fresh simulator: no faults, requests, cache entries or batches, ids restart.
@@ -188,15 +199,26 @@ class Simulator(FaultScript, ReplyRules):
             return error_response(400, "invalid_request_error", str(exc), request_id)
 
         streaming = endpoint == "messages" and body.get("stream") is True
-        fault = self._take_fault(endpoint, model, streaming)
+        fault = None if endpoint == "messages" else self._take_fault(endpoint, model, streaming)
         if fault is not None and fault.kind == "status":
             return error_response(fault.status, fault.error_type, fault.message, request_id, fault.retry_headers())
 
         if endpoint == "messages":
+            # Limits are checked at the edge, before the fault script (a refused call meets no fault).
+            admitted, limit_headers = self._limiter.admit(model, prompt_tokens(body), body["max_tokens"])
+            if not admitted:
+                return error_response(429, "rate_limit_error", "This request would exceed your rate limit.",
+                                      request_id, limit_headers)
+            fault = self._take_fault(endpoint, model, streaming)
+            if fault is not None and fault.kind == "status":
+                return error_response(fault.status, fault.error_type, fault.message, request_id,
+                                      [*fault.retry_headers(), *limit_headers])
             reply = self._reply(body, truncate=fault is not None and fault.kind == "truncate")
+            if limit_headers:
+                limit_headers = self._limiter.give_back(model, body["max_tokens"] - reply.usage.output_tokens)
             if streaming:
-                return self._stream_response(environ, reply, fault, request_id, shaping)
-            return self._json(reply.message_json(), request_id, environ, shaping)
+                return self._with(self._stream_response(environ, reply, fault, request_id, shaping), limit_headers)
+            return self._with(self._json(reply.message_json(), request_id, environ, shaping), limit_headers)
         if endpoint == "count_tokens":
             tokens = prompt_tokens(body) + self._pad_for(body.get("model"))
             return self._json({"input_tokens": tokens}, request_id, environ, shaping)
@@ -266,6 +288,11 @@ class Simulator(FaultScript, ReplyRules):
         data = json_bytes(payload)
         return Response(200, headers(request_id, "application/json", data),
                         self._body(environ, [data], shaping, drop=False))
+
+    @staticmethod
+    def _with(response: Response, extra: list[tuple[str, str]]) -> Response:
+        response.headers.extend(extra)
+        return response
 
     def _stream_response(
         self, environ: WSGIEnvironment, reply: Reply, fault: Fault | None, request_id: str, shaping: Shaping

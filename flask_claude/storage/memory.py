@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .pacing import MemoryPacing
 from .records import BREAKER_BUCKETS, KILL_SHARE, Begin, BreakerParams, Crossed, Line, Outcome, SettleDone
 from .rollups import MemoryRollups
 
@@ -80,6 +81,7 @@ class MemoryStore:
         self._expiries = _Expiries()
         self._now = 0.0  # the latest time a caller gave: records expire on it (put_record has no clock)
         self.rollups = MemoryRollups()
+        self.pacing = MemoryPacing()
 
     def size(self) -> int:
         """Entries held (budgets, windows, alert claims, records): what eviction keeps bounded."""

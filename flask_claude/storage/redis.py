@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .pacing import RedisPacing
 from .records import (
     Begin,
     BreakerParams,
@@ -42,6 +43,7 @@ class _Pending:
     lines: Sequence[Line]
     done: SettleDone
     since: float
+    script: Any = None  # None: the settle script; else a pacing record riding the same round trip
 
 
 class RedisStore:
@@ -83,6 +85,7 @@ class RedisStore:
         self._flusher: tuple[int, threading.Thread] | None = None
         _STORES.add(self)
         self.rollups = RedisRollups(self)
+        self.pacing = RedisPacing(self)
 
     def _k(self, key: str) -> str:
         return f"{self.tag}:{key}"
@@ -131,7 +134,7 @@ class RedisStore:
                         self._landed.notify_all()
 
     def _send(self, pending: list[_Pending], call: Call | None) -> Any:
-        calls: list[Call] = [(self._settle, p.keys, p.args) for p in pending]
+        calls: list[Call] = [(p.script or self._settle, p.keys, p.args) for p in pending]
         if call is not None:
             calls.append(call)
         if not calls:
@@ -146,6 +149,8 @@ class RedisStore:
                 p.done(None, "uncertain" if sent else "not_sent")
             raise StorageUnavailable(type(exc).__name__) from exc
         for p, reply in zip(pending, replies, strict=False):
+            if p.script is not None:
+                continue  # a pacing record: best effort, nobody waits for it
             if isinstance(reply, Exception):
                 p.done(None, "not_sent")  # an error reply: the script did not run
             else:
@@ -235,6 +240,20 @@ class RedisStore:
         else:
             self._flush_soon()
 
+    def later(self, script: Any, keys: list[str], args: list[Any]) -> None:
+        """A pacing record (``storage/pacing.py``), written behind like a settlement and with it."""
+        with self._pending_lock:
+            self._pending.append(_Pending(keys, args, (), _no_done, time.monotonic(), script))
+            full = len(self._pending) >= MAX_PENDING
+        if full:
+            self.flush()
+        else:
+            self._flush_soon()
+
+    def _admit_now(self, call: Call) -> Any:
+        """A pacing admission: synchronous, after this process's records waiting to be written."""
+        return self._run_with_pending(call)
+
     def _crossed(self, lines: Sequence[Line], res: Any) -> list[Crossed]:
         return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
 
@@ -288,6 +307,10 @@ class RedisStore:
         if open_until is None:
             return "closed"
         return "open" if now < float(open_until) else "half_open"
+
+
+def _no_done(crossed: Any, failure: str | None) -> None:
+    return None
 
 
 _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()

@@ -1,0 +1,291 @@
+"""Pacing from the upstream's rate-limit headers, and a concurrency cap per model across workers.
+
+Why: every worker used to learn about the organisation's limit only by hitting a 429 and backing off
+alone, so 4 workers x 32 threads made a storm of 429s and retries. The API tells every caller where
+it stands (``anthropic-ratelimit-{requests,input-tokens,output-tokens}-{limit,remaining,reset}``);
+each response's values are recorded in the shared store per model, and before a call the store is
+asked whether what is left holds this call (1 request, its input bound, its ``max_tokens``).
+
+The fair order is a schedule, not a poll: the store keeps, per model and dimension, a token bucket
+(level, refill rate from ``limit``/``remaining``/``reset``). A call that does not fit *takes its turn
+anyway*: its need is debited (the level goes below zero) and it is told how long until the refill
+covers it; the next call is scheduled behind it. Arrival order at the store is the order of service,
+across every worker, in one atomic step and without polling. A turn further away than the call may
+wait is not taken (nothing is debited): ``CLAUDE_PACING`` then falls back or degrades.
+
+Before a model's first report nothing is known and calls go, counted; the first report takes them
+off what it says is left (some were perhaps counted in it already: the error is on the safe side).
+A header only ever lowers the shared level (``min``): the store's level also counts calls in flight
+that the upstream had not seen when it answered; the refill, not the headers, raises it again.
+
+Concurrency (``CLAUDE_MAX_CONCURRENCY``) is a lease per call and model, in a sorted set whose scores
+are expiry times, so a worker killed mid-call gives its leases back when they lapse. Calls above the
+cap queue by ticket (first come, first served) and ask again after a short jittered pause.
+
+The storage side (one atomic step each, a Lua script on Redis) lives in ``storage/pacing.py``.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from .tokens import upper_bound_tokens
+
+if TYPE_CHECKING:
+    from .calls import Call
+    from .extension import ClaudeState
+
+#: The dimensions paced, as the headers spell them; ``tokens`` stands in only when neither is sent.
+DIMENSIONS = ("requests", "input-tokens", "output-tokens")
+DEFAULT_WINDOW = 60.0  # the API's limits are per minute: the refill rate when headers cannot tell it
+LEASE_SLACK = 5.0  # a lease outlives its call's deadline by this much before it lapses
+QUEUE_HEARTBEAT = 2.0  # a queued waiter that stops asking for this long leaves the queue
+POLL_MIN, POLL_MAX = 0.02, 0.25
+
+
+@dataclass(frozen=True)
+class Quota:
+    """One dimension as the upstream last reported it."""
+
+    limit: int
+    remaining: int
+    reset_in: float  # seconds until the bucket is full again, on our clock
+
+    def rate(self, previous: float | None, weight: float) -> tuple[float, float]:
+        """Refill per second and the estimate's weight: what is missing over the time to full.
+
+        The most precise estimate is the one with most missing (``remaining`` is floored and
+        ``reset`` may be rounded), so a new one replaces the last only when it is at least as deep.
+        Before any, the API's per-minute window.
+        """
+        missing = self.limit - self.remaining - 1  # ``remaining`` is floored: up to 1 more is missing
+        if self.reset_in > 0.05 and missing >= 1 and missing >= weight:
+            return missing / self.reset_in, float(missing)
+        if previous:
+            return previous, weight
+        return self.limit / DEFAULT_WINDOW, 0.0
+
+
+def parse_headers(headers: Mapping[str, str] | Any, now: float) -> dict[str, Quota]:
+    """``anthropic-ratelimit-*`` headers -> quotas per dimension (``now`` is our wall clock)."""
+    if headers is None:
+        return {}
+    out: dict[str, Quota] = {}
+    for name in (*DIMENSIONS, "tokens"):
+        prefix = f"anthropic-ratelimit-{name}-"
+        limit, remaining, reset = (headers.get(prefix + part) for part in ("limit", "remaining", "reset"))
+        if limit is None or remaining is None:
+            continue
+        try:
+            lim, rem = int(limit), int(remaining)
+            reset_in = _reset_in(reset, now)
+        except (TypeError, ValueError):
+            continue  # a malformed header is ignored, never an error of the call
+        if lim > 0:
+            out[name] = Quota(lim, max(0, min(rem, lim)), reset_in)
+    if "tokens" in out:
+        combined = out.pop("tokens")
+        if "input-tokens" not in out and "output-tokens" not in out:
+            out["tokens"] = combined
+    return out
+
+
+def _reset_in(reset: str | None, now: float) -> float:
+    if not reset:
+        return 0.0
+    at = datetime.fromisoformat(reset.replace("Z", "+00:00")).timestamp()
+    return max(0.0, min(at - now, 3600.0))
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One admission question to the store: may ``waiter`` call ``model`` now, with this need?"""
+
+    model: str
+    waiter: str
+    need: dict[str, int]
+    max_wait: float  # a turn further away than this is not taken
+    cap: int | None  # concurrency cap, None: no lease
+    lease_ttl: float
+    pace: bool  # False: only the concurrency cap applies (CLAUDE_PACING="off")
+
+
+@dataclass(frozen=True)
+class Answer:
+    granted: bool
+    wait: float = 0.0  # granted: wait this long, then send; refused: how long until it would fit
+    position: int = 0  # > 0: queued for a lease, this many ahead of the free ones (ask again)
+    known: bool = True  # False: let through before any report (its own report settles the doubt)
+
+
+@dataclass
+class CallPacing:
+    """One call's pacing marks: its waiter id, its need, the leases it holds."""
+
+    waiter: str = field(default_factory=lambda: uuid.uuid4().hex)
+    need: dict[str, int] | None = None
+    leases: list[str] = field(default_factory=list)  # models leased
+    debited: str | None = None  # the model whose buckets the last turn taken was debited from
+    unknown: str | None = None  # the model that let this call through before knowing anything
+    queued: dict[str, float] = field(default_factory=dict)  # model -> monotonic time it began to queue
+    waited: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the attempt loop does before sending: go (after ``wait``), ask again after ``wait``,
+    fall back to the next model, or degrade."""
+
+    action: str  # "go" | "again" | "fallback" | "degrade"
+    wait: float = 0.0
+
+
+GO = Decision("go")
+
+
+class Pacer:
+    """The app's pacing: asks the store, records what the upstream says, gives leases back."""
+
+    def __init__(self, state: ClaudeState) -> None:
+        self.state = state
+        settings = state.settings
+        self.mode = settings.pacing
+        self.max_wait = settings.pacing_wait
+        self.caps = settings.max_concurrency
+        # model -> (its replies carry rate-limit headers, until when this is believed): a model whose
+        # replies carry none (a proxy strips them, the simulator without limits) costs no round trip.
+        self._headers_seen: dict[str, tuple[bool, float]] = {}
+
+    def cap(self, model: str) -> int | None:
+        if isinstance(self.caps, dict):
+            return self.caps.get(model)
+        return self.caps
+
+    def _store(self) -> Any:
+        store = self.state.store
+        if not getattr(store, "healthy", True):
+            return None  # an outage: pacing is best effort, the call goes on
+        return getattr(store, "pacing", None)
+
+    def decide(self, call: Call, model: str, *, last: bool) -> Decision:
+        """May ``model`` take this call now? Else wait how long, fall back, or degrade."""
+        cap = self.cap(model)
+        if (self.mode == "off" and cap is None) or not call.settles:
+            return GO
+        if cap is None:
+            seen = self._headers_seen.get(model)
+            if seen is not None and not seen[0] and self.state.clock.monotonic() < seen[1]:
+                return GO
+        store = self._store()
+        if store is None:
+            return GO
+        marks = call.pacing
+        if marks is None:
+            marks = call.pacing = CallPacing()
+        if marks.need is None:
+            marks.need = {"requests": 1, "input-tokens": upper_bound_tokens(call.params),
+                          "output-tokens": int(call.params.get("max_tokens") or 0)}
+            marks.need["tokens"] = marks.need["input-tokens"] + marks.need["output-tokens"]
+        clock = self.state.clock
+        remaining = call.deadline.remaining()
+        fallback = self.mode == "fallback" and not last
+        allowed = 0.0 if fallback else max(0.0, min(self.max_wait - marks.waited, remaining / 2))
+        ask = Ask(model, marks.waiter, marks.need, allowed, cap, remaining + LEASE_SLACK, self.mode != "off")
+        from .storage import StorageUnavailable
+
+        try:
+            answer = store.admit(ask, clock.time())
+        except StorageUnavailable:
+            return GO
+        if answer.granted:
+            if cap is not None and model not in marks.leases:
+                marks.leases.append(model)
+            marks.debited = model if ask.pace else None
+            marks.unknown = None if answer.known else model
+            marks.queued.pop(model, None)
+            marks.waited += answer.wait
+            return Decision("go", answer.wait)
+        if answer.position > 0:  # queued for a lease
+            since = marks.queued.setdefault(model, clock.monotonic())
+            if fallback or clock.monotonic() - since >= allowed:
+                self._leave(store, model, marks)
+                return Decision("fallback" if fallback else "degrade", 1.0)
+            pause = min(POLL_MAX, POLL_MIN * answer.position) * (0.5 + random.random())
+            return Decision("again", pause)
+        return Decision("fallback" if fallback else "degrade", answer.wait)
+
+    def _leave(self, store: Any, model: str, marks: CallPacing) -> None:
+        from .storage import StorageUnavailable
+
+        marks.queued.pop(model, None)
+        try:
+            store.leave(model, marks.waiter)
+        except StorageUnavailable:
+            pass
+
+    def observe(self, call: Call, model: str, headers: Any) -> None:
+        """Record what a response (a 429 too) says is left, written behind with the settlement."""
+        if headers is None:
+            return
+        store = self._store()
+        if store is None:
+            return
+        quotas = parse_headers(headers, self.state.clock.time())
+        self._headers_seen[model] = (bool(quotas), self.state.clock.monotonic() + (600.0 if quotas else 60.0))
+        if not quotas:
+            return
+        marks = call.pacing
+        counted = None
+        if marks is not None and marks.unknown == model and marks.need is not None:
+            counted, marks.unknown = marks.need, None  # the upstream has counted this one
+        from .storage import StorageUnavailable
+
+        try:
+            store.observe(model, quotas, self.state.clock.time(), counted)
+        except StorageUnavailable:
+            pass
+
+    def done(self, call: Call, output_tokens: int | None = None) -> None:
+        """The call settled: its leases go back, it leaves any queue, and the output tokens its reply
+        did not use go back to the model's bucket, as the upstream gives them back (written behind)."""
+        marks = call.pacing
+        if marks is None:
+            return
+        unused = 0
+        if output_tokens is not None and marks.debited == call.model and marks.need is not None:
+            unused = max(0, marks.need["output-tokens"] - output_tokens)
+        if not (marks.leases or marks.queued or unused):
+            return
+        store = self._store()
+        if store is None:
+            return
+        from .storage import StorageUnavailable
+
+        try:
+            if unused:
+                store.credit(call.model, {"output-tokens": unused, "tokens": unused})
+            for model in marks.leases:
+                store.release(model, marks.waiter)
+            for model in list(marks.queued):
+                store.leave(model, marks.waiter)
+        except StorageUnavailable:
+            pass
+        marks.leases.clear()
+        marks.queued.clear()
+
+    def snapshot(self, models: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+        """Per model: each dimension's limit and level now, leases in use, calls queued (status, metrics)."""
+        store = self._store()
+        if store is None or not models:
+            return {}
+        from .storage import StorageUnavailable
+
+        try:
+            return dict(store.snapshot(list(models), self.state.clock.time()))
+        except StorageUnavailable:
+            return {}
