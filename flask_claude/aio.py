@@ -39,8 +39,8 @@ from .resilience import AsyncDeadlineTransport
 from .streams import StreamAccount
 
 if TYPE_CHECKING:
-    from .client import GuardedMessages
     from .extension import ClaudeState
+    from .runner import CallRunner
 
 T = TypeVar("T")
 
@@ -123,8 +123,8 @@ class AsyncGuardedMessages:
         self.clients = LoopClients(_client_factory(state))
 
     @property
-    def _core(self) -> GuardedMessages:
-        return self._state.messages
+    def _core(self) -> CallRunner:
+        return self._state.runner
 
     # --- public API -------------------------------------------------------------------------
 
@@ -132,19 +132,19 @@ class AsyncGuardedMessages:
         """``AsyncAnthropic().messages.create(...)`` guarded; ``stream=True`` gives a guarded async stream."""
         core = self._core
         streaming = bool(params.get("stream"))
-        call = core._prepare(params, streaming=streaming)  # counted before the first await
+        call = core.prepare(params, streaming=streaming)  # counted before the first await
         await self._reserve(call)
-        core._start_span(call, streaming=streaming)
+        core.start_span(call, streaming=streaming)
         try:
             client = await self.clients.get()
             result = await self._run_chain(call, lambda model, timeout: self._send_create(client, call, model,
                                                                                           timeout))
         except BaseException as exc:  # a cancelled task too: its hold is released and the call logged
-            core._fail(call, exc)
-            raise core._as_guard_error(call, exc) from None
+            core.fail(call, exc)
+            raise core.as_guard_error(call, exc) from None
         if streaming:
             return AsyncGuardedMessageStream(core, call, result, manager=None)
-        core._finish(call, usage=result.usage, stop_reason=result.stop_reason,
+        core.finish(call, usage=result.usage, stop_reason=result.stop_reason,
                      request_id=getattr(result, "_request_id", None), message=result)
         return result
 
@@ -162,7 +162,7 @@ class AsyncGuardedMessages:
             return await self._run_chain(call, lambda m, timeout: client.messages.count_tokens(
                 **{**params, "model": m, "timeout": timeout}))
         except BaseException as exc:
-            raise core._as_guard_error(call, exc) from None
+            raise core.as_guard_error(call, exc) from None
 
     # --- the I/O of a call ------------------------------------------------------------------
 
@@ -174,7 +174,7 @@ class AsyncGuardedMessages:
         return await endpoint.create(**kwargs)
 
     async def _reserve(self, call: Call) -> None:
-        """``GuardedMessages._reserve``, waiting for a busy budget with ``await``.
+        """``CallRunner.reserve``, waiting for a busy budget with ``await``.
 
         Under ``asyncio.gather`` the room a call waits for is held by its siblings on this same loop:
         a blocking wait would stall exactly the calls that would give it back.
@@ -184,7 +184,7 @@ class AsyncGuardedMessages:
         pause = 0.02
         while True:
             try:
-                core._reserve(call, wait=False)
+                core.reserve(call, wait=False)
                 return
             except BudgetExceeded as exc:
                 if exc.reason != "budget_busy" or clock.monotonic() + pause >= until:
@@ -193,7 +193,7 @@ class AsyncGuardedMessages:
             pause = min(pause * 2, 0.25)
 
     async def _run_chain(self, call: Call, send: Callable[[str, httpx2.Timeout], Awaitable[T]]) -> T:
-        """``GuardedMessages._run_chain`` with the attempt and the wait awaited."""
+        """``CallRunner.run_chain`` with the attempt and the wait awaited."""
         chain = ChainRun(self._core, call)
         while (timeout := chain.next_attempt()) is not None:
             if (pause := chain.admit()) is not None:  # pacing: wait for the turn, or ask again
@@ -233,9 +233,9 @@ class AsyncGuardedStreamManager:
         core = owner._core
         if "task_budget" in self._params:
             raise ConfigError("task_budget works with claude.async_messages.create(); streams do not take it yet")
-        call = core._prepare(self._params, streaming=True)
+        call = core.prepare(self._params, streaming=True)
         await owner._reserve(call)
-        core._start_span(call, streaming=True)
+        core.start_span(call, streaming=True)
         try:
             client = await owner.clients.get()
 
@@ -245,8 +245,8 @@ class AsyncGuardedStreamManager:
 
             manager, inner = await owner._run_chain(call, send)
         except BaseException as exc:
-            core._fail(call, exc)
-            raise core._as_guard_error(call, exc) from None
+            core.fail(call, exc)
+            raise core.as_guard_error(call, exc) from None
         self._stream = AsyncGuardedMessageStream(core, call, inner, manager=manager)
         return self._stream
 
@@ -258,7 +258,7 @@ class AsyncGuardedStreamManager:
 class AsyncGuardedMessageStream(StreamAccount):
     """Wraps the SDK's ``AsyncMessageStream`` (or raw ``AsyncStream``): ``async for``, ``text_stream``."""
 
-    def __init__(self, owner: GuardedMessages, call: Call, inner: Any, *, manager: Any) -> None:
+    def __init__(self, owner: CallRunner, call: Call, inner: Any, *, manager: Any) -> None:
         super().__init__(owner, call, inner, manager=manager)
         self.text_stream: AsyncIterator[str] = self._text_stream()
 

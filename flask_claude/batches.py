@@ -25,7 +25,7 @@ from .storage import MICRO, Line, StorageUnavailable
 from .tokens import upper_bound_tokens
 
 if TYPE_CHECKING:
-    from .client import GuardedMessages
+    from .runner import CallRunner
 
 BATCH_HOLD_SECONDS = 29 * 3600  # batches end within 24 h; the hold outlives them by a margin
 RECORD_TTL_SECONDS = 30 * 86400
@@ -37,9 +37,9 @@ def is_batch_request(item: Any) -> bool:
 
 
 class GuardedBatches:
-    def __init__(self, messages: GuardedMessages) -> None:
-        self._messages = messages
-        self._state = messages._state
+    def __init__(self, runner: CallRunner) -> None:
+        self._runner = runner  # the same call steps as claude.messages: retries, deadline, error lines
+        self._state = runner.state
 
     def create(self, *, requests: list[dict[str, Any]], **kwargs: Any) -> Any:
         """``client.messages.batches.create(requests=[{"custom_id", "params"}, ...])``, budgeted."""
@@ -182,9 +182,9 @@ class GuardedBatches:
     def _passthrough(self, send: Any) -> Any:
         call = Call.bare(self._state, current_scope(), "batch")
         try:
-            return self._messages._run_chain(call, lambda _model, timeout: send(timeout))
+            return self._runner.run_chain(call, lambda _model, timeout: send(timeout))
         except BaseException as exc:
-            raise self._messages._as_guard_error(call, exc) from None
+            raise self._runner.as_guard_error(call, exc) from None
 
 
 def _line(feature: str | None, route: str | None, user: str | None, model: str | None, batch_id: str,

@@ -38,8 +38,8 @@ from .resilience import (
 from .signals import model_fallback
 
 if TYPE_CHECKING:
-    from .client import GuardedMessages
     from .extension import ClaudeState
+    from .runner import CallRunner
 
 _FALLBACK_KINDS = frozenset({FailureKind.SERVER, FailureKind.CONNECTION, FailureKind.TIMEOUT, FailureKind.CIRCUIT_OPEN})
 
@@ -115,9 +115,9 @@ class ChainRun:
     neither makes a decision of its own.
     """
 
-    def __init__(self, owner: GuardedMessages, call: Call) -> None:
+    def __init__(self, owner: CallRunner, call: Call) -> None:
         self.owner = owner
-        self.state = owner._state
+        self.state = owner.state
         self.call = call
         self.index = 0
         self.attempt = 0
@@ -185,7 +185,7 @@ class ChainRun:
         self.last_exc = exc
         self._observe()
         failure = classify(exc)
-        self.owner._record_outcome(call.model, ok=not failure.counts_against_model)  # a hang is the model's
+        self.owner.record_outcome(call.model, ok=not failure.counts_against_model)  # a hang is the model's
         if call.deadline.expired and failure.kind == FailureKind.TIMEOUT:
             failure = Failure(FailureKind.DEADLINE, None, "deadline_exceeded")
         if failure.retryable and self.attempt < policy.max_retries:
@@ -218,7 +218,7 @@ class ChainRun:
         if call.reservation is not None or call.settles:
             call.success_model = call.model  # recorded on its breaker by the settlement
         else:
-            self.owner._record_outcome(call.model, ok=True)
+            self.owner.record_outcome(call.model, ok=True)
         if self.index > 0:
             call.fallback_from = call.chain[0]
 
@@ -239,7 +239,7 @@ class ChainRun:
                                   "status_code": failure.status_code,
                                   # requests this call sent to from_model, all failed (0: skipped, its circuit was open)
                                   "attempts": self.attempt if skipped else self.attempt + 1}
-        if not skipped or self.attempt > 0 or self.owner._log_skip(model):  # throttle pure skips
+        if not skipped or self.attempt > 0 or self.owner.log_skip(model):  # throttle pure skips
             state.events.emit("model_fallback", fields, level="WARNING")
         model_fallback.send(state.app, **fields)
         call.span.fallback(model, next_model, failure.error_type)

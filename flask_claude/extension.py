@@ -37,6 +37,7 @@ from .prometheus import metrics_response
 from .quart_support import handle_guard_error as handle_on_quart
 from .resilience import CircuitBreaker, DeadlineTransport, RetryPolicy
 from .rollups import AppRollups
+from .runner import CallRunner
 from .settings import Settings, load_settings
 from .simulator import Simulator
 from .state import EXTENSION_KEY, current_app_or_none, is_quart_app, state_for
@@ -107,6 +108,7 @@ class ClaudeState:
         self.events = EventLog(path=settings.log_path, secrets=(settings.api_key or "",),
                                hash_users=settings.hash_users, log_content=settings.log_content,
                                salt=self.user_salt)
+        self.runner = CallRunner(self)  # the steps of a guarded call, shared by every client
         self.messages = GuardedMessages(self)
         self.async_messages = AsyncGuardedMessages(self)
         self.flags = make_provider(settings.flags, sdk_key=settings.launchdarkly_sdk_key,

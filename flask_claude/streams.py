@@ -27,12 +27,12 @@ from .resilience import (
 from .tokens import estimate_tokens
 
 if TYPE_CHECKING:
-    from .client import GuardedMessages
+    from .runner import CallRunner
 
 class GuardedStreamManager:
     """``with claude.messages.stream(...) as stream``: the request and retries happen on enter."""
 
-    def __init__(self, owner: GuardedMessages, params: Mapping[str, Any]) -> None:
+    def __init__(self, owner: CallRunner, params: Mapping[str, Any]) -> None:
         self._owner = owner
         self._params = params
         self._stream: GuardedMessageStream | None = None
@@ -41,18 +41,18 @@ class GuardedStreamManager:
         owner = self._owner
         if "task_budget" in self._params:
             raise ConfigError("task_budget works with claude.messages.create(); streams do not take it yet")
-        call = owner._begin(self._params, streaming=True)
-        client = owner._state.client
+        call = owner.begin(self._params, streaming=True)
+        client = owner.state.client
 
         def send(model: str, timeout: httpx2.Timeout) -> tuple[Any, Any]:
             manager = client.messages.stream(**{**call.params, "model": model, "timeout": timeout})
             return manager, manager.__enter__()
 
         try:
-            manager, inner = owner._run_chain(call, send)
+            manager, inner = owner.run_chain(call, send)
         except BaseException as exc:
-            owner._fail(call, exc)
-            raise owner._as_guard_error(call, exc) from None
+            owner.fail(call, exc)
+            raise owner.as_guard_error(call, exc) from None
         self._stream = GuardedMessageStream(owner, call, inner, manager=manager)
         return self._stream
 
@@ -72,7 +72,7 @@ class StreamAccount:
     estimate of the text received.
     """
 
-    def __init__(self, owner: GuardedMessages, call: Call, inner: Any, *, manager: Any) -> None:
+    def __init__(self, owner: CallRunner, call: Call, inner: Any, *, manager: Any) -> None:
         self._owner = owner
         self._call = call
         self._inner = inner
@@ -124,7 +124,7 @@ class StreamAccount:
     def _failed(self, failure: Failure) -> UpstreamUnavailable:
         """Bill what arrived, hold the failure against the model, and tell the view."""
         self._call.success_model = None  # the stream's start was fine; its end was not
-        self._owner._record_outcome(self._call.model, ok=not failure.counts_against_model)
+        self._owner.record_outcome(self._call.model, ok=not failure.counts_against_model)
         self._settle(error=failure)
         return UpstreamUnavailable(f"stream failed: {failure.error_type}")
 
@@ -149,14 +149,14 @@ class StreamAccount:
         if not self._completed:
             usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), estimate_tokens(text))
         stop_reason = self._stop_reason if self._completed else ("client_disconnected" if abandoned else None)
-        self._owner._finish(self._call, usage=usage, stop_reason=stop_reason, request_id=self.request_id,
+        self._owner.finish(self._call, usage=usage, stop_reason=stop_reason, request_id=self.request_id,
                             error=error, reply_text=text, enforce_complete=False)
 
 
 class GuardedMessageStream(StreamAccount):
     """Wraps the SDK's ``MessageStream`` (or raw ``Stream``) to bill what was streamed, however it ends."""
 
-    def __init__(self, owner: GuardedMessages, call: Call, inner: Any, *, manager: Any) -> None:
+    def __init__(self, owner: CallRunner, call: Call, inner: Any, *, manager: Any) -> None:
         super().__init__(owner, call, inner, manager=manager)
         self.text_stream: Iterator[str] = self._text_stream()
 
