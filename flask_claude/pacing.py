@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from .storage import StorageUnavailable
+from .storage.pacing import DEFAULT_WINDOW, QUEUE_HEARTBEAT, Answer, Ask, Quota  # noqa: F401  (re-exported)
 from .tokens import upper_bound_tokens
 
 if TYPE_CHECKING:
@@ -42,33 +44,8 @@ if TYPE_CHECKING:
 
 #: The dimensions paced, as the headers spell them; ``tokens`` stands in only when neither is sent.
 DIMENSIONS = ("requests", "input-tokens", "output-tokens")
-DEFAULT_WINDOW = 60.0  # the API's limits are per minute: the refill rate when headers cannot tell it
 LEASE_SLACK = 5.0  # a lease outlives its call's deadline by this much before it lapses
-QUEUE_HEARTBEAT = 2.0  # a queued waiter that stops asking for this long leaves the queue
 POLL_MIN, POLL_MAX = 0.02, 0.25
-
-
-@dataclass(frozen=True)
-class Quota:
-    """One dimension as the upstream last reported it."""
-
-    limit: int
-    remaining: int
-    reset_in: float  # seconds until the bucket is full again, on our clock
-
-    def rate(self, previous: float | None, weight: float) -> tuple[float, float]:
-        """Refill per second and the estimate's weight: what is missing over the time to full.
-
-        The most precise estimate is the one with most missing (``remaining`` is floored and
-        ``reset`` may be rounded), so a new one replaces the last only when it is at least as deep.
-        Before any, the API's per-minute window.
-        """
-        missing = self.limit - self.remaining - 1  # ``remaining`` is floored: up to 1 more is missing
-        if self.reset_in > 0.05 and missing >= 1 and missing >= weight:
-            return missing / self.reset_in, float(missing)
-        if previous:
-            return previous, weight
-        return self.limit / DEFAULT_WINDOW, 0.0
 
 
 def parse_headers(headers: Mapping[str, str] | Any, now: float) -> dict[str, Quota]:
@@ -100,27 +77,6 @@ def _reset_in(reset: str | None, now: float) -> float:
         return 0.0
     at = datetime.fromisoformat(reset.replace("Z", "+00:00")).timestamp()
     return max(0.0, min(at - now, 3600.0))
-
-
-@dataclass(frozen=True)
-class Ask:
-    """One admission question to the store: may ``waiter`` call ``model`` now, with this need?"""
-
-    model: str
-    waiter: str
-    need: dict[str, int]
-    max_wait: float  # a turn further away than this is not taken
-    cap: int | None  # concurrency cap, None: no lease
-    lease_ttl: float
-    pace: bool  # False: only the concurrency cap applies (CLAUDE_PACING="off")
-
-
-@dataclass(frozen=True)
-class Answer:
-    granted: bool
-    wait: float = 0.0  # granted: wait this long, then send; refused: how long until it would fit
-    position: int = 0  # > 0: queued for a lease, this many ahead of the free ones (ask again)
-    known: bool = True  # False: let through before any report (its own report settles the doubt)
 
 
 @dataclass
@@ -196,8 +152,6 @@ class Pacer:
         fallback = self.mode == "fallback" and not last
         allowed = 0.0 if fallback else max(0.0, min(self.max_wait - marks.waited, remaining / 2))
         ask = Ask(model, marks.waiter, marks.need, allowed, cap, remaining + LEASE_SLACK, self.mode != "off")
-        from .storage import StorageUnavailable
-
         try:
             answer = store.admit(ask, clock.time())
         except StorageUnavailable:
@@ -220,8 +174,6 @@ class Pacer:
         return Decision("fallback" if fallback else "degrade", answer.wait)
 
     def _leave(self, store: Any, model: str, marks: CallPacing) -> None:
-        from .storage import StorageUnavailable
-
         marks.queued.pop(model, None)
         try:
             store.leave(model, marks.waiter)
@@ -243,8 +195,6 @@ class Pacer:
         counted = None
         if marks is not None and marks.unknown == model and marks.need is not None:
             counted, marks.unknown = marks.need, None  # the upstream has counted this one
-        from .storage import StorageUnavailable
-
         try:
             store.observe(model, quotas, self.state.clock.time(), counted)
         except StorageUnavailable:
@@ -264,8 +214,6 @@ class Pacer:
         store = self._store()
         if store is None:
             return
-        from .storage import StorageUnavailable
-
         try:
             if unused:
                 store.credit(call.model, {"output-tokens": unused, "tokens": unused})
@@ -283,8 +231,6 @@ class Pacer:
         store = self._store()
         if store is None or not models:
             return {}
-        from .storage import StorageUnavailable
-
         try:
             return dict(store.snapshot(list(models), self.state.clock.time()))
         except StorageUnavailable:

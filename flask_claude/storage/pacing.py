@@ -13,8 +13,54 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..pacing import DEFAULT_WINDOW, QUEUE_HEARTBEAT, Answer, Ask, Quota
 from .scripts import lua
+
+DEFAULT_WINDOW = 60.0  # the API's limits are per minute: the refill rate when headers cannot tell it
+QUEUE_HEARTBEAT = 2.0  # a queued waiter that stops asking for this long leaves the queue
+
+
+@dataclass(frozen=True)
+class Quota:
+    """One dimension as the upstream last reported it."""
+
+    limit: int
+    remaining: int
+    reset_in: float  # seconds until the bucket is full again, on our clock
+
+    def rate(self, previous: float | None, weight: float) -> tuple[float, float]:
+        """Refill per second and the estimate's weight: what is missing over the time to full.
+
+        The most precise estimate is the one with most missing (``remaining`` is floored and
+        ``reset`` may be rounded), so a new one replaces the last only when it is at least as deep.
+        Before any, the API's per-minute window.
+        """
+        missing = self.limit - self.remaining - 1  # ``remaining`` is floored: up to 1 more is missing
+        if self.reset_in > 0.05 and missing >= 1 and missing >= weight:
+            return missing / self.reset_in, float(missing)
+        if previous:
+            return previous, weight
+        return self.limit / DEFAULT_WINDOW, 0.0
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One admission question to the store: may ``waiter`` call ``model`` now, with this need?"""
+
+    model: str
+    waiter: str
+    need: dict[str, int]
+    max_wait: float  # a turn further away than this is not taken
+    cap: int | None  # concurrency cap, None: no lease
+    lease_ttl: float
+    pace: bool  # False: only the concurrency cap applies (CLAUDE_PACING="off")
+
+
+@dataclass(frozen=True)
+class Answer:
+    granted: bool
+    wait: float = 0.0  # granted: wait this long, then send; refused: how long until it would fit
+    position: int = 0  # > 0: queued for a lease, this many ahead of the free ones (ask again)
+    known: bool = True  # False: let through before any report (its own report settles the doubt)
 
 STATE_TTL_MS = 600_000  # a model not called for ten minutes forgets what it was told
 
