@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,14 +12,13 @@ from typing import Any
 
 import pytest
 from flask import Flask, request
-from werkzeug.serving import make_server
 
 from flask_claude import Claude, ai_feature, budgeted, fallback_to
 from flask_claude.flags import StaticFlags
 from flask_claude.rollups import to_micro
 from flask_claude.simulator import Simulator
 
-from .conftest import FakeClock
+from .conftest import FakeClock, serving
 from .test_browser import page  # noqa: F401  (the fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,14 +123,8 @@ def test_two_processes_on_one_redis_show_the_same_numbers_as_the_log(redis_url: 
 def served(redis_url: str, sim: Simulator, clock: FakeClock, tmp_path: Path) -> Iterator[tuple[str, Flask]]:
     app = dash_app(redis_url, sim, clock, tmp_path / "calls.jsonl",
                    access=lambda: request.cookies.get("ops") == "let-me-in")
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}", app
-    finally:
-        server.shutdown()
-        thread.join(5)
+    with serving(app) as base:
+        yield base, app
 
 
 def _an_hour_of_traffic(app: Flask, sim: Simulator, clock: FakeClock) -> None:
