@@ -220,22 +220,25 @@ class Budgets(BeforeView):
         if step_down is not None and line >= 0:
             alt = self.budget_lines(scope, scope.budgets, usd=math.ceil(step_down.usd * MICRO), tokens=tokens,
                                     now=now)[0]
-        breaker_snapshot = self._begin(scope, holds=lines, usd_idx=usd_idx, app_wide=app_wide, rid=rid,
+        outcome = self._begin(scope, holds=lines, usd_idx=usd_idx, app_wide=app_wide, rid=rid,
                                        hold_seconds=hold_seconds, breakers=breakers, optional=optional, wait=wait,
                                        lower=(line, step_down.at if step_down else 0.0, [a.amount for a in alt]))
-        if not lines or (optional and scope.memo.pop("not_held", False)):
+        breaker_snapshot = outcome.breakers if outcome is not None else None
+        if not lines or (outcome is not None and not outcome.held):  # an optional hold that found no room
             return None, breaker_snapshot
-        chose = scope.memo.pop("downgraded", None)
-        if chose is not None and step_down is not None:
-            return (Reservation(rid, alt, usd_idx, sorted(app_wide), downgraded_to=step_down.chain, fraction=chose),
-                    breaker_snapshot)
+        # Storage down under "open": no hold was taken, but the call's settlement is still kept and
+        # added to the budgets when storage is back, so it gets a reservation all the same.
+        if outcome is not None and outcome.downgraded and step_down is not None:
+            return (Reservation(rid, alt, usd_idx, sorted(app_wide), downgraded_to=step_down.chain,
+                                fraction=outcome.fraction), breaker_snapshot)
         return Reservation(rid, lines, usd_idx, sorted(app_wide)), breaker_snapshot
 
     def _begin(self, scope: CallScope, *, holds: list[Line], usd_idx: list[int], app_wide: set[int], rid: str,
                hold_seconds: float, breakers: tuple[str, ...], optional: bool = False,
                wait: bool = True,
-               lower: tuple[int, float, list[int]] = (-1, 0.0, [])) -> dict[str, float | None] | None:
-        """One atomic step; while in-flight holds (not spend) fill a budget, wait briefly for room.
+               lower: tuple[int, float, list[int]] = (-1, 0.0, [])) -> Outcome | None:
+        """One atomic step (None: storage down under the "open" policy); while in-flight holds (not
+        spend) fill a budget, wait briefly for room.
 
         Holds are worst cases, often several times a call's real cost, so under a burst a budget
         can look full while most of it is still unspent: such a refusal is "busy", not "exhausted",
@@ -263,17 +266,13 @@ class Budgets(BeforeView):
             pause = min(pause * 2, 0.25)
         if not result.ok:
             self._refuse(result, gates, requests, holds, usd_idx, app_wide)
-        if not result.held:
-            scope.memo["not_held"] = True
-        if result.downgraded:
-            scope.memo["downgraded"] = result.fraction
         scope.admission = None
         if requests:
             tightest = min(range(len(requests)), key=lambda i: result.remaining[i])
             scope.rate_headers = {"RateLimit-Limit": str(requests[tightest].limit),
                                   "RateLimit-Remaining": str(result.remaining[tightest]),
                                   "RateLimit-Reset": str(math.ceil(result.resets[tightest]))}
-        return result.breakers
+        return result
 
     def _refuse(self, result: Outcome, gates: list[Line], requests: list[Line], holds: list[Line],
                 usd_idx: list[int], app_wide: set[int]) -> None:
