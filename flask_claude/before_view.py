@@ -16,7 +16,6 @@ from . import downgrade
 from .context import CallScope
 from .errors import ClaudeGuardError
 from .storage import MICRO
-from .tokens import upper_bound_tokens
 
 if TYPE_CHECKING:
     from .budget import Reservation
@@ -113,15 +112,14 @@ class BeforeView:
         turns = scope.max_history_turns or 8
         return min(bounds) + 16 + 16 * turns
 
-    def _learn_overhead(self, scope: CallScope, params: Any, input_bound: int, cached: bool, max_tokens: int) -> None:
+    def _learn_overhead(self, scope: CallScope, app_part: int, cached: bool, max_tokens: int) -> None:
         """What a feature's calls add to the user's input (system prompt, tools), whether they mark
         ``cache_control`` and the largest ``max_tokens`` they ask: the next admission's hold is sized
         from these, so a feature's hold matches its calls after the first one."""
         if scope.feature is None or (scope.max_input_chars is None and scope.max_input_tokens is None):
             return
-        user_part = upper_bound_tokens({"messages": params.get("messages") or ()})
         known = self._overheads.get(scope.feature, (0, False, 0))
-        learned = (max(known[0], input_bound - user_part), known[1] or cached, max(known[2], max_tokens))
+        learned = (max(known[0], app_part), known[1] or cached, max(known[2], max_tokens))
         if learned != known:
             self._overheads[scope.feature] = learned
 

@@ -29,7 +29,7 @@ from .kept_spend import KeptSpend
 from .periods import PeriodCache, granularity, period_bounds  # noqa: F401  (period_bounds: re-exported)
 from .signals import budget_alert
 from .storage import MICRO, Admission, Begin, Crossed, Line, Outcome, StorageUnavailable, Store
-from .tokens import upper_bound_tokens
+from .tokens import upper_bound_split
 
 if TYPE_CHECKING:
     from .decorators import BudgetOptions
@@ -174,8 +174,8 @@ class Budgets(BeforeView):
     # --- each Claude call: reserve (with admission and the breakers), settle ----------------
 
     def begin(self, scope: CallScope, chain: list[str], params: Any, max_tokens: int, *,
-              call_seconds: float | None = None,
-              wait: bool = True) -> tuple[Reservation | None, dict[str, float | None] | None]:
+              call_seconds: float | None = None, wait: bool = True,
+              bounds: tuple[int, int] | None = None) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold one call's worst case (input bound + ``max_tokens`` at the dearest model's prices).
 
         The same round trip admits the request (if not yet done) and reads the chain's breakers,
@@ -183,9 +183,10 @@ class Budgets(BeforeView):
         (``admit_before_view``) serves the request's first call with no round trip at all when it is
         large enough, and is topped up by the difference when it is not.
         """
-        input_bound = upper_bound_tokens(params)
+        user_part, app_part = bounds if bounds is not None else upper_bound_split(params)
+        input_bound = user_part + app_part
         cached = has_cache_control(params)
-        self._learn_overhead(scope, params, input_bound, cached, max_tokens)
+        self._learn_overhead(scope, app_part, cached, max_tokens)
         worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens, cache_write=cached)
         usd_micro, tokens = math.ceil(worst_usd * MICRO), input_bound + max_tokens
         hold_seconds = (call_seconds or self.settings.deadline) + 30.0

@@ -144,7 +144,8 @@ class Pacer:
         if marks is None:
             marks = call.pacing = CallPacing()
         if marks.need is None:
-            marks.need = {"requests": 1, "input-tokens": upper_bound_tokens(call.params),
+            bound = sum(call.bounds) if call.bounds is not None else upper_bound_tokens(call.params)
+            marks.need = {"requests": 1, "input-tokens": bound,
                           "output-tokens": int(call.params.get("max_tokens") or 0)}
             marks.need["tokens"] = marks.need["input-tokens"] + marks.need["output-tokens"]
         clock = self.state.clock

@@ -39,7 +39,7 @@ from .resilience import (
     model_chain,
 )
 from .signals import circuit_opened, claude_called
-from .tokens import estimate_input_tokens, prompt_chars
+from .tokens import estimate_input_tokens, prompt_chars, upper_bound_split
 
 if TYPE_CHECKING:
     from .extension import ClaudeState
@@ -141,9 +141,11 @@ class CallRunner:
     def reserve(self, call: Call, *, wait: bool = True) -> None:
         """Reserve the worst case against every budget that applies, or refuse having reserved nothing."""
         state = self.state
+        if call.bounds is None:  # once per call: the reservation, its top-ups and pacing read it
+            call.bounds = upper_bound_split(call.params)
         call.reservation, call.breakers = state.budgets.begin(
             call.scope, call.chain, call.params, call.params["max_tokens"],
-            call_seconds=call.deadline.remaining(), wait=wait)
+            call_seconds=call.deadline.remaining(), wait=wait, bounds=call.bounds)
         lower = call.reservation.downgraded_to if call.reservation is not None else None
         if lower and lower != call.chain:  # its budget is nearly spent: start at the cheaper model (downgrade.py)
             scope = call.scope

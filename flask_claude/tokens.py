@@ -97,3 +97,11 @@ def upper_bound_tokens(params: Mapping[str, Any]) -> int:
         non_ascii = sum(1 for ch in text if ord(ch) > 127) if not text.isascii() else 0
         total += -(-(len(text) - non_ascii) // 2) + 2 * non_ascii
     return total
+
+
+def upper_bound_split(params: Mapping[str, Any]) -> tuple[int, int]:
+    """``upper_bound_tokens`` in its two parts, from one pass each over what they hold: what callers
+    send (``messages``, with the request's framing) and what the app adds (``system``, ``tools``)."""
+    user = upper_bound_tokens({"messages": params.get("messages") or ()})
+    app_part = upper_bound_tokens({"system": params.get("system"), "tools": params.get("tools")}) - 16
+    return user, app_part

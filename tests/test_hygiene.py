@@ -272,3 +272,16 @@ def test_a_batch_error_line_has_the_fields_of_a_call_error_line(make_app, sim: S
     assert set(CALL_FIELDS) <= set(error) and set(CALL_FIELDS) <= set(call)
     assert error["error_type"] == "batch_errored" and error["model"] == "claude-sonnet-4-6"
     assert error["user"] == call["user"] and error["cost_usd"] == 0.0
+
+
+def test_the_input_bound_splits_into_what_callers_send_and_what_the_app_adds() -> None:
+    from flask_claude.tokens import upper_bound_split, upper_bound_tokens
+
+    params = {"system": [{"type": "text", "text": "Résumé in 3 bullets. " * 40}],
+              "tools": [{"name": "lookup", "input_schema": {"type": "object"}}],
+              "messages": [{"role": "user", "content": [{"type": "text", "text": "日本語 and ascii"},
+                                                        {"type": "image", "source": {"type": "base64", "data": "x"}}]},
+                           {"role": "assistant", "content": "ok"}]}
+    user, app_part = upper_bound_split(params)
+    assert user + app_part == upper_bound_tokens(params)
+    assert user == upper_bound_tokens({"messages": params["messages"]}) and app_part > 0
