@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -180,6 +181,21 @@ def hash_text(text: str, *, salt: str = "") -> str:
     return hashlib.sha256((salt + text).encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+_PLAIN = frozenset({int, float, bool, type(None)})
+_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode  # built once: json.dumps(**options) builds one per call
+_second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
+
+
+def _timestamp() -> str:
+    """``datetime.now(UTC).isoformat(timespec="milliseconds")``, formatting the date part once a second."""
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second[1] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[0] = whole
+    return f"{_second[1]}.{int((now - whole) * 1000):03d}+00:00"
+
+
 class _FileWriter:
     """Appends whole lines with one ``os.write`` each, so processes sharing a file never interleave."""
 
@@ -275,24 +291,29 @@ class EventLog:
         return json.dumps(_scrub_content(value, self.secrets), default=str)
 
     def emit(self, event: str, fields: Mapping[str, Any], *, level: str = "INFO") -> dict[str, Any]:
-        record: dict[str, Any] = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                                  "event": event}
+        record: dict[str, Any] = {"ts": _timestamp(), "event": event}
+        secrets = self.secrets
         for key, value in fields.items():
             if key in record:
                 continue
-            if key in _OUR_FIELDS:
+            kind = type(value)
+            if kind in _PLAIN:
+                pass  # numbers and None need no scrubbing
+            elif key in _OUR_FIELDS:
                 shape = _SHAPED.get(key)
-                if shape is not None and type(value) is str and shape.fullmatch(value) is None:
+                if shape is not None and kind is str and shape.fullmatch(value) is None:
                     value = "[invalid]"
             elif isinstance(value, (str, Mapping, list, tuple)):
-                value = _scrub_value(value, self.secrets)  # numbers and None need no scrubbing
+                value = _scrub_value(value, secrets)
             record[key] = value
         try:
-            self._write(json.dumps(record, default=str, ensure_ascii=False) + "\n")
+            self._write(_encode(record) + "\n")
         except OSError:
             pass  # a full disk or a closed stderr must not fail the request; loguru's sinks still get it
         route = _Route(self.destination)
         route.fields = record
-        # The message is the fixed event name: untrusted text is bound, never formatted.
-        logger.bind(**record, claude_sink=route).log(level, event)
+        # The message is the fixed event name: untrusted text is bound, never formatted. The fields go
+        # in as ``log`` keyword arguments (loguru puts them in ``extra``), not through ``bind``, so an
+        # app without loguru handlers pays for no copy of them.
+        logger.log(level, event, **record, claude_sink=route)
         return record

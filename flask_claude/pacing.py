@@ -46,16 +46,34 @@ if TYPE_CHECKING:
 DIMENSIONS = ("requests", "input-tokens", "output-tokens")
 LEASE_SLACK = 5.0  # a lease outlives its call's deadline by this much before it lapses
 POLL_MIN, POLL_MAX = 0.02, 0.25
+WATCH_INTERVAL = 1.0  # with pacing off, a worker records a model's levels at most this often
+
+
+_PREFIX = "anthropic-ratelimit-"
 
 
 def parse_headers(headers: Mapping[str, str] | Any, now: float) -> dict[str, Quota]:
-    """``anthropic-ratelimit-*`` headers -> quotas per dimension (``now`` is our wall clock)."""
+    """``anthropic-ratelimit-*`` headers -> quotas per dimension (``now`` is our wall clock).
+
+    One pass over the headers, not a lookup per name: an httpx lookup scans them all, and this runs
+    on every reply (bench/RESULTS.md).
+    """
     if headers is None:
+        return {}
+    items = headers.multi_items() if hasattr(headers, "multi_items") else headers.items()
+    seen: dict[str, dict[str, str]] = {}
+    for key, value in items:
+        if len(key) > 20 and key[:20].lower() == _PREFIX:
+            name, _, part = key[20:].lower().rpartition("-")
+            seen.setdefault(name, {})[part] = value
+    if not seen:
         return {}
     out: dict[str, Quota] = {}
     for name in (*DIMENSIONS, "tokens"):
-        prefix = f"anthropic-ratelimit-{name}-"
-        limit, remaining, reset = (headers.get(prefix + part) for part in ("limit", "remaining", "reset"))
+        parts = seen.get(name)
+        if parts is None:
+            continue
+        limit, remaining, reset = parts.get("limit"), parts.get("remaining"), parts.get("reset")
         if limit is None or remaining is None:
             continue
         try:
@@ -116,6 +134,7 @@ class Pacer:
         # model -> (its replies carry rate-limit headers, until when this is believed): a model whose
         # replies carry none (a proxy strips them, the simulator without limits) costs no round trip.
         self._headers_seen: dict[str, tuple[bool, float]] = {}
+        self._watched_until: dict[str, float] = {}  # model -> when a reply's levels are recorded again (pacing off)
 
     def cap(self, model: str) -> int | None:
         if isinstance(self.caps, dict):
@@ -188,8 +207,16 @@ class Pacer:
         store = self._store()
         if store is None:
             return
-        quotas = parse_headers(headers, self.state.clock.time())
-        self._headers_seen[model] = (bool(quotas), self.state.clock.monotonic() + (600.0 if quotas else 60.0))
+        clock = self.state.clock
+        watch_only = self.mode == "off" and self.cap(model) is None
+        if watch_only and clock.monotonic() < self._watched_until.get(model, 0.0):
+            return
+        quotas = parse_headers(headers, clock.time())
+        self._headers_seen[model] = (bool(quotas), clock.monotonic() + (600.0 if quotas else 60.0))
+        if watch_only:
+            # Nothing is paced: the levels are only shown (status, metrics, dashboard), so one
+            # report a second per worker keeps them live without a storage write per reply.
+            self._watched_until[model] = clock.monotonic() + WATCH_INTERVAL
         if not quotas:
             return
         marks = call.pacing

@@ -203,9 +203,9 @@ class DeadlineTransport(httpx2.BaseTransport):
             mark.headers = response.headers
         if deadline is None:
             return response
-        return httpx2.Response(status_code=response.status_code, headers=response.headers,
-                               stream=_DeadlineStream(response.stream, deadline),
-                               extensions=response.extensions, request=request)
+        # The same response, its body read under the deadline: a new Response would parse the headers again.
+        response.stream = _DeadlineStream(response.stream, deadline)
+        return response
 
     def close(self) -> None:
         self.inner.close()
@@ -248,9 +248,9 @@ class AsyncDeadlineTransport(httpx2.AsyncBaseTransport):
             mark.headers = response.headers
         if deadline is None:
             return response
-        return httpx2.Response(status_code=response.status_code, headers=response.headers,
-                               stream=_AsyncDeadlineStream(response.stream, deadline),
-                               extensions=response.extensions, request=request)
+        # The same response, its body read under the deadline: a new Response would parse the headers again.
+        response.stream = _AsyncDeadlineStream(response.stream, deadline)
+        return response
 
     async def aclose(self) -> None:
         await self.inner.aclose()
