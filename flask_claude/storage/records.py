@@ -17,7 +17,9 @@ BREAKER_BUCKETS = 10  # the failure window is counted in this many time buckets:
 KILL_SHARE = 0.25
 
 
-@dataclass(frozen=True)
+# The records a request builds several of are plain slotted dataclasses: a frozen one's constructor
+# costs four times as much (object.__setattr__ per field), and nothing hashes or shares them mutably.
+@dataclass(slots=True)
 class Line:
     """One counter a step touches: a budget (a calendar period) or a request limit (a sliding window)."""
 
@@ -29,7 +31,7 @@ class Line:
     window: float = 0.0  # request limits: the sliding window's length in seconds (0 for a budget)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Admission:
     """What a request's admission still has to check: the app-wide budgets' kill state and its
     request limits (``Budgets.admit`` builds it; the first storage step of the request takes it)."""
@@ -46,7 +48,7 @@ class BreakerParams:
     cooldown: float
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Begin:
     """What a call's first storage step does, all or nothing."""
 
@@ -66,7 +68,7 @@ class Begin:
     alt_amounts: Sequence[int] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Outcome:
     ok: bool
     stage: str = ""  # "gate" | "request" | "hold": which part refused
@@ -83,7 +85,7 @@ class Outcome:
     fraction: float = 0.0  # that line's spent / limit when decided
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Crossed:
     key: str
     threshold: float
