@@ -60,6 +60,22 @@ class Reservation:
         return (self.rid, *self.topups)
 
 
+_PLAN_CACHE = 10_000  # subjects whose budget keys and names are kept built between their requests
+
+
+@dataclass(slots=True)
+class _Plan:
+    """A scope's budgets (amounts 0) and request limits: what ``_plan`` builds once and shares."""
+
+    options: Any
+    lines: list[Line]
+    usd_idx: list[int]
+    app_wide: set[int]
+    in_usd: list[bool]
+    admission: Admission | None  # shared by the subject's requests: never mutated
+    valid_until: float
+
+
 class Budgets(BeforeView):
     """One app's limits and budgets on its store (memory or Redis)."""
 
@@ -71,12 +87,14 @@ class Budgets(BeforeView):
         self.kept = KeptSpend()  # spend settled while storage was down, replayed when it is back
         # feature -> (largest system/tools token bound, any cache_control, largest max_tokens) of its calls
         self._overheads: dict[str, tuple[int, bool, int]] = {}
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
+        self._user_subjects: dict[str, str] = {}  # user key -> its salted hash (sha256 per request otherwise)
 
     # --- keys -----------------------------------------------------------------------------
 
     def _subject(self, scope: CallScope, options: BudgetOptions | None) -> str:
         per = options.per if options is not None else "user"
-        memo_key = f"subject:{per if isinstance(per, str) else id(per)}"
+        memo_key = ("subject", per if isinstance(per, str) else id(per))
         subject = scope.memo.get(memo_key)
         if subject is None:
             subject = scope.memo[memo_key] = self._compute_subject(scope, per)
@@ -90,7 +108,13 @@ class Budgets(BeforeView):
         if per == "global":
             return "global"
         # Never the raw key: storage keys, budget names and alerts carry a salted hash of it.
-        return f"user:{hash_text(str(scope.user), salt=self.state.user_salt)}"
+        user = str(scope.user)
+        subject = self._user_subjects.get(user)
+        if subject is None:
+            if len(self._user_subjects) >= _PLAN_CACHE:
+                self._user_subjects.clear()
+            subject = self._user_subjects[user] = f"user:{hash_text(user, salt=self.state.user_salt)}"
+        return subject
 
     def _global_limit_usd(self, scope: CallScope) -> float | None:
         limit = self.settings.daily_budget_usd
@@ -103,24 +127,41 @@ class Budgets(BeforeView):
     def budget_lines(self, scope: CallScope, options: BudgetOptions | None, *, usd: int, tokens: int,
                      now: float) -> tuple[list[Line], list[int], set[int]]:
         """Every budget a call of this scope counts against; which are in USD; which are app-wide."""
-        templates, usd_idx, app_wide = self._templates(scope, options, now)
-        lines = [Line(t.key, t.limit, usd if i in usd_idx else tokens, t.expires_at, t.name)
-                 for i, t in enumerate(templates)]
-        return lines, usd_idx, app_wide
+        plan = self._plan(scope, options, now)
+        lines = [Line(t.key, t.limit, usd if in_usd else tokens, t.expires_at, t.name)
+                 for t, in_usd in zip(plan.lines, plan.in_usd, strict=True)]
+        return lines, plan.usd_idx, plan.app_wide
 
     def _templates(self, scope: CallScope, options: BudgetOptions | None,
                    now: float) -> tuple[list[Line], list[int], set[int]]:
-        """The budgets of a scope, built once per request (admission and every call reuse them)."""
-        memo_key = f"budgets:{id(options)}"
-        cached = scope.memo.get(memo_key)
-        if cached is not None and now < cached[3]:
-            return cached[0], cached[1], cached[2]
+        plan = self._plan(scope, options, now)
+        return plan.lines, plan.usd_idx, plan.app_wide
+
+    def _plan(self, scope: CallScope, options: BudgetOptions | None, now: float) -> _Plan:
+        """The budgets and request limits of a scope: built once per (view, subject, period), shared by
+        that subject's requests until a period ends, and memoised on the request for its calls."""
+        memo_key = ("budgets", id(options))
+        plan: _Plan | None = scope.memo.get(memo_key)
+        if plan is not None and now < plan.valid_until:
+            return plan
+        feature = scope.feature or "-"
+        subject = self._subject(scope, options) if options is not None else ""
+        key = (id(options), feature, subject, self._global_limit_usd(scope))
+        plan = self._plans.get(key)
+        if plan is None or now >= plan.valid_until or plan.options is not options:
+            if len(self._plans) >= _PLAN_CACHE:
+                self._plans.clear()  # many subjects: start over rather than track recency per request
+            plan = self._plans[key] = self._build_plan(scope, options, feature, subject, key[3], now)
+        scope.memo[memo_key] = plan
+        return plan
+
+    def _build_plan(self, scope: CallScope, options: BudgetOptions | None, feature: str, subject: str,
+                    global_limit: float | None, now: float) -> _Plan:
         lines: list[Line] = []
         usd_idx: list[int] = []
         app_wide: set[int] = set()
-        feature = scope.feature or "-"
+        requests: list[Line] = []
         if options is not None:
-            subject = self._subject(scope, options)
             for item in options.tokens:
                 pid, end = self.periods.bounds(granularity(item), item.multiples, now)
                 lines.append(Line(f"tok:{feature}:{subject}:{item}:{pid}", item.amount, 0, end,
@@ -130,6 +171,8 @@ class Budgets(BeforeView):
                 usd_idx.append(len(lines))
                 lines.append(Line(f"usd:{feature}:{subject}:{period}:{pid}", round(amount * MICRO), 0, end,
                                   name=f"{subject} usd {amount}/{period}"))
+            requests = [Line(f"req:{feature}:{subject}:{item}", item.amount, 1, name=str(item),
+                             window=float(item.get_expiry())) for item in options.requests]
         pid, end = self.periods.bounds("day", 1, now)
         feature_limit = self.settings.feature_budgets_usd.get(scope.feature or "")
         if feature_limit is not None:
@@ -137,34 +180,27 @@ class Budgets(BeforeView):
             app_wide.add(len(lines))
             lines.append(Line(f"usd:feature:{feature}:day:{pid}", round(feature_limit * MICRO), 0, end,
                               name=f"feature {feature} daily budget"))
-        global_limit = self._global_limit_usd(scope)
         if global_limit is not None:
             usd_idx.append(len(lines))
             app_wide.add(len(lines))
             lines.append(Line(f"usd:global:day:{pid}", round(global_limit * MICRO), 0, end,
                               name="global daily budget"))
-        valid_until = min([line.expires_at for line in lines], default=float("inf"))
-        scope.memo[memo_key] = (lines, usd_idx, app_wide, valid_until)
-        return lines, usd_idx, app_wide
+        gates = [lines[i] for i in sorted(app_wide)]
+        return _Plan(options=options, lines=lines, usd_idx=usd_idx, app_wide=app_wide,
+                     in_usd=[i in usd_idx for i in range(len(lines))],
+                     admission=Admission(gates, requests) if gates or requests else None,
+                     valid_until=min([line.expires_at for line in lines], default=float("inf")))
 
     # --- pipeline steps 2-3: admission, done with the first call's reservation --------------
 
     def admit(self, scope: CallScope, options: BudgetOptions | None) -> None:
         """Prepare the request's admission: the app-wide budgets' kill state and its request limits.
 
-        Nothing is sent yet: the first Claude call of the request checks them in the same atomic
-        step as its reservation (one round trip for both); ``finish_admission`` checks them after a
-        view that made no call.
+        Nothing is sent yet: ``admit_before_view`` (the default) or the first Claude call of the
+        request checks them in one atomic step; ``finish_admission`` checks them after a view that
+        made no call.
         """
-        now = self.state.clock.time()
-        lines, _, app_wide = self.budget_lines(scope, options, usd=0, tokens=0, now=now)
-        requests: list[Line] = []
-        if options is not None and options.requests:
-            subject = self._subject(scope, options)
-            requests = [Line(f"req:{scope.feature or '-'}:{subject}:{item}", item.amount, 1, name=str(item),
-                             window=float(item.get_expiry())) for item in options.requests]
-        gates = [lines[i] for i in sorted(app_wide)]
-        scope.admission = Admission(gates, requests) if gates or requests else None
+        scope.admission = self._plan(scope, options, self.state.clock.time()).admission
 
     def finish_admission(self, scope: CallScope) -> None:
         """A view that made no Claude call is still counted against (and refused by) its limits."""

@@ -182,7 +182,8 @@ def hash_text(text: str, *, salt: str = "") -> str:
 
 
 _PLAIN = frozenset({int, float, bool, type(None)})
-_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode  # built once: json.dumps(**options) builds one per call
+# Built once: json.dumps with options builds an encoder per call.
+_encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
 _second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
 
 
@@ -272,11 +273,18 @@ class EventLog:
         self.log_content = log_content
         self.salt = salt
         self._write = _writer(self.destination)
+        self._users: dict[str, str] = {}  # user key -> as logged
 
     def user(self, key: str | None) -> str | None:
         if key is None:
             return None
-        return hash_text(str(key), salt=self.salt) if self.hash_users else scrub(str(key), self.secrets)
+        key = str(key)
+        shown = self._users.get(key)
+        if shown is None:  # a sha256 or seven scrubbers per line otherwise, for the same few active users
+            if len(self._users) >= 10_000:
+                self._users.clear()
+            shown = self._users[key] = hash_text(key, salt=self.salt) if self.hash_users else scrub(key, self.secrets)
+        return shown
 
     def content(self, value: Any) -> str | None:
         """Prompt or reply, only when the app opted in with ``CLAUDE_LOG_CONTENT``, scrubbed.

@@ -57,6 +57,7 @@ class ClaudeState:
         self.app = app
         self.settings = settings
         self.extension = extension
+        self.uses_flask_login: bool | None = None  # whether the app has a LoginManager, seen at its first request
         self.clock: Clock = clock or SystemClock()
         self.prices = PriceTable(settings.prices, clock=self.clock)  # a call is priced at its own time
         self.prices.check(settings.models)  # an unpriced model fails the deploy, not a request

@@ -8,6 +8,7 @@ lookup must never be the reason a request fails.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -153,8 +154,9 @@ class EnvFlags:
         self._once = _Once()
 
     @staticmethod
+    @functools.lru_cache(maxsize=1024)
     def variable(flag: str) -> str:
-        """The environment variable that holds ``flag``."""
+        """The environment variable that holds ``flag`` (a regex per flag read otherwise)."""
         return "CLAUDE_FLAG_" + re.sub(r"[^A-Za-z0-9]", "_", flag).upper()
 
     def _env(self) -> Mapping[str, str]:

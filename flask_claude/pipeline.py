@@ -99,8 +99,16 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
     if spec.fallback is not None and spec.fallback.cache:
         remember(state, spec, scope, response, args, kwargs)
     if scope.rate_headers:
-        response.headers.update(scope.rate_headers)
+        headers = response.headers
+        if _RATE_NAMES.isdisjoint(headers.keys(lower=True)):
+            for name, value in scope.rate_headers.items():
+                headers.add(name, value)  # ``update`` searches and validates each name: 8 us more per request
+        else:
+            headers.update(scope.rate_headers)
     return response
+
+
+_RATE_NAMES = frozenset({"ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"})
 
 
 def resolve_user(state: ClaudeState) -> UserContext:
@@ -121,15 +129,16 @@ def resolve_user(state: ClaudeState) -> UserContext:
             return UserContext(None if key is None else str(key), attrs)
         if value is not None:
             return UserContext(str(value))
-    login_user = _flask_login_user()
-    if login_user is not None:
-        return UserContext(login_user)
+    if state.uses_flask_login is None:  # looked up once: an attribute miss on the app raises inside hasattr
+        state.uses_flask_login = hasattr(state.app, "login_manager")
+    if state.uses_flask_login:
+        login_user = _flask_login_user()
+        if login_user is not None:
+            return UserContext(login_user)
     return UserContext(request.remote_addr or "anonymous")
 
 
 def _flask_login_user() -> str | None:
-    if "login_manager" not in current_app.__dict__ and not hasattr(current_app, "login_manager"):
-        return None
     try:
         from flask_login import current_user
     except ImportError:

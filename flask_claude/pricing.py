@@ -57,6 +57,9 @@ class PriceTable:
         self._clock = clock
         self._prices: dict[str, ModelPrices] = dict(DEFAULT_PRICES)
         self._aliases: dict[str, str] = {}
+        # (chain, input bound, max_tokens, batch, cache write) -> (worst USD, valid from, valid until):
+        # every call and admission asks it, mostly with the same few arguments.
+        self._worst: dict[tuple[Any, ...], tuple[float, float, float]] = {}
         for model, entry in DEFAULT_PRICES.items():
             for alias in entry.aliases:
                 self._aliases[alias] = model
@@ -138,13 +141,28 @@ class PriceTable:
         input and cache-write rates, since the prompt may be written to the cache.
         """
         when = self._now() if at is None else at
+        key = (tuple(models), input_tokens, max_tokens, batch, cache_write)
+        cached = self._worst.get(key)
+        if cached is not None and cached[1] <= when < cached[2]:
+            return cached[0]
         worst = 0.0
-        for model in models:
-            for band in self.entry(model).period_at(when).reachable(input_tokens):
+        since, until = float("-inf"), float("inf")  # while every model's prices in force stay the same
+        for model in key[0]:
+            entry = self.entry(model)
+            for period in entry.periods:
+                if period.start is not None:
+                    if period.start <= when:
+                        since = max(since, period.start)
+                    else:
+                        until = min(until, period.start)
+            for band in entry.period_at(when).reachable(input_tokens):
                 p = band.price
                 input_rate = max(p.input, p.cache_write_5m, p.cache_write_1h) if cache_write else p.input
                 usd = _PER_TOKEN * (input_tokens * input_rate + max_tokens * p.output)
                 if batch:
                     usd *= p.batch_discount
                 worst = max(worst, usd)
+        if len(self._worst) >= 4096:
+            self._worst.clear()  # a call's bound varies with its prompt: the same few keys repeat, not all
+        self._worst[key] = (worst, since, until)
         return worst

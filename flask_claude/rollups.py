@@ -66,36 +66,44 @@ def to_micro(usd: float) -> int:
     return round(usd * MICRO)
 
 
+_SUFFIXES: dict[tuple[str | None, str | None], str] = {}
+
+
+def _suffix(feature: str | None, model: str | None) -> str:
+    """``|<feature>|<model>``, built once per pair: every call names eight to ten fields with it."""
+    suffix = _SUFFIXES.get((feature, model))
+    if suffix is None:
+        if len(_SUFFIXES) >= 4096:
+            _SUFFIXES.clear()
+        suffix = _SUFFIXES[(feature, model)] = f"|{_clean(feature)}|{_clean(model)}"
+    return suffix
+
+
 def call_fields(*, feature: str | None, model: str | None, error_type: str | None, fallback: bool,
                 retries: int, input_tokens: int, output_tokens: int, cache_read: int, cache_creation: int,
                 cost_usd: float, latency_s: float | None) -> dict[str, int]:
-    """The increments one call (a ``claude_api_call`` or ``claude_api_error`` line) adds.
+    """The increments one call (a ``claude_api_call`` or ``claude_api_error`` line) adds (zeros left out).
 
     A batch result has no latency of its own (``None``): it is counted everywhere but the latency histogram.
     """
-    fields: dict[str, int] = {}
-
-    def add(metric: str, amount: int) -> None:
-        if amount:
-            key = field_name(metric, feature, model)
-            fields[key] = fields.get(key, 0) + amount
-
-    add("c", 1)
+    sfx = _suffix(feature, model)
+    fields: dict[str, int] = {"c" + sfx: 1}
     if error_type is not None:
-        add(f"e:{_clean(error_type, 'error')}", 1)
-    add("f", 1 if fallback else 0)
-    add("r", retries)
-    add("ti", input_tokens)
-    add("to", output_tokens)
-    add("tcr", cache_read)
-    add("tcw", cache_creation)
-    add("u", to_micro(cost_usd))
+        fields[f"e:{_clean(error_type, 'error')}{sfx}"] = 1
+    if fallback:
+        fields["f" + sfx] = 1
+    for metric, amount in (("r", retries), ("ti", input_tokens), ("to", output_tokens), ("tcr", cache_read),
+                           ("tcw", cache_creation), ("u", to_micro(cost_usd))):
+        if amount:
+            fields[metric + sfx] = amount
     if latency_s is not None:
-        add(f"l:{bisect.bisect_left(LATENCY_BUCKETS, latency_s)}", 1)
-        add("ls", round(latency_s * MICRO))
+        fields[f"l:{bisect.bisect_left(LATENCY_BUCKETS, latency_s)}{sfx}"] = 1
+        latency_us = round(latency_s * MICRO)
+        if latency_us:
+            fields["ls" + sfx] = latency_us
     total_input = input_tokens + cache_read + cache_creation
-    add(f"hi:{bisect.bisect_left(TOKEN_BUCKETS, total_input)}", 1)
-    add(f"ho:{bisect.bisect_left(TOKEN_BUCKETS, output_tokens)}", 1)
+    fields[f"hi:{bisect.bisect_left(TOKEN_BUCKETS, total_input)}{sfx}"] = 1
+    fields[f"ho:{bisect.bisect_left(TOKEN_BUCKETS, output_tokens)}{sfx}"] = 1
     return fields
 
 
