@@ -211,7 +211,8 @@ class Budgets(BeforeView):
 
     def begin(self, scope: CallScope, chain: list[str], params: Any, max_tokens: int, *,
               call_seconds: float | None = None, wait: bool = True,
-              bounds: tuple[int, int] | None = None) -> tuple[Reservation | None, dict[str, float | None] | None]:
+              bounds: tuple[int, int] | None = None,
+              cached: bool | None = None) -> tuple[Reservation | None, dict[str, float | None] | None]:
         """Hold one call's worst case (input bound + ``max_tokens`` at the dearest model's prices).
 
         The same round trip admits the request (if not yet done) and reads the chain's breakers,
@@ -221,7 +222,7 @@ class Budgets(BeforeView):
         """
         user_part, app_part = bounds if bounds is not None else upper_bound_split(params)
         input_bound = user_part + app_part
-        cached = has_cache_control(params)
+        cached = has_cache_control(params) if cached is None else cached
         self._learn_overhead(scope, app_part, cached, max_tokens)
         worst_usd = self.state.prices.worst_case_usd(chain, input_bound, max_tokens, cache_write=cached)
         usd_micro, tokens = math.ceil(worst_usd * MICRO), input_bound + max_tokens

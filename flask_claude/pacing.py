@@ -204,12 +204,12 @@ class Pacer:
         """Record what a response (a 429 too) says is left, written behind with the settlement."""
         if headers is None:
             return
-        store = self._store()
-        if store is None:
-            return
         clock = self.state.clock
         watch_only = self.mode == "off" and self.cap(model) is None
         if watch_only and clock.monotonic() < self._watched_until.get(model, 0.0):
+            return
+        store = self._store()
+        if store is None:
             return
         quotas = parse_headers(headers, clock.time())
         self._headers_seen[model] = (bool(quotas), clock.monotonic() + (600.0 if quotas else 60.0))

@@ -42,9 +42,21 @@ class Cost:
 
 
 def _get(usage: Any, name: str) -> Any:
-    if isinstance(usage, Mapping):
+    if type(usage) is dict or isinstance(usage, Mapping):
         return usage.get(name)
     return getattr(usage, name, None)
+
+
+class _UsageView:
+    """An SDK ``Usage`` (or any object with the fields as attributes) read with ``.get``."""
+
+    __slots__ = ("_usage",)
+
+    def __init__(self, usage: Any) -> None:
+        self._usage = usage
+
+    def get(self, name: str) -> Any:
+        return getattr(self._usage, name, None)
 
 
 class PriceTable:
@@ -60,6 +72,7 @@ class PriceTable:
         # (chain, input bound, max_tokens, batch, cache write) -> (worst USD, valid from, valid until):
         # every call and admission asks it, mostly with the same few arguments.
         self._worst: dict[tuple[Any, ...], tuple[float, float, float]] = {}
+        self._entries: dict[str, ModelPrices] = {}  # model id as asked -> its entry (aliases, dated ids)
         for model, entry in DEFAULT_PRICES.items():
             for alias in entry.aliases:
                 self._aliases[alias] = model
@@ -87,7 +100,13 @@ class PriceTable:
 
     def entry(self, model: str) -> ModelPrices:
         """``model``'s price history; an alias or dated id (``claude-sonnet-4-5-20250929``) resolves to its model."""
+        entry = self._entries.get(model)
+        if entry is not None:
+            return entry
         entry = self._lookup(model)
+        if entry is not None:
+            self._entries[model] = entry  # model ids are few; every call looks its chain up
+            return entry
         if entry is None:
             current = sorted(m for m, e in self._prices.items() if not e.retired)
             raise UnknownModel(
@@ -111,12 +130,14 @@ class PriceTable:
 
     def cost(self, model: str, usage: Any, *, batch: bool = False, at: float | None = None) -> Cost:
         """USD for a usage record (an SDK ``Usage`` or a dict of the same fields) of a call made at ``at``."""
-        input_tokens = int(_get(usage, "input_tokens") or 0)
-        output_tokens = int(_get(usage, "output_tokens") or 0)
-        cache_read = int(_get(usage, "cache_read_input_tokens") or 0)
-        cache_creation = int(_get(usage, "cache_creation_input_tokens") or 0)
+        if type(usage) is not dict and not isinstance(usage, Mapping):
+            usage = _UsageView(usage)  # an SDK ``Usage``: read as a mapping, one kind of lookup below
+        input_tokens = int(usage.get("input_tokens") or 0)
+        output_tokens = int(usage.get("output_tokens") or 0)
+        cache_read = int(usage.get("cache_read_input_tokens") or 0)
+        cache_creation = int(usage.get("cache_creation_input_tokens") or 0)
         price = self.price(model, at=at, prompt_tokens=input_tokens + cache_read + cache_creation)
-        breakdown = _get(usage, "cache_creation")
+        breakdown = usage.get("cache_creation") if cache_creation else None
         write_1h = int(_get(breakdown, "ephemeral_1h_input_tokens") or 0) if breakdown is not None else 0
         write_5m = cache_creation - write_1h if cache_creation >= write_1h else 0
         usd = _PER_TOKEN * (
@@ -126,7 +147,7 @@ class PriceTable:
             + write_1h * price.cache_write_1h
             + cache_read * price.cache_read
         )
-        if batch or _get(usage, "service_tier") == "batch":
+        if batch or usage.get("service_tier") == "batch":
             usd *= price.batch_discount
         return Cost(usd=usd, input_tokens=input_tokens, output_tokens=output_tokens,
                     cache_read_input_tokens=cache_read, cache_creation_input_tokens=cache_creation)

@@ -29,7 +29,7 @@ from .errors import (
     TruncatedResponse,
     UpstreamUnavailable,
 )
-from .hygiene import check_output, prune_history, with_auto_cache
+from .hygiene import check_output, has_cache_control, prune_history, with_auto_cache
 from .pricing import TASK_BUDGET_MODELS
 from .resilience import (
     Deadline,
@@ -143,9 +143,10 @@ class CallRunner:
         state = self.state
         if call.bounds is None:  # once per call: the reservation, its top-ups and pacing read it
             call.bounds = upper_bound_split(call.params)
+            call.cache_control = has_cache_control(call.params)
         call.reservation, call.breakers = state.budgets.begin(
             call.scope, call.chain, call.params, call.params["max_tokens"],
-            call_seconds=call.deadline.remaining(), wait=wait, bounds=call.bounds)
+            call_seconds=call.deadline.remaining(), wait=wait, bounds=call.bounds, cached=call.cache_control)
         lower = call.reservation.downgraded_to if call.reservation is not None else None
         if lower and lower != call.chain:  # its budget is nearly spent: start at the cheaper model (downgrade.py)
             scope = call.scope

@@ -35,6 +35,11 @@ try:
     from opentelemetry import metrics as _metrics
     from opentelemetry import trace as _trace
     from opentelemetry.trace import SpanKind, Status, StatusCode
+    try:
+        from opentelemetry.metrics._internal import _ProxyMeterProvider
+        _UNSET_METER_PROVIDERS: tuple[type, ...] = (_ProxyMeterProvider, _metrics.NoOpMeterProvider)
+    except ImportError:  # pragma: no cover - the proxy's home in opentelemetry-api 1.x
+        _UNSET_METER_PROVIDERS = (_metrics.NoOpMeterProvider,)
 except ImportError:  # pragma: no cover - anthropic >= 2.14 depends on opentelemetry-api
     _trace = None  # type: ignore[assignment]
 
@@ -190,7 +195,7 @@ def start_call(*, operation: str, chain: Sequence[str], max_tokens: int | None, 
 
     ``user`` is the raw user key: only its salted hash (the one our log lines use) reaches the span.
     """
-    if _trace is None:
+    if _trace is None or not _configured():
         return NO_SPAN
     try:
         requested = chain[0]
@@ -216,6 +221,16 @@ def start_call(*, operation: str, chain: Sequence[str], max_tokens: int | None, 
         return _OtelCallSpan(span, metric_attrs)
     except Exception:
         return NO_SPAN
+
+
+def _configured() -> bool:
+    """Whether the app set a tracer or meter provider: until it does, the API's proxies record
+    nothing, and a span and three histogram records per call would be ~10 us for nothing."""
+    tracer_provider = _trace.get_tracer_provider()
+    if not isinstance(tracer_provider, (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)):
+        return True
+    meter_provider = _metrics.get_meter_provider()
+    return not isinstance(meter_provider, _UNSET_METER_PROVIDERS)
 
 
 def degraded(reason: str, feature: str | None) -> None:

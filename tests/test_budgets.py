@@ -326,7 +326,8 @@ def test_synchronous_round_trips_per_guarded_request(redis_url: str, redis_serve
     app = budget_app(sim, None, redis_url, budget=budgeted(requests="100/minute", tokens="1000000/day",
                                                            usd="5/day"), CLAUDE_DAILY_BUDGET_USD=50,
                      CLAUDE_FEATURE_BUDGETS_USD={"ask": 10}, CLAUDE_ADMISSION=admission, feature=feature,
-                     CLAUDE_SETTLE_DELAY=30)  # no flusher during the count: only what requests wait for
+                     CLAUDE_SETTLE_DELAY=30,  # no flusher during the count: only what requests wait for
+                     CLAUDE_ALERT_EVAL_INTERVAL=3600)  # nor the ops alerts' read, every 5 s by default
     c = app.test_client()
     for _ in range(3):  # warm-up: sockets open, both scripts loaded (a settlement is first sent a request later)
         assert c.post("/ask").status_code == 200
