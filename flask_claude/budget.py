@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from . import downgrade
+from . import downgrade, process
 from .before_view import BeforeView
 from .context import CallScope
 from .errors import BudgetExceeded, LimitExceeded, StorageDown
@@ -41,8 +41,8 @@ _ID_PREFIX = os.urandom(4).hex()
 
 
 def _new_id() -> str:
-    """Unique across workers (the pid) and cheap: ``uuid4`` costs a syscall per call."""
-    return f"{_ID_PREFIX}{os.getpid():x}-{next(_ids):x}"
+    """Unique across workers (the pid) and cheap: ``uuid4`` costs a system call per call."""
+    return f"{_ID_PREFIX}{process.pid():x}-{next(_ids):x}"
 
 
 @dataclass

@@ -25,6 +25,8 @@ from typing import Any
 
 from loguru import logger
 
+from . import process
+
 # Field order of the ``claude_api_call`` line; documented in docs/reference.md (names follow the
 # OpenTelemetry GenAI conventions where one exists, e.g. gen_ai.usage.input_tokens).
 CALL_FIELDS = (
@@ -211,10 +213,10 @@ class _FileWriter:
     def write(self, line: str) -> None:
         data = line.encode("utf-8", "backslashreplace")  # a lone surrogate must not cost the whole line
         with self._lock:
-            if self._fd is None or self._pid != os.getpid():
+            if self._fd is None or self._pid != process.pid():
                 # Reopen after a fork so each worker has its own descriptor.
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
-                self._pid = os.getpid()
+                self._pid = process.pid()
             os.write(self._fd, data)
 
 

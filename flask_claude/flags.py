@@ -23,6 +23,7 @@ from ldclient import Context
 from ldclient.integrations import Files
 from loguru import logger
 
+from . import process
 from .errors import ConfigError
 from .settings import FALSE_WORDS, TRUE_WORDS
 
@@ -219,7 +220,7 @@ class LaunchDarklyFlags:
     def __init__(self, client: ldclient.LDClient | None = None, *, sdk_key: str | None = None,
                  start_wait: float = 2.0,
                  config_factory: Callable[[], ldclient.config.Config] | None = None,
-                 getpid: Callable[[], int] = os.getpid) -> None:
+                 getpid: Callable[[], int] = process.pid) -> None:
         if client is not None and (sdk_key is not None or config_factory is not None):
             raise ConfigError("LaunchDarklyFlags takes either a client or an SDK key/config factory, not both")
         if client is None and not sdk_key and config_factory is None:

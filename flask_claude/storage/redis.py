@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import math
-import os
 import threading
 import time
 import weakref
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .. import process
 from .pacing import RedisPacing
 from .records import (
     Begin,
@@ -175,7 +175,7 @@ class RedisStore:
     def _flush_soon(self) -> None:
         """A flusher thread per process (a forked worker starts its own) for quiet moments; it ends
         after a quiet spell and the next settlement starts it again."""
-        pid = os.getpid()
+        pid = process.pid()
         with self._pending_lock:
             if self._flusher is None or self._flusher[0] != pid or not self._flusher[1].is_alive():
                 thread = threading.Thread(target=self._flush_loop, name="flask-claude-settle", daemon=True)

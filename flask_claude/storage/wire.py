@@ -14,11 +14,12 @@ redis-py and run again; it never ran, so running it again is safe.
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+from .. import process
 
 Call = tuple[Any, Sequence[Any], Sequence[Any]]  # (redis-py Script, keys, args)
 
@@ -57,7 +58,7 @@ def pack(calls: Sequence[Call]) -> bytes:
 
 class _Conn:
     def __init__(self, address: tuple[str, int], timeout: float, auth: tuple[Any, ...], db: int) -> None:
-        self.pid = os.getpid()
+        self.pid = process.pid()
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = self.sock.makefile("rb")
@@ -121,7 +122,7 @@ class LeanScripts:
 
     def _conn(self) -> _Conn:
         conn: _Conn | None = getattr(self._local, "conn", None)
-        if conn is None or conn.pid != os.getpid():  # a forked worker never shares its parent's socket
+        if conn is None or conn.pid != process.pid():  # a forked worker never shares its parent's socket
             try:
                 conn = _Conn(self._address, self._timeout, self._auth, self._db)
             except NotSent:
