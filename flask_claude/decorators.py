@@ -13,6 +13,7 @@ returns the Flask ``Response`` the pipeline built (the view's own return value, 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec
@@ -74,6 +75,7 @@ class ViewSpec:
     feature: FeatureOptions | None = None
     budget: BudgetOptions | None = None
     fallback: FallbackOptions | None = None
+    is_async: bool = False  # an ``async def`` view: run through ``app.ensure_sync`` (sync views are called as is)
 
 
 def _spec_of(view: Callable[P, Any]) -> tuple[ViewSpec, Callable[P, Response]]:
@@ -81,7 +83,7 @@ def _spec_of(view: Callable[P, Any]) -> tuple[ViewSpec, Callable[P, Response]]:
     spec: ViewSpec | None = getattr(view, _SPEC_ATTR, None)
     if spec is not None:
         return spec, view  # already the wrapper: another of the three decorators came first
-    spec = ViewSpec()
+    spec = ViewSpec(is_async=inspect.iscoroutinefunction(view))
 
     @functools.wraps(view)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> Response:

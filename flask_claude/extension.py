@@ -160,8 +160,9 @@ class Claude:
 
     def state(self, app: Flask | None = None) -> ClaudeState:
         """The state of ``app``, else of the current app, else of the app given to ``Claude(app)``."""
-        if app is None and current_app_or_none() is None:
-            app = self._app  # a script outside any app context, with the only app there is
+        if app is None:
+            # a script outside any app context: the only app there is
+            app = current_app_or_none() or self._app
         return state_for(app)
 
     @property

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import anthropic
 import httpx2
-from flask import Response, current_app, g, make_response, request
+from flask import Response, request
+from flask.globals import _cv_app, _cv_request
 
 from .aiconfig import apply_ai_config
 from .body import from_request_body
@@ -32,14 +33,19 @@ if TYPE_CHECKING:
 
 
 def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Response:
-    state = state_for()
+    # The contexts are read once here, not through the ``current_app``/``request``/``g`` proxies at
+    # every use (each is a context-variable lookup and a few calls).
+    app_ctx = _cv_app.get()
+    app = app_ctx.app
+    req = _cv_request.get().request
+    state = state_for(app)
     feature = spec.feature
-    rule = request.url_rule
+    rule = req.url_rule
     scope = CallScope(feature=feature.name if feature else None,
-                      route=rule.rule if rule is not None else request.path)
+                      route=rule.rule if rule is not None else req.path)
     try:
         # 1. who is asking
-        user = resolve_user(state)
+        user = resolve_user(state, req)
         scope.user, scope.user_attributes = user.key, dict(user.attributes)
         if feature is not None:
             scope.max_tokens = feature.max_tokens
@@ -75,13 +81,13 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
         # view that made no call): one round trip fewer, for views without side effects.
         scope.budgets = spec.budget
         state.budgets.admit(scope, spec.budget)
-        g.claude_scope = scope
+        app_ctx.g.claude_scope = scope
         if settings.admission == "before_view":
             state.budgets.admit_before_view(scope)
 
         # 4. the view, its Claude calls guarded under this scope (an ``async def`` view too)
         try:
-            response = make_response(current_app.ensure_sync(view)(*args, **kwargs))
+            response = app.make_response((app.ensure_sync(view) if spec.is_async else view)(*args, **kwargs))
             if scope.admission is not None:
                 state.budgets.finish_admission(scope)
         finally:
@@ -111,7 +117,7 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
 _RATE_NAMES = frozenset({"ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"})
 
 
-def resolve_user(state: ClaudeState) -> UserContext:
+def resolve_user(state: ClaudeState, req: Any = None) -> UserContext:
     """The user's key: ``user_loader``, else Flask-Login's current user, else the remote address.
 
     Never a client-supplied header: that would let anyone pick whose limits they spend.
@@ -135,7 +141,7 @@ def resolve_user(state: ClaudeState) -> UserContext:
         login_user = _flask_login_user()
         if login_user is not None:
             return UserContext(login_user)
-    return UserContext(request.remote_addr or "anonymous")
+    return UserContext((req if req is not None else request).remote_addr or "anonymous")
 
 
 def _flask_login_user() -> str | None:
