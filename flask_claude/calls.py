@@ -68,6 +68,7 @@ class Call:
     extra: dict[str, Any] = field(default_factory=dict)
     bounds: tuple[int, int] | None = None  # upper bound of input tokens: (what callers send, system + tools)
     cache_control: bool | None = None  # whether any block carries cache_control (input may be a cache write)
+    plain_input: tuple[int, int, bool] | None = None  # tokens.plain_messages of the call's messages, if that shape
     span: telemetry.CallSpan = telemetry.NO_SPAN  # OpenTelemetry: the SDK's spans are its children
     ai_run: AIRun | None = None  # the LaunchDarkly AI Config tracker of this call (aiconfig.py)
     pacing: Any = None  # pacing.CallPacing: its waiter id, need and leases, once pacing asked for it

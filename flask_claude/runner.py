@@ -39,7 +39,7 @@ from .resilience import (
     model_chain,
 )
 from .signals import circuit_opened, claude_called
-from .tokens import estimate_input_tokens, prompt_chars, upper_bound_split
+from .tokens import estimate_input_tokens, plain_messages, prompt_chars, text_bound, upper_bound_split
 
 if TYPE_CHECKING:
     from .extension import ClaudeState
@@ -107,8 +107,9 @@ class CallRunner:
             params["messages"] = prune_history(params["messages"], max_turns=scope.max_history_turns)
         # Caps count what callers send (messages), not the app's own system prompt or tools.
         user_input = {"messages": params.get("messages")}
+        plain = plain_messages(user_input["messages"])  # the common shape, measured in one pass
         if scope.max_input_chars is not None:
-            chars = prompt_chars(user_input)
+            chars = plain[0] if plain is not None else prompt_chars(user_input)
             if chars > scope.max_input_chars:
                 raise InputTooLarge(
                     f"The input is {chars} characters; this feature accepts at most {scope.max_input_chars}.")
@@ -132,6 +133,7 @@ class CallRunner:
                      system_prompt_hash=system_hash(params.get("system")),
                      max_tokens_requested=requested_max, settles=True)
         call.task_budget = task_budget
+        call.plain_input = plain
         if requested_max is not None and requested_max > cap:
             call.extra["max_tokens_clamped_from"] = requested_max
         call.params.pop("model", None)
@@ -142,8 +144,14 @@ class CallRunner:
         """Reserve the worst case against every budget that applies, or refuse having reserved nothing."""
         state = self.state
         if call.bounds is None:  # once per call: the reservation, its top-ups and pacing read it
-            call.bounds = upper_bound_split(call.params)
-            call.cache_control = has_cache_control(call.params)
+            params, plain = call.params, call.plain_input
+            system = params.get("system")
+            if plain is not None and params.get("tools") is None and (system is None or type(system) is str):
+                call.bounds = (plain[1], text_bound(system) if system else 0)
+                call.cache_control = plain[2] or "cache_control" in params
+            else:
+                call.bounds = upper_bound_split(params)
+                call.cache_control = has_cache_control(params)
         call.reservation, call.breakers = state.budgets.begin(
             call.scope, call.chain, call.params, call.params["max_tokens"],
             call_seconds=call.deadline.remaining(), wait=wait, bounds=call.bounds, cached=call.cache_control)

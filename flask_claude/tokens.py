@@ -105,3 +105,36 @@ def upper_bound_split(params: Mapping[str, Any]) -> tuple[int, int]:
     user = upper_bound_tokens({"messages": params.get("messages") or ()})
     app_part = upper_bound_tokens({"system": params.get("system"), "tools": params.get("tools")}) - 16
     return user, app_part
+
+
+def text_bound(text: str) -> int:
+    """``upper_bound_tokens``' count for one text: half its ASCII characters (rounded up), two per other."""
+    if text.isascii():
+        return -(-len(text) // 2)
+    non_ascii = sum(1 for ch in text if ord(ch) > 127)
+    return -(-(len(text) - non_ascii) // 2) + 2 * non_ascii
+
+
+def plain_messages(messages: Any) -> tuple[int, int, bool] | None:
+    """(characters, token bound, any ``cache_control``) of ``messages`` when each is a plain
+    ``{"role", "content": str}`` dict, the shape of most requests; None for any other shape.
+
+    The same numbers as ``prompt_chars`` and ``upper_bound_split``'s first part, from one pass
+    without generators: a guarded call measures its input on every request.
+    """
+    if type(messages) is not list:
+        return None
+    chars = 0
+    bound = 16 + 8 * len(messages)
+    cache = False
+    for message in messages:
+        if type(message) is not dict:
+            return None
+        content = message.get("content")
+        if type(content) is not str:
+            return None
+        chars += len(content)
+        bound += text_bound(content)
+        if "cache_control" in message:
+            cache = True
+    return chars, bound, cache

@@ -14,17 +14,34 @@ from .records import BREAKER_BUCKETS, KILL_SHARE, Begin, BreakerParams, Crossed,
 from .rollups import MemoryRollups
 
 
-@dataclass
+@dataclass(slots=True)
 class _Budget:
     spent: int = 0
     expires_at: float = 0.0
     exhausted_at_limit: int | None = None
     holds: dict[str, tuple[int, float]] = field(default_factory=dict)  # rid -> (amount, hold_until)
+    reserved: int = 0  # the sum of the holds' amounts
+    next_lapse: float = math.inf  # the earliest hold_until: before it no hold can have lapsed
+
+    def hold(self, rid: str, amount: int, until: float) -> None:
+        self.release(rid)
+        self.holds[rid] = (amount, until)
+        self.reserved += amount
+        self.next_lapse = min(self.next_lapse, until)
+
+    def release(self, rid: str) -> None:
+        entry = self.holds.pop(rid, None)
+        if entry is not None:
+            self.reserved -= entry[0]
 
     def live_reserved(self, now: float) -> int:
-        for rid in [r for r, (_, until) in self.holds.items() if until <= now]:
-            del self.holds[rid]  # a worker that died mid-call releases its hold here
-        return sum(amount for amount, _ in self.holds.values())
+        """The holds still live; a lapsed one (a worker that died mid-call) is dropped here. The sum is
+        kept as holds come and go, so a budget is scanned only when one of its holds may have lapsed."""
+        if now >= self.next_lapse:
+            for rid in [r for r, (_, until) in self.holds.items() if until <= now]:
+                self.release(rid)
+            self.next_lapse = min((until for _, until in self.holds.values()), default=math.inf)
+        return self.reserved
 
 
 @dataclass
@@ -180,9 +197,9 @@ class MemoryStore:
                                    spent=budget.spent)
             for line in step.requests:
                 self._windows[line.key].append(now)
-            for amount, budget in zip(amounts, budgets, strict=True):
-                if held:
-                    budget.holds[step.rid] = (amount, step.hold_until)
+            if held:
+                for amount, budget in zip(amounts, budgets, strict=True):
+                    budget.hold(step.rid, amount, step.hold_until)
             breakers = {m: (b.open_until if (b := self._breakers.get(m)) else None) for m in step.breakers}
             return Outcome(True, remaining=tuple(remaining), resets=tuple(resets), breakers=breakers, held=held,
                            downgraded=downgraded, fraction=fraction)
@@ -199,7 +216,7 @@ class MemoryStore:
                 budget = self._budget(line.key, line.expires_at, now)
                 before = budget.spent
                 for rid in rids:
-                    budget.holds.pop(rid, None)
+                    budget.release(rid)
                 budget.spent += line.amount
                 for threshold in thresholds:
                     mark = threshold * line.limit
