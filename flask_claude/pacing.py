@@ -208,6 +208,9 @@ class Pacer:
         watch_only = self.mode == "off" and self.cap(model) is None
         if watch_only and clock.monotonic() < self._watched_until.get(model, 0.0):
             return
+        seen = self._headers_seen.get(model)
+        if seen is not None and not seen[0] and clock.monotonic() < seen[1]:
+            return  # this model's replies carry no rate-limit headers (a proxy, the simulator): look again later
         store = self._store()
         if store is None:
             return
