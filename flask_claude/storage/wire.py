@@ -46,13 +46,18 @@ def _bulk(value: Any) -> bytes:
 
 
 def pack(calls: Sequence[Call]) -> bytes:
+    """The RESP of the EVALSHAs, in one buffer. The loop is inlined (no call per value): a request
+    sends ~80 keys and arguments, and a function call each was a third of this client's time."""
     parts = []
+    append = parts.append
     for script, keys, args in calls:
-        parts.append(b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)))
-        parts.append(_bulk(script.sha))
-        parts.append(_bulk(len(keys)))
-        parts.extend(_bulk(k) for k in keys)
-        parts.extend(_bulk(a) for a in args)
+        append(b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)))
+        append(_bulk(script.sha))
+        append(_bulk(len(keys)))
+        for value in (*keys, *args):
+            kind = type(value)
+            data = value.encode() if kind is str else value if kind is bytes else str(value).encode()
+            append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
 
 
