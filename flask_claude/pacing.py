@@ -46,7 +46,13 @@ if TYPE_CHECKING:
 DIMENSIONS = ("requests", "input-tokens", "output-tokens")
 LEASE_SLACK = 5.0  # a lease outlives its call's deadline by this much before it lapses
 POLL_MIN, POLL_MAX = 0.02, 0.25
-WATCH_INTERVAL = 1.0  # with pacing off, a worker records a model's levels at most this often
+WATCH_INTERVAL = 1.0  # with pacing off (or far from the limit), a worker records a model's levels at most this often
+# Far from a limit a call goes without asking the shared schedule (``Pacer._ample``): when every
+# dimension of the model's last report, at most AMPLE_FRESH s old, keeps AMPLE_SHARE of its limit
+# and room for AMPLE_CALLS more such calls after what this process sent since.
+AMPLE_SHARE = 0.2
+AMPLE_CALLS = 10
+AMPLE_FRESH = 5.0
 
 
 _PREFIX = "anthropic-ratelimit-"
@@ -135,6 +141,9 @@ class Pacer:
         # replies carry none (a proxy strips them, the simulator without limits) costs no round trip.
         self._headers_seen: dict[str, tuple[bool, float]] = {}
         self._watched_until: dict[str, float] = {}  # model -> when a reply's levels are recorded again (pacing off)
+        # model -> (what its last reply said is left, when, what this process sent since): far from the
+        # limit a call needs no turn from the shared schedule (no round trip); near it, every call asks.
+        self._last: dict[str, tuple[dict[str, Quota], float, dict[str, int]]] = {}
 
     def cap(self, model: str) -> int | None:
         if isinstance(self.caps, dict):
@@ -167,6 +176,8 @@ class Pacer:
             marks.need = {"requests": 1, "input-tokens": bound,
                           "output-tokens": int(call.params.get("max_tokens") or 0)}
             marks.need["tokens"] = marks.need["input-tokens"] + marks.need["output-tokens"]
+        if cap is None and self._ample(model, marks.need):
+            return GO
         clock = self.state.clock
         remaining = call.deadline.remaining()
         fallback = self.mode == "fallback" and not last
@@ -192,6 +203,27 @@ class Pacer:
             pause = min(POLL_MAX, POLL_MIN * answer.position) * (0.5 + random.random())
             return Decision("again", pause)
         return Decision("fallback" if fallback else "degrade", answer.wait)
+
+    def _ample(self, model: str, need: dict[str, int]) -> bool:
+        """Whether the model's last report leaves so much that this call needs no turn: every
+        dimension keeps ``AMPLE_SHARE`` of its limit and ``AMPLE_CALLS`` such calls after what this
+        process sent since the report. The shared schedule orders calls near a limit; far from
+        it, asking would cost every call a round trip for a certain yes. A report older than
+        ``AMPLE_FRESH`` seconds is not trusted (every call then asks until the next one)."""
+        last = self._last.get(model)
+        if last is None:
+            return False
+        quotas, at, sent = last
+        if self.state.clock.monotonic() - at > AMPLE_FRESH:
+            return False
+        for dim, quota in quotas.items():
+            want = need.get(dim, 0)
+            left = quota.remaining - sent.get(dim, 0) - want
+            if left < AMPLE_SHARE * quota.limit or left < AMPLE_CALLS * want:
+                return False
+        for dim in quotas:
+            sent[dim] = sent.get(dim, 0) + need.get(dim, 0)
+        return True
 
     def _leave(self, store: Any, model: str, marks: CallPacing) -> None:
         marks.queued.pop(model, None)
@@ -222,6 +254,14 @@ class Pacer:
             self._watched_until[model] = clock.monotonic() + WATCH_INTERVAL
         if not quotas:
             return
+        now = clock.monotonic()
+        self._last[model] = (quotas, now, {})
+        if not watch_only and self.cap(model) is None and self._ample(model, {}):
+            # Far from the limit nobody waits on the shared levels: keep them live (status, metrics,
+            # other workers' first turns) with one write a second, not one per reply.
+            if now < self._watched_until.get(model, 0.0):
+                return
+            self._watched_until[model] = now + WATCH_INTERVAL
         marks = call.pacing
         counted = None
         if marks is not None and marks.unknown == model and marks.need is not None:

@@ -213,3 +213,29 @@ def test_async_calls_wait_their_turn_too(make_app, sim: Simulator, clock: FakeCl
     assert app.test_client().post("/ask").get_json() == {"models": [OPUS] * 5}
     assert limit.limited == 0 and limit.admitted == 5
     assert clock.sleeps and max(clock.sleeps) > 1  # the fifth awaited its turn on the injected clock
+
+
+def test_far_from_the_limit_a_call_asks_no_turn(make_app, sim: Simulator, redis_url: str,
+                                                redis_server: Any) -> None:
+    """Counted by Redis (reads of client sockets): while the last report leaves plenty, pacing costs no
+    round trip (as with pacing off); near the limit every call asks the shared schedule again."""
+
+    def reads() -> int:
+        return int(redis_server.client.info("stats")["total_reads_processed"])
+
+    def trips(pacing: str, prefix: str) -> int:
+        app = make_app(CLAUDE_STORAGE_URI=redis_url, CLAUDE_PACING=pacing, CLAUDE_STORAGE_PREFIX=prefix,
+                       CLAUDE_SETTLE_DELAY=30, CLAUDE_ALERT_EVAL_INTERVAL=3600)
+        for _ in range(2):  # the model's first report
+            create(app, model=OPUS)
+        before = reads()
+        for _ in range(5):
+            create(app, model=OPUS)
+        return reads() - before - 1  # - 1: the INFO read itself
+
+    sim.rate_limit(requests=1000, output_tokens=1_000_000, window=60, model=OPUS)
+    plenty_off, plenty_wait = trips("off", "plenty-off"), trips("wait", "plenty-wait")
+    assert plenty_wait == plenty_off == 5  # one step per call: the reservation (its settlement rides along)
+    sim.clear_rate_limits()
+    sim.rate_limit(requests=12, window=60, model=OPUS)
+    assert trips("wait", "near-wait") >= 10  # the reservation and at least one ask for a turn per call

@@ -48,7 +48,7 @@ def _bulk(value: Any) -> bytes:
 def pack(calls: Sequence[Call]) -> bytes:
     """The RESP of the EVALSHAs, in one buffer. The loop is inlined (no call per value): a request
     sends ~80 keys and arguments, and a function call each was a third of this client's time."""
-    parts = []
+    parts: list[bytes] = []
     append = parts.append
     for script, keys, args in calls:
         append(b"*%d\r\n$7\r\nEVALSHA\r\n" % (3 + len(keys) + len(args)))
