@@ -24,7 +24,7 @@ class _Budget:
     next_lapse: float = math.inf  # the earliest hold_until: before it no hold can have lapsed
 
     def hold(self, rid: str, amount: int, until: float) -> None:
-        self.release(rid)
+        """A new hold: each step's ``rid`` is new (a top-up has its own)."""
         self.holds[rid] = (amount, until)
         self.reserved += amount
         self.next_lapse = min(self.next_lapse, until)
@@ -74,6 +74,10 @@ class _Expiries:
             heapq.heappush(self._heap, bucket)
         entries.append((kind, key))
 
+    def due_by(self, now: float) -> bool:
+        """Whether any bucket fell due (the one check most steps need)."""
+        return bool(self._heap) and self._heap[0] * self.WIDTH <= now
+
     def due(self, now: float) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         while self._heap and self._heap[0] * self.WIDTH <= now:
@@ -107,7 +111,10 @@ class MemoryStore:
 
     def _evict(self, now: float) -> None:
         """Drop what fell due: ended periods, empty windows, lapsed alert claims and records."""
-        self._now = max(self._now, now)
+        if now > self._now:
+            self._now = now
+        if not self._expiries.due_by(now):
+            return
         for kind, key in self._expiries.due(now):
             if kind == "budget":
                 budget = self._budgets.get(key)

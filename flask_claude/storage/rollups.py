@@ -117,21 +117,36 @@ class MemoryRollups:
         self._minutes: dict[int, Counter[str]] = {}
         self._hours: dict[int, Counter[str]] = {}
         self._totals: Counter[str] = Counter()
+        self._pending: dict[str, int] = {}  # increments of the current minute not yet folded in
+        self._pending_at: tuple[int, int] = (-1, -1)  # (minute, hour) of the pending increments
         self._alerts: dict[str, str] = {}
 
     def write(self, rollup: Mapping[str, int], now: float) -> None:
+        """Adds to one pending dict; minute, hour and totals get it folded in when a reader looks or
+        the minute or hour changes: one addition per field on the request path instead of three."""
         minute = math.floor(now / MINUTE)
         hour = math.floor(now / HOUR)
         with self._lock:
-            bucket = self._minutes.get(minute)
-            if bucket is None:
-                bucket = self._minutes[minute] = Counter()
-                self._evict(now)
-            hourly = self._hours.setdefault(hour, Counter())
+            if minute != self._pending_at[0] or hour != self._pending_at[1]:
+                self._fold()
+                self._pending_at = (minute, hour)
+                if minute not in self._minutes:
+                    self._evict(now)
+            pending = self._pending
             for name, amount in rollup.items():
-                bucket[name] += amount
-                self._totals[name] += amount
-                hourly[name] += amount
+                pending[name] = pending.get(name, 0) + amount
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        minute, hour = self._pending_at
+        bucket = self._minutes.setdefault(minute, Counter())
+        hourly = self._hours.setdefault(hour, Counter())
+        for name, amount in self._pending.items():
+            bucket[name] += amount
+            hourly[name] += amount
+            self._totals[name] += amount
+        self._pending = {}
 
     def _evict(self, now: float) -> None:
         oldest = now - self.retention - GRACE_S
@@ -142,6 +157,7 @@ class MemoryRollups:
 
     def read(self, minutes: Sequence[int] = (), hours: Sequence[int] = (), *, totals: bool = False) -> Snapshot:
         with self._lock:
+            self._fold()
             return Snapshot(minutes={m: dict(self._minutes[m]) for m in minutes if m in self._minutes},
                             hours={h: dict(self._hours[h]) for h in hours if h in self._hours},
                             totals=dict(self._totals) if totals else {}, alerts=dict(self._alerts))
