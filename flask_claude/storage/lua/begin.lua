@@ -51,8 +51,8 @@ for k = 1, nh do
   local key = KEYS[ng + nr + k]
   local limit, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 3])
   local amount = tonumber(ARGV[a + 1 + use_alt]); a = a + 4
-  local spent = tonumber(redis.call('HGET', key, 'spent') or '0')
-  if spent + live_reserved(key, now) + amount > limit then
+  local spent, reserved = budget_state(key, now)
+  if spent + reserved + amount > limit then
     if optional then held = 0; break end
     if spent + amount <= limit then
       return {0, 'hold', k - 1, '1', 0, spent, 1}

@@ -3,12 +3,15 @@
 -- Budgets: a hash per budget key: "spent", "exhausted" (the limit it was found spent at) and one
 -- "r:<rid>" field per live hold ("amount until"). Breakers: a hash per model: "open_until",
 -- "probe_since", and "c:<bucket>" / "f:<bucket>" call and failure counts.
-local function live_reserved(key, now)
-  local total = 0
+-- A budget's spent and its live holds' sum, from one HGETALL (lapsed holds are dropped on the way).
+local function budget_state(key, now)
+  local spent, total = 0, 0
   local fields = redis.call('HGETALL', key)
   for i = 1, #fields, 2 do
     local f = fields[i]
-    if string.sub(f, 1, 2) == 'r:' then
+    if f == 'spent' then
+      spent = tonumber(fields[i + 1])
+    elseif string.sub(f, 1, 2) == 'r:' then
       local amount, untl = string.match(fields[i + 1], '(%-?%d+) (%S+)')
       if tonumber(untl) <= now then
         redis.call('HDEL', key, f)
@@ -17,7 +20,7 @@ local function live_reserved(key, now)
       end
     end
   end
-  return total
+  return spent, total
 end
 
 -- Expiries are relative (the time left on the app's clock), never EXPIREAT: an absolute time from
