@@ -23,12 +23,13 @@ end of the body and ``close()`` (the tail: the stream's last events, its settlem
 Variants run in rounds, each round in a rotated order after a warm-up; "added (paired)" is the
 median over rounds of (variant's round median - (a)'s round median), as in overhead.py.
 
-Then the guard's own per-event work, measured on its own (the request-level figures cannot resolve
+Then which calls the guarded stream adds per text delta (cProfile call counts, (b) minus (a)), and
+the guard's own per-event work, measured on its own (the request-level figures cannot resolve
 a microsecond per event on a shared machine): the guarded ``text_stream`` (its iterator, ``_observe``
 and text check) over the events of one real stream against the SDK's ``text_stream`` loop it
 replaces, and the deadline check ``_DeadlineStream`` makes per body chunk against a bare loop.
 
-Run: .venv/bin/python bench/streams.py  (about a minute on 2 cores)
+Run: .venv/bin/python bench/streams.py  (about 75 s on 2 cores, after waiting for a quiet machine)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import anthropic
-from _common import LoadMeter, RedisServer, machine_description, percentile, table, wait_for_quiet
+from _common import ROOT, LoadMeter, RedisServer, machine_description, percentile, table, wait_for_quiet
 from flask import Flask, Response, request, stream_with_context
 from loguru import logger
 from werkzeug.test import EnvironBuilder
@@ -254,6 +255,7 @@ def run(redis_server: RedisServer, log_path: str) -> None:
           "difference")
     print(table(rows, ["variant", "TTFT", "per event", "tail", "total", "statuses", "text chunks x streams"]))
 
+    calls_per_delta(callers[keys[0]], callers[keys[1]])
     async_results = async_rows(redis_server, log_path)
     micro = guard_per_event(apps[keys[1]])
 
@@ -357,6 +359,42 @@ def async_rows(redis_server: RedisServer, log_path: str) -> tuple[float, float]:
           "thread (asyncio.to_thread), the same for all three")
     print(table(rows, ["variant", "TTFT", "per event", "tail", "total"]))
     return paired(medians, "(e)", "(d)", "TTFT"), paired(medians, "(e)", "(d)", "per event")
+
+
+# --- which calls a guarded stream adds per text delta -----------------------------------------------
+
+def calls_per_delta(bare: StreamCaller, guarded: StreamCaller, streams: int = 10) -> None:
+    """cProfile's call counts over the body of (a) and of (b), from the second text chunk to the 241st:
+    the functions (b) calls more (or less) often, per text delta (at least once per ten deltas). What the guard
+    does per event, listed; the two views' ``events`` generators are the same code at two lines."""
+    import cProfile
+    import pstats
+
+    def counts(caller: StreamCaller) -> Counter[str]:
+        profile = cProfile.Profile()
+        for _ in range(streams):
+            env = dict(caller.environ)
+            env["wsgi.input"] = io.BytesIO(caller.body)
+            result = caller.app(env, lambda status, headers, exc_info=None: None)
+            body = iter(result)
+            next(body)
+            profile.enable()
+            for _ in range(240):
+                next(body)
+            profile.disable()
+            for _ in body:
+                pass
+            result.close()
+        stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+        return Counter({f"{path.split('site-packages/')[-1].replace(str(ROOT) + '/', '')}:{line}({name})": calls[1]
+                        for (path, line, name), calls in stats.items()})
+
+    a, b = counts(bare), counts(guarded)
+    added = {k: (b[k] - a[k]) / (240 * streams) for k in set(a) | set(b) if abs(b[k] - a[k]) >= 24 * streams}
+    print("\n== calls (b) makes per text delta beyond (a)'s (cProfile call counts over 240 deltas x "
+          f"{streams} streams) ==")
+    for name, per in sorted(added.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {per:+.2f}  {name}")
 
 
 # --- the guard's own work per event, on its own ---------------------------------------------------
