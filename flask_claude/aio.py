@@ -263,9 +263,10 @@ class AsyncGuardedMessageStream(StreamAccount):
         self.text_stream: AsyncIterator[str] = self._text_stream()
 
     async def __aiter__(self) -> AsyncIterator[Any]:
+        observe = self._observe
         try:
             async for event in self._inner:
-                self._observe(event)
+                observe(event)
                 yield event
         except (anthropic.APIError, httpx2.HTTPError) as exc:
             raise self._broken(exc) from None
@@ -278,10 +279,9 @@ class AsyncGuardedMessageStream(StreamAccount):
         self._ended()
 
     async def _text_stream(self) -> AsyncIterator[str]:
-        async for event in self:
-            text = self._text_of(event)
-            if text is not None:
-                yield text
+        async for event in self:  # as ``GuardedMessageStream._text_stream``
+            if getattr(event, "type", None) == "content_block_delta" and event.delta.type == "text_delta":
+                yield str(event.delta.text)
 
     # --- the SDK's AsyncMessageStream surface ------------------------------------------------
 

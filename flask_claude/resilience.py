@@ -174,8 +174,11 @@ class _DeadlineStream(httpx2.SyncByteStream):
         self._deadline = deadline
 
     def __iter__(self) -> Iterator[bytes]:
+        # ``Deadline.expired`` inlined: per chunk one clock read and a compare, not three calls around it.
+        deadline = self._deadline
+        now = deadline.clock.monotonic
         for chunk in self._inner:
-            if self._deadline.expired:
+            if now() >= deadline.at:
                 raise httpx2.ReadTimeout("flask-claude deadline exceeded while reading the response")
             yield chunk
 
@@ -219,8 +222,10 @@ class _AsyncDeadlineStream(httpx2.AsyncByteStream):
         self._deadline = deadline
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        deadline = self._deadline
+        now = deadline.clock.monotonic  # as ``_DeadlineStream``: one clock read and a compare per chunk
         async for chunk in self._inner:
-            if self._deadline.expired:
+            if now() >= deadline.at:
                 raise httpx2.ReadTimeout("flask-claude deadline exceeded while reading the response")
             yield chunk
 

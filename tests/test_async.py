@@ -420,6 +420,32 @@ def test_an_async_stream_that_ends_without_message_stop_fails(sim: Simulator, cl
     assert line["error_type"] == "incomplete_stream" and line["output_tokens"] >= 2
 
 
+def test_an_async_stream_trickling_past_its_deadline_is_cut_mid_way(clock: FakeClock, claude_log: CallLog) -> None:
+    # As the sync one (test_client.py): the body's chunks arrive 0.3 s apart on the app's fake clock.
+    sim = Simulator(clock=clock)
+    sim.trickle(0.3, chunks=20)  # 6 s of body against a 1 s deadline
+    app = make(sim, clock, CLAUDE_STREAM_DEADLINE=1.0, CLAUDE_MAX_RETRIES=0)
+    story = " ".join(f"word{i}" for i in range(300))
+    seen: dict[str, Any] = {}
+
+    async def chat() -> Any:
+        received: list[str] = []
+        try:
+            async with Claude().async_messages.stream(max_tokens=1000, messages=user_msg(f"echo: {story}")) as stream:
+                async for text in stream.text_stream:
+                    received.append(text)
+        except UpstreamUnavailable:
+            seen["received"] = "".join(received)
+            return {"failed": True}
+        return {"failed": False}
+
+    route(app, chat, ai_feature("chat"))
+    assert app.test_client().post("/ask").get_json() == {"failed": True}
+    assert 0 < len(seen["received"]) < len(story) / 2  # text arrived, then the body was cut early
+    [line] = claude_log.events("claude_api_error")
+    assert line["error_type"] == "deadline_exceeded" and line["output_tokens"] >= 2
+
+
 # --- nothing bound to one event loop is reused on the next ------------------------------------------
 
 class KeepAliveServer:

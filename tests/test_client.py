@@ -383,6 +383,34 @@ def test_an_incomplete_stream_counts_against_the_models_breaker(make_app, sim: S
     assert [e["model"] for e in claude_log.events("circuit_opened")] == ["claude-sonnet-4-6"]
 
 
+def test_a_stream_trickling_past_its_deadline_is_cut_mid_way_and_billed(tmp_path: Any, clock: FakeClock,
+                                                                        claude_log: CallLog) -> None:
+    # The deadline is checked as each body chunk arrives (a per-read timeout never fires on a trickle);
+    # the simulator's pauses run on the app's fake clock, so the body's chunks arrive 0.3 s apart.
+    from flask import Flask
+
+    from flask_claude.tokens import estimate_tokens
+
+    sim = Simulator(clock=clock)
+    sim.trickle(0.3, chunks=20)  # 6 s of body against a 1 s deadline
+    app = Flask("stream_deadline")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MODELS=["claude-sonnet-4-6"], CLAUDE_MAX_RETRIES=0,
+                      CLAUDE_STREAM_DEADLINE=1.0, CLAUDE_BREAKER_MIN_CALLS=2,
+                      CLAUDE_LOG_PATH=str(tmp_path / "x.jsonl"))
+    Claude(app, simulator=sim, clock=clock)
+    story = " ".join(f"word{i}" for i in range(300))
+    for _ in range(2):
+        received: list[str] = []
+        with pytest.raises(UpstreamUnavailable), app.app_context(), app.extensions["claude"].messages.stream(
+                model="claude-sonnet-4-6", max_tokens=1000, messages=user_msg(f"echo: {story}")) as stream:
+            received.extend(stream.text_stream)
+        assert 0 < len("".join(received)) < len(story) / 2  # text arrived, then the body was cut early
+    lines = claude_log.events("claude_api_error")
+    assert [line["error_type"] for line in lines] == ["deadline_exceeded"] * 2
+    assert lines[-1]["output_tokens"] >= estimate_tokens("".join(received))  # billed for what arrived
+    assert claude_log.events("circuit_opened") == []  # our deadline, not the model's fault
+
+
 # --- an upstream 429 that outlasts the retries degrades with the upstream's Retry-After, capped ------
 
 @pytest.mark.parametrize(("upstream", "cap", "expected"), [(7, 20.0, "7"), (3600, 12.5, "13"), (None, 20.0, "8")])
