@@ -22,7 +22,9 @@ app that configures its own logging does (left in place it adds ~40 us per event
 Then Redis commands per request are counted two ways: server side with INFO commandstats (every
 command, including those a Lua script runs), and client side by wrapping redis-py's
 Connection.send_packed_command (one call = one write to the socket = one round trip; a pipeline
-would be one) and send_command (which command each round trip carried).
+would be one) and send_command (which command each round trip carried). The count ends with a
+``store.flush()``, so what the counted requests left to be written behind (the last settlement,
+the rollup sums a worker writes once per CLAUDE_ROLLUP_FLUSH_INTERVAL) is counted with them.
 
 Run: /work/venv/bin/python bench/overhead.py  (about a minute on 2 cores)
 """
@@ -222,6 +224,10 @@ def script_names(guarded: Flask, limited: Flask) -> dict[str, str]:
         script = getattr(store, attr, None)
         if script is not None and hasattr(script, "sha"):
             names[script.sha] = label
+    # The worker's summed rollups, written once per CLAUDE_ROLLUP_FLUSH_INTERVAL (since rollup-coalesce).
+    rollup_script = getattr(getattr(store, "rollups", None), "_script", None)
+    if rollup_script is not None and hasattr(rollup_script, "sha"):
+        names[rollup_script.sha] = "rollup"
     storage = limited.extensions["limiter"]
     for limiter in (storage if isinstance(storage, set) else [storage]):
         lim_storage = getattr(limiter, "_storage", None) or getattr(limiter, "storage", None)
@@ -307,9 +313,12 @@ def run(redis_server: RedisServer, log_path: str) -> None:
     for key in (c_key, dredis_key):
         caller = callers[key]
         stats_before = redis_server.commandstats()
+        store = getattr(apps[key].extensions.get("claude"), "store", None)
         with RoundTrips(names) as trips:
             for _ in range(COUNT_N):
                 caller()
+            if store is not None:  # what these requests left written behind counts with them
+                store.flush()
         stats_after = redis_server.commandstats()
         delta = diff_stats(stats_before, stats_after)
         total = sum(delta.values())
@@ -433,8 +442,10 @@ def async_rows(redis_server: RedisServer, log_path: str) -> None:
 
 
 def rollup_cost(memory_app: Flask, redis_app: Flask) -> None:
-    """What the shared rollups add to a request: their increments inside the settlement step (the same
-    round trip), building those increments in Python, and the periodic alert evaluation's read.
+    """What the shared rollups add to a request: adding a call's increments at its settlement (memory:
+    into the store at once; Redis: summed in the worker, the sums written once per
+    CLAUDE_ROLLUP_FLUSH_INTERVAL by the flusher thread or the next round trip, so "added" is what the
+    request path pays), building those increments in Python, and the periodic alert evaluation's read.
 
     Measured directly on the store, interleaved (with, without, with, ...) so drift lands on both:
     the request-level figures above move by more than this from run to run.

@@ -9,7 +9,8 @@ three budgets, settlement) on a private redis-server, in three shapes:
   with_first_call             the opt-in mode: admission checked with the first call's hold
 
 Counted two ways, as in overhead.py: client side (redis-py socket writes, one per round trip) and
-server side (INFO commandstats, every command including those inside the Lua scripts). Also the
+server side (INFO commandstats, every command including those inside the Lua scripts), a
+``store.flush()`` at the end included (what the requests left written behind counts with them). Also the
 median added time per request over a bare SDK route, interleaved, for a first idea of the cost of
 each trip (bench/overhead.py is the reference for overhead).
 
@@ -70,6 +71,7 @@ def run(server: RedisServer, log_path: str) -> None:
         with RoundTrips(names) as trips:
             for _ in range(COUNT_N):
                 caller()
+            apps[label].extensions["claude"].store.flush()  # what they left written behind counts with them
         delta = diff_stats(before, server.commandstats())
         sent = Counter(trips.commands)
         rows.append([label, f"{trips.sends / COUNT_N:g}", f"{sum(delta.values()) / COUNT_N:g}",
@@ -103,8 +105,12 @@ def run(server: RedisServer, log_path: str) -> None:
 
 def _names(app: Flask) -> dict[str, str]:
     store = app.extensions["claude"].store
-    return {getattr(store, attr).sha: label for attr, label in
-            (("_begin", "begin"), ("_settle", "settle"), ("_allow", "breaker_allow"), ("_record", "breaker_record"))}
+    names = {getattr(store, attr).sha: label for attr, label in
+             (("_begin", "begin"), ("_settle", "settle"), ("_allow", "breaker_allow"), ("_record", "breaker_record"))}
+    rollup_script = getattr(store.rollups, "_script", None)  # the summed rollups (since rollup-coalesce)
+    if rollup_script is not None:
+        names[rollup_script.sha] = "rollup"
+    return names
 
 
 if __name__ == "__main__":

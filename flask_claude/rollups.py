@@ -22,9 +22,23 @@ cache creation), ``u`` cost in micro-dollars, ``l:<i>`` latency histogram counts
 token histograms over ``TOKEN_BUCKETS`` (input counts cache tokens too, as OpenTelemetry's
 ``gen_ai.usage.input_tokens`` does for Anthropic), ``d:<reason>`` degraded responses (model ``-``).
 
-On Redis the increments ride on the settlement script a call already runs (``ROLLUP_LUA`` is
-prepended to it): no extra round trip on the success path. Expiries are relative (``PEXPIRE``), so
-neither the app's clock nor a test's fake clock can delete a bucket early.
+Writing. In memory a call's increments are added at once. On Redis they are coalesced per worker:
+summed per minute bucket and field in the process (``storage/rollups.py``), and written at most once
+per ``CLAUDE_ROLLUP_FLUSH_INTERVAL`` (1 s) as one script that adds the sums to each minute's and
+hour's hash and the total (an accumulation that spans a minute boundary writes both minutes). That
+write rides on a round trip the worker makes anyway (the next request's, with the settlements
+written behind), or the settlements' flusher thread sends it when no request comes: never an extra
+round trip on the request path, and ~26 server-side commands a call no longer costs. Expiries are
+relative (``PEXPIRE``), so neither the app's clock nor a test's fake clock can delete a bucket early.
+
+Freshness, and what can be lost. A reader sees its own process's calls at once: every read (the
+dashboard and its JSON, the Prometheus collector, the ops alerts, ``collect_status``) first flushes
+what this process holds. Other workers' and hosts' calls (and so everything ``flask claude status``,
+a process of its own, shows) appear within the flush interval (plus ``CLAUDE_SETTLE_DELAY``). A
+clean exit (``store.flush()``, the ``atexit`` hook a gunicorn worker's graceful stop runs) writes
+everything. A worker that dies hard (SIGKILL, OOM) or a write that fails (storage away) loses at
+most one interval of that worker's monitoring counts (the log lines still have them); budgets are
+unaffected: each call is settled on its own.
 """
 
 from __future__ import annotations
@@ -256,6 +270,7 @@ class AppRollups:
         self.state = state
         self.store = state.store
         self.store.rollups.retention = state.settings.rollup_retention
+        self.store.rollups.flush_interval = state.settings.rollup_flush_interval
 
     @staticmethod
     def call_fields(call: Any, base: Mapping[str, Any], cost: Any, error: Any = None) -> dict[str, int]:
@@ -275,7 +290,8 @@ class AppRollups:
                            latency_s=(base.get("latency_ms") or 0.0) / 1000)
 
     def write(self, rollup: Mapping[str, int] | None, *, success: str | None = None) -> None:
-        """One storage step: the rollup, and a model's success on its breaker when there is one."""
+        """A call with no reservation to settle: its rollup (summed with the others on Redis, so no
+        step of its own), and a model's success on its breaker when there is one (written behind)."""
         if not rollup and success is None:
             return
         breaker = self.state.breaker.params if success is not None else None
@@ -286,7 +302,7 @@ class AppRollups:
             pass
 
     def degraded(self, feature: str | None, reason: str) -> None:
-        """A degraded response: already a failure path, so its one write is not on a success's clock."""
+        """A degraded response: counted like a call's rollup (on Redis summed, so no write of its own)."""
         self.write(degraded_fields(feature, reason))
 
     def read(self, minutes: Sequence[int] = (), hours: Sequence[int] = (), *, totals: bool = False) -> Snapshot:

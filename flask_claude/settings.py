@@ -209,6 +209,7 @@ class Settings:
     alert_hook: Callable[..., Any] | None = _setting(None, _callable_or_none)
     degraded_status: int = _setting(503, lambda k, v: _number(k, v, integer=True, minimum=400))
     rollup_retention: float = _setting(172800.0, lambda k, v: _number(k, v, minimum=3600))
+    rollup_flush_interval: float = _setting(1.0, lambda k, v: _number(k, v))
     alert_window: float | None = _setting(300.0, _optional(lambda k, v: _number(k, v, minimum=60)))
     alert_error_rate: float | None = _setting(0.05, _optional(_fraction))
     alert_min_calls: int | None = _setting(20, _optional(lambda k, v: _number(k, v, integer=True, minimum=1)))
@@ -223,6 +224,9 @@ class Settings:
         if self.alert_window is not None and self.alert_window > self.rollup_retention:
             raise ConfigError(f"CLAUDE_ALERT_WINDOW ({self.alert_window:g} s) must not exceed "
                               f"CLAUDE_ROLLUP_RETENTION ({self.rollup_retention:g} s), which it is read from")
+        if self.rollup_flush_interval > 60:  # past a minute, the alerts' shortest window would miss counts
+            raise ConfigError(f"CLAUDE_ROLLUP_FLUSH_INTERVAL must be at most 60 s (the shortest alert window), "
+                              f"got {self.rollup_flush_interval:g}")
         if self.breaker_failure_rate > 1:
             raise ConfigError(f"CLAUDE_BREAKER_FAILURE_RATE must be a fraction <= 1, got {self.breaker_failure_rate}")
         if not isinstance(self.flags, str) and not all(

@@ -132,3 +132,33 @@ def test_a_settlement_written_behind_lands_when_the_worker_stops_right_after(gun
     assert spent == math.ceil(line["cost_usd"] * 1_000_000) > 0  # budgets count whole micro-dollars, rounded up
     holds = [f for f in client.hkeys(f"{{fc:flask-claude}}:usd:global:day:{day}") if f.startswith(b"r:")]
     assert holds == []  # the hold was replaced by the cost, not left to lapse
+
+
+def test_the_rollups_a_worker_summed_land_complete_when_it_stops_right_after(gunicorn: Any, redis_url: str) -> None:
+    """Each worker sums its calls' rollups and writes them at most once per interval; a clean stop
+    (gunicorn's graceful exit runs the atexit flush) writes what every worker still holds."""
+    import redis
+
+    from flask_claude.rollups import split_field, to_micro
+
+    server = gunicorn(TEST_CLAUDE_SETTLE_DELAY="60", TEST_CLAUDE_ROLLUP_FLUSH_INTERVAL="60")  # nothing due
+    with ThreadPoolExecutor(max_workers=8) as pool:  # several workers get some
+        assert list(pool.map(lambda _: server.post("/spend"), range(24))) == [200] * 24
+    server.stop()
+    assert server.process.returncode == 0
+    lines = [e for e in _events(gunicorn.log_path) if e["event"] == "claude_api_call"]
+    assert len(lines) == 24
+    client = redis.Redis.from_url(redis_url)
+    sums: Counter[str] = Counter()
+    for name, amount in client.hgetall("{fc:flask-claude}:roll:total").items():
+        metric, feature, _ = split_field(name.decode())
+        if feature == "spend":
+            sums[metric] += int(amount)
+    assert sums["c"] == 24
+    assert sums["u"] == sum(to_micro(e["cost_usd"]) for e in lines) > 0
+    assert sums["ti"] == sum(e["input_tokens"] for e in lines)
+    assert sums["to"] == sum(e["output_tokens"] for e in lines)
+    minutes = Counter[str]()
+    for key in client.scan_iter("{fc:flask-claude}:roll:m:*"):
+        minutes.update({k.decode(): int(v) for k, v in client.hgetall(key).items()})
+    assert minutes["c|spend|claude-haiku-4-5"] == 24  # the minute buckets too, whichever minute(s) the calls fell in

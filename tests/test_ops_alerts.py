@@ -123,8 +123,9 @@ def test_rollups_agree_with_the_log(storage_uri: str, sim: Simulator, now_clock:
 def test_redis_rollup_rides_on_the_settlement(redis_url: str, redis_server: Any, sim: Simulator,
                                               now_clock: FakeClock, log_path: Path) -> None:
     """The rollup adds no round trip: counted by Redis (reads of client sockets), a budgeted call waits
-    for its admission and its hold, an unbudgeted one for its breaker read; both settlements (and
-    their rollups) are written behind, riding on a later round trip."""
+    for its admission and its hold, an unbudgeted one for its breaker read; both settlements are
+    written behind, riding on a later round trip, and the rollups are summed in the worker until a
+    read (here) or their interval writes them (tests/test_rollup_coalescing.py)."""
     app = ops_app("roundtrip_app", redis_url, sim, now_clock, log_path, CLAUDE_ALERT_WINDOW=None,
                   CLAUDE_SETTLE_DELAY=30)
     client = app.test_client()

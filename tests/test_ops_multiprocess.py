@@ -91,9 +91,11 @@ def test_every_worker_scrapes_the_same_totals_and_they_match_the_log(gunicorn: A
         with urllib.request.urlopen(f"{server.base}/metrics", timeout=5) as response:
             return str(response.read().decode())
 
-    # each worker writes its last settlement behind, within CLAUDE_SETTLE_DELAY (50 ms) of its last call
+    # The worker that answers a scrape writes its own rollups first; each other worker writes the sums
+    # of its calls within CLAUDE_ROLLUP_FLUSH_INTERVAL (1 s) + CLAUDE_SETTLE_DELAY of its first unwritten
+    # call (its flusher thread, no request coming): poll until every worker's have landed.
     assert wait_for(lambda: sum(total(samples(scrape()), "flask_claude_calls_total", outcome=o)
-                                for o in ("ok", "error")) == logged, timeout=5)
+                                for o in ("ok", "error")) == logged, timeout=10)
     pages = set()
     for _ in range(12):  # several connections: gunicorn hands them to different workers
         with urllib.request.urlopen(f"{server.base}/metrics", timeout=5) as response:

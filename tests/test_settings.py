@@ -36,6 +36,9 @@ def init(**config: object) -> Flask:
     ("CLAUDE_BUDGET_TIMEZONE", "Mars/Olympus"),
     ("CLAUDE_FLAGS", "yaml"),
     ("CLAUDE_BREAKER_FAILURE_RATE", 1.5),
+    ("CLAUDE_ROLLUP_FLUSH_INTERVAL", -1),
+    ("CLAUDE_ROLLUP_FLUSH_INTERVAL", 61),
+    ("CLAUDE_ROLLUP_FLUSH_INTERVAL", "soon"),
 ])
 def test_wrong_value_fails_at_init_with_the_key_name(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as info:

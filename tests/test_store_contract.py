@@ -9,6 +9,7 @@ runs on one node.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -169,6 +170,23 @@ def test_settle_later_lands_and_reports_crossed_thresholds(make: Callable[[], St
     [(crossed, failure)] = seen
     assert failure is None and [(c.threshold, c.spent) for c in crossed] == [(0.5, 55)]
     assert other.usage(["global"], NOW + 1) == [(55, 0)]
+
+
+def test_rollups_of_two_workers_land_in_their_own_minutes_once_flushed(make: Callable[[], Store]) -> None:
+    """Whenever a backend writes a call's rollup (at once in memory, summed per worker on Redis), after
+    ``flush`` every worker reads the same sums, each increment in the minute and hour of its own time."""
+    worker, other = make(), make()
+    minute = math.floor(NOW / 60)  # NOW is noon: NOW + 59 and NOW + 61 straddle a minute, in one hour
+    for store, t, rollup in ((worker, NOW + 59, {"c|a|m": 1, "u|a|m": 10}),
+                             (worker, NOW + 61, {"c|a|m": 1, "u|a|m": 5}),
+                             (other, NOW + 62, {"c|a|m": 2})):
+        store.settle_later([], [], (), t, lambda crossed, failure: None, rollup=rollup)
+    worker.flush()
+    other.flush()
+    snap = other.rollups.read([minute, minute + 1], [minute // 60], totals=True)
+    assert snap.minutes == {minute: {"c|a|m": 1, "u|a|m": 10}, minute + 1: {"c|a|m": 3, "u|a|m": 5}}
+    assert snap.hours == {minute // 60: {"c|a|m": 4, "u|a|m": 15}}
+    assert snap.totals == {"c|a|m": 4, "u|a|m": 15}
 
 
 def test_holds_lapse_and_periods_end(make: Callable[[], Store]) -> None:

@@ -12,7 +12,8 @@ work as documented there.
 
 A request waits for one round trip when its feature bounds its input: ``begin`` (the admission,
 the first call's hold, a read of the chain's breakers); ``settle`` (the real cost, alert thresholds,
-the breaker's success, the rollups) is written behind and rides on a later round trip. The layout:
+the breaker's success) is written behind and rides on a later round trip, and so do the monitoring
+rollups, summed per worker and written at most once per ``CLAUDE_ROLLUP_FLUSH_INTERVAL``. The layout:
 
 - ``records.py``: what a step takes and returns, and the ``Store`` protocol a backend implements;
 - ``memory.py``: one process; ``redis.py``: every worker and host, each step one script in ``lua/``;

@@ -9,6 +9,9 @@ and one ``storage_recovered`` its end, instead of a line per request.
 
 What the app spent while storage was away is not lost: ``budget.Budgets`` keeps it in the process
 and adds it to the budgets once the guard reports storage healthy again.
+The monitoring rollups are not kept that way: a call settled while the guard is open adds nothing
+to them (the log line still has it), and a Redis worker's summed increments whose write fails are
+dropped (``rollups.py``), so nothing grows in the process while storage is away.
 """
 
 from __future__ import annotations
@@ -171,10 +174,10 @@ class _GuardedRollups:
         return self._guard._call(self._inner.write, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)  # extend (no I/O), retention
+        return getattr(self._inner, name)  # add, due_in, take, pending (no I/O), retention
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name.startswith("_"):
             object.__setattr__(self, name, value)
         else:
-            setattr(self._inner, name, value)  # e.g. retention, set once at start
+            setattr(self._inner, name, value)  # retention, flush_interval: set once at start

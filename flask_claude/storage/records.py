@@ -109,7 +109,8 @@ class BudgetStore(Protocol):
                success: str | None = None, breaker: BreakerParams | None = None,
                rollup: dict[str, int] | None = None) -> list[Crossed]:
         """Replace the holds ``rids`` by the real amount; report alert thresholds crossed first here; record
-        ``success`` on that model's breaker; add the call's ``rollup`` increments (rollups.py)."""
+        ``success`` on that model's breaker; add the call's ``rollup`` increments (rollups.py), at once
+        or summed with others and written by a later step or ``flush``."""
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                      done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
@@ -118,7 +119,8 @@ class BudgetStore(Protocol):
         ``done(crossed, failure)`` is called once it landed or failed."""
 
     def flush(self) -> None:
-        """Send every settlement still waiting (before a read that must include them, and at exit)."""
+        """Send every settlement and rollup increment still waiting (before a read that must include
+        them, and at exit)."""
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
         """(spent, reserved) for each budget key."""

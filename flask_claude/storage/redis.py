@@ -1,7 +1,9 @@
 """The shared store: Redis, every step one Lua script (``lua/*.lua``), so atomic.
 
-Settlements are written behind: they ride in the next step's round trip (see ``RedisStore``), and on
-a plain ``redis://`` the scripts go over ``wire.py``'s socket per thread instead of redis-py.
+Settlements are written behind: they ride in the next step's round trip (see ``RedisStore``), and so
+do the monitoring rollups, summed in the worker and sent at most once per flush interval
+(``rollups.py``). On a plain ``redis://`` the scripts go over ``wire.py``'s socket per thread
+instead of redis-py.
 """
 
 from __future__ import annotations
@@ -52,7 +54,10 @@ class RedisStore:
     A settlement is written behind (``settle_later``): it rides in the same round trip as the next
     ``begin`` of this process, or is sent by a flusher thread within ``settle_delay`` seconds when
     no request comes, and at exit. Until it lands its hold stays, so a budget only looks fuller
-    (never emptier) for those milliseconds.
+    (never emptier) for those milliseconds. A call's rollup increments are not part of its
+    settlement: they are summed in ``self.rollups`` and ride along, as one script, on the first
+    round trip after they are due (the flusher thread sends them when no request comes), and on
+    every ``flush``.
     """
 
     def __init__(self, uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05) -> None:
@@ -69,7 +74,7 @@ class RedisStore:
         # for CLAUDE_STORAGE_FAILURE to decide, never a 500.
         self._errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
         self._begin = self.client.register_script(lua("functions", "begin"))
-        self._settle = self.client.register_script(lua("functions", "rollup", "settle"))
+        self._settle = self.client.register_script(lua("functions", "settle"))
         self._allow = self.client.register_script(lua("breaker_allow"))
         self._record = self.client.register_script(lua("functions", "breaker_record"))
         self._lean = LeanScripts(self.client, socket_timeout) if lean_usable(self.client) else None
@@ -118,23 +123,30 @@ class RedisStore:
             script(keys=keys, args=args, client=pipe)
         return list(pipe.execute(raise_on_error=False))
 
-    def _run_with_pending(self, call: Call | None) -> Any:
-        """``call`` (if any) in the same round trip as every settlement waiting to be written."""
+    def _run_with_pending(self, call: Call | None, *, all_rollups: bool = False) -> Any:
+        """``call`` (if any) in the same round trip as every settlement waiting to be written, and the
+        rollups waiting if they are due (any that wait, with ``all_rollups``)."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
-            if pending:
+            rollup = self.rollups.take(force=all_rollups)
+            sending = bool(pending) or rollup is not None
+            if sending:
                 self._in_flight += 1
         try:
-            return self._send(pending, call)
+            return self._send(pending, call, rollup)
         finally:
-            if pending:
+            if sending:
                 with self._pending_lock:
                     self._in_flight -= 1
                     if not self._in_flight:
                         self._landed.notify_all()
 
-    def _send(self, pending: list[_Pending], call: Call | None) -> Any:
+    def _send(self, pending: list[_Pending], call: Call | None, rollup: Call | None = None) -> Any:
+        # A failed rollup write (an error reply, or no reply) is dropped with its interval's counts:
+        # only monitoring numbers, and a retry could count twice what a hung Redis still applies.
         calls: list[Call] = [(p.script or self._settle, p.keys, p.args) for p in pending]
+        if rollup is not None:
+            calls.append(rollup)
         if call is not None:
             calls.append(call)
         if not calls:
@@ -163,14 +175,19 @@ class RedisStore:
         return reply
 
     def flush(self) -> None:
-        """Write every settlement still waiting (exit, a status read, or a test that looks at Redis),
-        and wait (a bounded while) for those another thread of this process is sending right now."""
-        try:
-            self._run_with_pending(None)
-        except StorageUnavailable:
-            pass  # each one's ``done`` was told
+        """Write every settlement and every rollup increment still waiting (exit, a reader, or a test
+        that looks at Redis), and wait (a bounded while) for those another thread of this process is
+        sending right now."""
+        self._send_waiting(all_rollups=True)
         with self._pending_lock:
             self._landed.wait_for(lambda: not self._in_flight, timeout=2 * self._socket_timeout + 1)
+
+    def _send_waiting(self, *, all_rollups: bool = False) -> None:
+        """One round trip of its own for what waits (the rollups only once due, unless ``all_rollups``)."""
+        try:
+            self._run_with_pending(None, all_rollups=all_rollups)
+        except StorageUnavailable:
+            pass  # each settlement's ``done`` was told; a rollup write is dropped
 
     def _flush_soon(self) -> None:
         """A flusher thread per process (a forked worker starts its own) for quiet moments; it ends
@@ -185,14 +202,17 @@ class RedisStore:
 
     def _flush_loop(self) -> None:
         while True:
-            if not self._flush_wakeup.wait(timeout=FLUSHER_IDLE_S):
-                with self._pending_lock:
-                    if not self._flush_wakeup.is_set():
-                        self._flusher = None
-                        return
+            due = self.rollups.due_in()  # None: no rollup waits; else wake when it is due, if no one did
+            if not self._flush_wakeup.wait(timeout=FLUSHER_IDLE_S if due is None else max(0.0, due)):
+                if due is None:
+                    with self._pending_lock:
+                        if not self._flush_wakeup.is_set() and self.rollups.due_in() is None:
+                            self._flusher = None
+                            return
+                    continue
             self._flush_wakeup.clear()
             time.sleep(self._settle_delay)  # a request that comes meanwhile takes them along for free
-            self.flush()
+            self._send_waiting()
 
     def begin(self, step: Begin, now: float) -> Outcome:
         keys = ([self._k(line.key) for line in (*step.gates, *step.requests, *step.holds)]
@@ -224,19 +244,32 @@ class RedisStore:
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,
                rollup: dict[str, int] | None = None) -> list[Crossed]:
-        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker, rollup)
+        """At once; the ``rollup`` is still summed and written with the others (``settle_later``)."""
+        if rollup:
+            self.rollups.add(rollup, now)
+            self._flush_soon()
+        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker)
         return self._crossed(lines, self._call(self._settle, keys=keys, args=args))
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                      done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
                      rollup: dict[str, int] | None = None) -> None:
-        """``settle``, written behind: ``done(crossed, failure)`` is called once it was sent."""
-        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker, rollup)
+        """``settle``, written behind: ``done(crossed, failure)`` is called once it was sent. The
+        ``rollup`` is summed into the worker's rollups (written once due); a step that is only a
+        rollup (no budget line, no success to record) sends nothing of its own and is done at once."""
+        if rollup:
+            self.rollups.add(rollup, now)
+        if not lines and (success is None or breaker is None):
+            done([], None)
+            if rollup:
+                self._flush_soon()
+            return
+        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker)
         with self._pending_lock:
             self._pending.append(_Pending(keys, args, lines, done, time.monotonic()))
             full = len(self._pending) >= MAX_PENDING
         if full:
-            self.flush()
+            self._send_waiting()
         else:
             self._flush_soon()
 
@@ -246,7 +279,7 @@ class RedisStore:
             self._pending.append(_Pending(keys, args, (), _no_done, time.monotonic(), script))
             full = len(self._pending) >= MAX_PENDING
         if full:
-            self.flush()
+            self._send_waiting()
         else:
             self._flush_soon()
 
@@ -258,8 +291,7 @@ class RedisStore:
         return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
 
     def _settle_call(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
-                     success: str | None, breaker: BreakerParams | None,
-                     rollup: dict[str, int] | None) -> tuple[list[str], list[Any]]:
+                     success: str | None, breaker: BreakerParams | None) -> tuple[list[str], list[Any]]:
         keys = [self._k(line.key) for line in lines]
         args: list[Any] = [repr(now), " ".join(rids), len(thresholds), *(repr(t) for t in thresholds), len(lines)]
         for line in lines:
@@ -267,7 +299,6 @@ class RedisStore:
         if success is not None and breaker is not None:
             keys.append(self._b(success))
             args += [breaker.min_calls, repr(breaker.failure_rate), repr(breaker.window), repr(breaker.cooldown)]
-        self.rollups.extend(keys, args, rollup, now)
         return keys, args
 
     def ping(self) -> None:
@@ -318,7 +349,8 @@ _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
 
 @atexit.register
 def flush_all() -> None:
-    """A worker stopping cleanly (gunicorn's graceful exit, ``sys.exit``) writes what is waiting."""
+    """A worker stopping cleanly (gunicorn's graceful exit, ``sys.exit``) writes what is waiting:
+    settlements, and the rollup increments summed since their last write."""
     for store in list(_STORES):
         store.flush()
 

@@ -1,22 +1,20 @@
--- A call's rollup increments (flask_claude/rollups.py names them), prepended to settle.lua and run
--- alone for a step with nothing else to settle. The caller appends KEYS minute, hour, total and ARGV
--- ttl_ms, field1, amount1, ..., fieldN, amountN, N; N = 0 (and no keys) when a step has no rollup.
--- ``roll_keys`` tells the rest of the script how many KEYS were ours.
-local roll_keys = 0
-do
-  local roll_n = tonumber(ARGV[#ARGV])
-  if roll_n and roll_n > 0 then
-    roll_keys = 3
-    local minute_key, hour_key, total_key = KEYS[#KEYS - 2], KEYS[#KEYS - 1], KEYS[#KEYS]
-    local first = #ARGV - 2 * roll_n
-    local ttl = ARGV[first - 1]
-    for i = first, #ARGV - 1, 2 do
-      local f, amount = ARGV[i], ARGV[i + 1]
-      redis.call('HINCRBY', minute_key, f, amount)
-      redis.call('HINCRBY', total_key, f, amount)
-      redis.call('HINCRBY', hour_key, f, amount)
-    end
-    redis.call('PEXPIRE', minute_key, ttl)
-    redis.call('PEXPIRE', hour_key, ttl)
+-- A worker's coalesced rollup increments (flask_claude/rollups.py names the fields; storage/rollups.py
+-- sums them per minute bucket and sends them at most once per CLAUDE_ROLLUP_FLUSH_INTERVAL).
+-- KEYS: the hashes to add to: minute buckets, hour buckets, the lifetime total.
+-- ARGV: ttl_ms, then per key in KEYS' order: expires (1: PEXPIRE it by ttl_ms after adding, 0: never
+--       expires), n, field1, amount1, ..., fieldn, amountn.
+-- Expiries are relative (PEXPIRE), so neither the app's clock nor a test's fake one deletes a bucket early.
+local ttl = ARGV[1]
+local p = 2
+for k = 1, #KEYS do
+  local expires, n = ARGV[p], tonumber(ARGV[p + 1])
+  p = p + 2
+  for i = p, p + 2 * n - 1, 2 do
+    redis.call('HINCRBY', KEYS[k], ARGV[i], ARGV[i + 1])
+  end
+  p = p + 2 * n
+  if expires == '1' then
+    redis.call('PEXPIRE', KEYS[k], ttl)
   end
 end
+return 0

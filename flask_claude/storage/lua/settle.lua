@@ -1,8 +1,9 @@
 -- Replace a call's holds by its real amounts, claim the alert thresholds crossed, record the success
--- on the model's breaker; rollup.lua (prepended) adds the call's rollup increments.
--- KEYS: budget keys..., [the success model's breaker key], [rollup minute, hour, total]
+-- on the model's breaker. (The call's rollup increments are not here: the worker sums them and
+-- rollup.lua writes the sums, at most once per CLAUDE_ROLLUP_FLUSH_INTERVAL.)
+-- KEYS: budget keys..., [the success model's breaker key]
 -- ARGV: now, rids (space-separated), nt, thresholds..., nl, per line (limit, amount, expires),
---       [min_calls, rate, window, cooldown when recording], then rollup.lua's tail (see there).
+--       [min_calls, rate, window, cooldown when recording].
 -- Returns {{line index, threshold, spent}...} for each threshold first crossed here.
 local now = tonumber(ARGV[1]); local nt = tonumber(ARGV[3])
 local nl = tonumber(ARGV[4 + nt])
@@ -22,7 +23,7 @@ for i = 1, nl do
     end
   end
 end
-if #KEYS > nl + roll_keys then
+if #KEYS > nl then
   local p = base + 3 * nl
   record_outcome(KEYS[nl + 1], true, now, tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]),
                  tonumber(ARGV[p + 4]))
