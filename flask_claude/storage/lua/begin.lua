@@ -47,11 +47,13 @@ if dg_line > 0 then
   fraction = tonumber(redis.call('HGET', KEYS[ng + nr + dg_line], 'spent') or '0') / math.max(dg_limit, 1)
   if fraction >= dg_at then use_alt = 1 end
 end
+local exists = {}
 for k = 1, nh do
   local key = KEYS[ng + nr + k]
   local limit, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 3])
   local amount = tonumber(ARGV[a + 1 + use_alt]); a = a + 4
-  local spent, reserved = budget_state(key, now)
+  local spent, reserved, present = budget_state(key, now)
+  exists[k] = present
   if spent + reserved + amount > limit then
     if optional then held = 0; break end
     if spent + amount <= limit then
@@ -78,7 +80,9 @@ for k = 1, nh * held do
   local key = KEYS[ng + nr + k]
   local amount, expires = ARGV[a + 1 + use_alt], tonumber(ARGV[a + 3]); a = a + 4
   redis.call('HSET', key, 'r:' .. rid, amount .. ' ' .. hold)
-  redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
+  if not exists[k] then  -- a key still there keeps the expiry it was created with (the period's end)
+    redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
+  end
 end
 local out = {1, '', -1, '0', 0, 0, 0, held, use_alt, tostring(fraction)}
 for j = 1, nr do table.insert(out, remaining[j]) end

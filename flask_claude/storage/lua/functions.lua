@@ -3,10 +3,12 @@
 -- Budgets: a hash per budget key: "spent", "exhausted" (the limit it was found spent at) and one
 -- "r:<rid>" field per live hold ("amount until"). Breakers: a hash per model: "open_until",
 -- "probe_since", and "c:<bucket>" / "f:<bucket>" call and failure counts.
--- A budget's spent and its live holds' sum, from one HGETALL (lapsed holds are dropped on the way).
+-- A budget's spent, its live holds' sum and whether the key is still there (it then has its expiry:
+-- every write that creates a budget key sets one), from one HGETALL; lapsed holds are dropped.
 local function budget_state(key, now)
   local spent, total = 0, 0
   local fields = redis.call('HGETALL', key)
+  local left = #fields / 2
   for i = 1, #fields, 2 do
     local f = fields[i]
     if f == 'spent' then
@@ -15,12 +17,13 @@ local function budget_state(key, now)
       local amount, untl = string.match(fields[i + 1], '(%-?%d+) (%S+)')
       if tonumber(untl) <= now then
         redis.call('HDEL', key, f)
+        left = left - 1
       else
         total = total + tonumber(amount)
       end
     end
   end
-  return spent, total
+  return spent, total, left > 0
 end
 
 -- Expiries are relative (the time left on the app's clock), never EXPIREAT: an absolute time from

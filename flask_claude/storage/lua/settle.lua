@@ -14,8 +14,10 @@ for i = 1, nl do
   local expires = tonumber(ARGV[base + 3 * i])
   for rid in string.gmatch(ARGV[2], '%S+') do redis.call('HDEL', KEYS[i], 'r:' .. rid) end
   local spent = redis.call('HINCRBY', KEYS[i], 'spent', amount)
-  redis.call('PEXPIRE', KEYS[i], ttl_ms(expires, now, 86400))
   local before = spent - amount
+  if before == 0 then  -- the key may be new: otherwise it has the expiry it was created with
+    redis.call('PEXPIRE', KEYS[i], ttl_ms(expires, now, 86400))
+  end
   for t = 1, nt do
     local mark = tonumber(ARGV[3 + t]) * limit
     if before < mark and mark <= spent and claim_alert(KEYS[i], ARGV[3 + t], expires, now) then
