@@ -102,15 +102,14 @@ class BeforeView:
 
     def _input_bound(self, scope: CallScope) -> int | None:
         """An upper bound of the tokens of what callers send, from the feature's declared input caps."""
-        bounds = []
-        if scope.max_input_chars is not None:
-            bounds.append(2 * scope.max_input_chars)  # upper_bound_tokens: at most 2 tokens per character
-        if scope.max_input_tokens is not None:
-            bounds.append(6 * scope.max_input_tokens)  # the cap's estimate is 3 chars a token, the bound 2 a char
-        if not bounds:
+        chars, tokens = scope.max_input_chars, scope.max_input_tokens
+        if chars is None and tokens is None:
             return None
+        # upper_bound_tokens: at most 2 tokens per character; the token cap's estimate is 3 chars a token
+        bound = min(2 * chars if chars is not None else 6 * tokens,  # type: ignore[operator]
+                    6 * tokens if tokens is not None else 2 * chars)  # type: ignore[operator]
         turns = scope.max_history_turns or 8
-        return min(bounds) + 16 + 16 * turns
+        return bound + 16 + 16 * turns
 
     def _learn_overhead(self, scope: CallScope, app_part: int, cached: bool, max_tokens: int) -> None:
         """What a feature's calls add to the user's input (system prompt, tools), whether they mark

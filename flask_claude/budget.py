@@ -88,6 +88,7 @@ class Budgets(BeforeView):
         # feature -> (largest system/tools token bound, any cache_control, largest max_tokens) of its calls
         self._overheads: dict[str, tuple[int, bool, int]] = {}
         self._plans: dict[tuple[Any, ...], _Plan] = {}
+        self._exhausted_alert = repr(1.0) if 1.0 in self.settings.budget_alerts else ""
         self._user_subjects: dict[str, str] = {}  # user key -> its salted hash (sha256 per request otherwise)
 
     # --- keys -----------------------------------------------------------------------------
@@ -290,8 +291,7 @@ class Budgets(BeforeView):
         while True:
             now = clock.time()
             step = Begin(gates=gates, requests=requests, holds=holds, member=_new_id(), rid=rid,
-                         hold_until=now + hold_seconds,
-                         exhausted_alert=repr(1.0) if 1.0 in self.settings.budget_alerts else "",
+                         hold_until=now + hold_seconds, exhausted_alert=self._exhausted_alert,
                          breakers=breakers, optional_holds=optional, downgrade_line=lower[0],
                          downgrade_at=lower[1], alt_amounts=lower[2])
             result = self._guarded(lambda step=step, now=now: self.store.begin(step, now))
@@ -306,7 +306,7 @@ class Budgets(BeforeView):
             self._refuse(result, gates, requests, holds, usd_idx, app_wide)
         scope.admission = None
         if requests:
-            tightest = min(range(len(requests)), key=lambda i: result.remaining[i])
+            tightest = 0 if len(requests) == 1 else min(range(len(requests)), key=lambda i: result.remaining[i])
             scope.rate_headers = {"RateLimit-Limit": str(requests[tightest].limit),
                                   "RateLimit-Remaining": str(result.remaining[tightest]),
                                   "RateLimit-Reset": str(math.ceil(result.resets[tightest]))}
