@@ -336,10 +336,15 @@ class Budgets(BeforeView):
         """Replace the hold by the real cost (and record the model's success on its breaker and the
         call's rollup increments, in the same step)."""
         now = self.state.clock.time()
-        actual = [Line(line.key, line.limit, math.ceil(usd * MICRO) if i in reservation.usd_lines else tokens,
-                       line.expires_at, line.name) for i, line in enumerate(reservation.lines)]
-        over = [(a.name, a.amount - h.amount) for a, h in zip(actual, reservation.lines, strict=True)
-                if a.amount > h.amount]
+        usd_micro = math.ceil(usd * MICRO)
+        usd_lines = reservation.usd_lines
+        actual: list[Line] = []
+        over: list[tuple[str, int]] = []
+        for i, line in enumerate(reservation.lines):
+            amount = usd_micro if i in usd_lines else tokens
+            if amount > line.amount:
+                over.append((line.name, amount - line.amount))
+            actual.append(Line(line.key, line.limit, amount, line.expires_at, line.name))
         if over:  # the bound was wrong for this request (e.g. content we cannot size locally): say so
             self.state.events.emit("reservation_exceeded", {"budgets": [name for name, _ in over],
                                                             "excess": [amount for _, amount in over]},

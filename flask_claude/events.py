@@ -320,10 +320,12 @@ class EventLog:
             self._write(_encode(record) + "\n")
         except OSError:
             pass  # a full disk or a closed stderr must not fail the request; loguru's sinks still get it
+        core = getattr(logger, "_core", None)
+        if core is not None and not getattr(core, "handlers", True):
+            return record  # loguru has no sink at all (the app removed its default one): nothing to hand over
         route = _Route(self.destination)
         route.fields = record
         # The message is the fixed event name: untrusted text is bound, never formatted. The fields go
-        # in as ``log`` keyword arguments (loguru puts them in ``extra``), not through ``bind``, so an
-        # app without loguru handlers pays for no copy of them.
+        # in as ``log`` keyword arguments (loguru puts them in ``extra``), not through ``bind``.
         logger.log(level, event, **record, claude_sink=route)
         return record

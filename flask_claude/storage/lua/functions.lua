@@ -48,10 +48,12 @@ local function record_outcome(key, ok, now, min_calls, rate, window, cooldown)
   end
   local width = window / BUCKETS
   local b = math.floor(now / width)
-  redis.call('HINCRBY', key, 'c:' .. b, 1)
+  local first = redis.call('HINCRBY', key, 'c:' .. b, 1) == 1
   if not ok then redis.call('HINCRBY', key, 'f:' .. b, 1) end
-  redis.call('HDEL', key, 'c:' .. (b - BUCKETS), 'f:' .. (b - BUCKETS))
-  redis.call('EXPIRE', key, math.ceil(window + cooldown) + 60)
+  if first then  -- a new bucket (or key): drop the one that left the window and keep the key alive
+    redis.call('HDEL', key, 'c:' .. (b - BUCKETS), 'f:' .. (b - BUCKETS))
+    redis.call('EXPIRE', key, math.ceil(window + cooldown) + 60)
+  end
   if ok then return 0 end
   local fields = {}
   for i = b - BUCKETS + 1, b do
