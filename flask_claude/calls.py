@@ -110,6 +110,17 @@ def create_kwargs(call: Call, model: str, timeout: httpx2.Timeout) -> tuple[bool
     return False, params
 
 
+_TIMEOUTS: dict[tuple[float, float], httpx2.Timeout] = {}
+
+
+def _timeout(read: float, connect: float) -> httpx2.Timeout:
+    """An attempt's ``httpx2.Timeout`` for the configured values, built once (a value, never changed)."""
+    timeout = _TIMEOUTS.get((read, connect))
+    if timeout is None:
+        timeout = _TIMEOUTS[(read, connect)] = httpx2.Timeout(read, connect=min(connect, read))
+    return timeout
+
+
 class ChainRun:
     """The attempt loop's decisions, without its I/O: which model next, with which timeout, whether a
     failure is retried (after how long) or falls back, and what the caller is told in the end.
@@ -168,8 +179,11 @@ class ChainRun:
                 continue
             # Each read waits at most CLAUDE_ATTEMPT_TIMEOUT: a hung model leaves time for a retry or
             # the next model; the deadline still bounds the whole call, trickling bodies included.
-            read = min(state.settings.attempt_timeout, remaining)
-            return httpx2.Timeout(read, connect=min(state.settings.connect_timeout, read))
+            settings = state.settings
+            read = min(settings.attempt_timeout, remaining)
+            if read == settings.attempt_timeout:  # the usual case: the same timeout every attempt
+                return _timeout(read, settings.connect_timeout)
+            return httpx2.Timeout(read, connect=min(settings.connect_timeout, read))
         return None
 
     def enter_attempt(self) -> tuple[Any, Any]:

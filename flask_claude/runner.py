@@ -55,6 +55,18 @@ class CallRunner:
     def __init__(self, state: ClaudeState) -> None:
         self.state = state
         self._skip_logged_until: dict[str, float] = {}  # model -> when to log "skipped, circuit open" again
+        self._chains: dict[tuple[str, tuple[str, ...]], list[str]] = {}  # (requested, configured) -> chain
+
+    def _chain(self, requested: str, configured: tuple[str, ...]) -> list[str]:
+        """The call's model chain, every model priced (checked once per chain, not per call)."""
+        key = (requested, tuple(configured))
+        chain = self._chains.get(key)
+        if chain is None:
+            chain = model_chain(requested, configured)
+            self.state.prices.check(chain)  # an unpriced model raises, and is not remembered
+            if len(self._chains) < 1024:
+                self._chains[key] = chain
+        return list(chain)
 
     def begin(self, params: Mapping[str, Any], *, streaming: bool = False) -> Call:
         call = self.prepare(params, streaming=streaming)
@@ -91,8 +103,7 @@ class CallRunner:
         configured = scope.models or settings.models
         # A rollout flag (``ai_feature(model_flag=...)``) outranks the code's ``model=``: that is its job.
         requested = scope.first_model or params.get("model") or configured[0]
-        chain = model_chain(requested, configured)
-        state.prices.check(chain)
+        chain = self._chain(requested, configured)
         params = dict(params)
         task_budget = params.pop("task_budget", None)
         if task_budget is not None:

@@ -22,6 +22,7 @@ it (``sdk_options`` switches their content mode to follow the setting).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -35,10 +36,14 @@ try:
     from opentelemetry import metrics as _metrics
     from opentelemetry import trace as _trace
     from opentelemetry.trace import SpanKind, Status, StatusCode
+    _PROVIDERS_FROM_ENV = any(name in os.environ for name in ("OTEL_PYTHON_TRACER_PROVIDER",
+                                                               "OTEL_PYTHON_METER_PROVIDER"))
     try:
+        from opentelemetry.metrics import _internal as _metrics_internal
         from opentelemetry.metrics._internal import _ProxyMeterProvider
         _UNSET_METER_PROVIDERS: tuple[type, ...] = (_ProxyMeterProvider, _metrics.NoOpMeterProvider)
     except ImportError:  # pragma: no cover - the proxy's home in opentelemetry-api 1.x
+        _metrics_internal = None  # type: ignore[assignment]
         _UNSET_METER_PROVIDERS = (_metrics.NoOpMeterProvider,)
 except ImportError:  # pragma: no cover - anthropic >= 2.14 depends on opentelemetry-api
     _trace = None  # type: ignore[assignment]
@@ -225,7 +230,15 @@ def start_call(*, operation: str, chain: Sequence[str], max_tokens: int | None, 
 
 def _configured() -> bool:
     """Whether the app set a tracer or meter provider: until it does, the API's proxies record
-    nothing, and a span and three histogram records per call would be ~10 us for nothing."""
+    nothing, and a span and three histogram records per call would be ~10 us for nothing.
+
+    The API's own getters read ``os.environ`` on every call while no provider is set (an exception
+    raised and caught inside each lookup), so the globals they fill are looked at first; the
+    environment's provider variables are read once, at import.
+    """
+    if getattr(_trace, "_TRACER_PROVIDER", False) is None and \
+            getattr(_metrics_internal, "_METER_PROVIDER", False) is None and not _PROVIDERS_FROM_ENV:
+        return False
     tracer_provider = _trace.get_tracer_provider()
     if not isinstance(tracer_provider, (_trace.ProxyTracerProvider, _trace.NoOpTracerProvider)):
         return True
