@@ -40,9 +40,15 @@ _ids = itertools.count()
 _ID_PREFIX = os.urandom(4).hex()
 
 
+_id_head: list[Any] = [0, ""]  # (pid, the ids' prefix for it): rebuilt in a forked worker
+
+
 def _new_id() -> str:
     """Unique across workers (the pid) and cheap: ``uuid4`` costs a system call per call."""
-    return f"{_ID_PREFIX}{process.pid():x}-{next(_ids):x}"
+    pid = process.pid()
+    if pid != _id_head[0]:
+        _id_head[0], _id_head[1] = pid, f"{_ID_PREFIX}{pid:x}-"
+    return f"{_id_head[1]}{next(_ids):x}"
 
 
 @dataclass

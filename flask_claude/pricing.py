@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,7 +30,7 @@ TASK_BUDGET_BETA = "task-budgets-2026-03-13"
 _DATED = re.compile(r"^(?P<base>.+)-\d{8}$")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Cost:
     """One call's bill, split so the log can say where the money went."""
 
@@ -130,14 +130,17 @@ class PriceTable:
 
     def cost(self, model: str, usage: Any, *, batch: bool = False, at: float | None = None) -> Cost:
         """USD for a usage record (an SDK ``Usage`` or a dict of the same fields) of a call made at ``at``."""
-        if type(usage) is not dict and not isinstance(usage, Mapping):
-            usage = _UsageView(usage)  # an SDK ``Usage``: read as a mapping, one kind of lookup below
-        input_tokens = int(usage.get("input_tokens") or 0)
-        output_tokens = int(usage.get("output_tokens") or 0)
-        cache_read = int(usage.get("cache_read_input_tokens") or 0)
-        cache_creation = int(usage.get("cache_creation_input_tokens") or 0)
+        get: Callable[[str], Any]
+        if type(usage) is dict or isinstance(usage, Mapping):
+            get = usage.get
+        else:  # an SDK ``Usage`` (or any object with the fields as attributes)
+            get = _UsageView(usage).get
+        input_tokens = int(get("input_tokens") or 0)
+        output_tokens = int(get("output_tokens") or 0)
+        cache_read = int(get("cache_read_input_tokens") or 0)
+        cache_creation = int(get("cache_creation_input_tokens") or 0)
         price = self.price(model, at=at, prompt_tokens=input_tokens + cache_read + cache_creation)
-        breakdown = usage.get("cache_creation") if cache_creation else None
+        breakdown = get("cache_creation") if cache_creation else None
         write_1h = int(_get(breakdown, "ephemeral_1h_input_tokens") or 0) if breakdown is not None else 0
         write_5m = cache_creation - write_1h if cache_creation >= write_1h else 0
         usd = _PER_TOKEN * (
@@ -147,7 +150,7 @@ class PriceTable:
             + write_1h * price.cache_write_1h
             + cache_read * price.cache_read
         )
-        if batch or usage.get("service_tier") == "batch":
+        if batch or get("service_tier") == "batch":
             usd *= price.batch_discount
         return Cost(usd=usd, input_tokens=input_tokens, output_tokens=output_tokens,
                     cache_read_input_tokens=cache_read, cache_creation_input_tokens=cache_creation)
