@@ -86,6 +86,13 @@ class RedisServer:
                 self.process.wait(timeout=5)
 
 
+def evalsha_usec(client: Any) -> int:
+    """Microseconds Redis has spent in EVALSHA so far (``INFO commandstats``): a script's figure
+    includes the commands it runs, so for clients that send nothing but scripts (both variants of
+    ``overhead.py``) it is the server's whole time for them."""
+    return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0))
+
+
 def diff_stats(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after.get(k, 0) - before.get(k, 0) for k in sorted(set(before) | set(after))
             if after.get(k, 0) - before.get(k, 0)}

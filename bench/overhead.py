@@ -43,7 +43,16 @@ from collections.abc import Callable
 from typing import Any
 
 import anthropic
-from _common import LoadMeter, RedisServer, diff_stats, machine_description, percentile, table, wait_for_quiet
+from _common import (
+    LoadMeter,
+    RedisServer,
+    diff_stats,
+    evalsha_usec,
+    machine_description,
+    percentile,
+    table,
+    wait_for_quiet,
+)
 from flask import Flask, request
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -313,6 +322,7 @@ def run(redis_server: RedisServer, log_path: str) -> None:
     for key in (c_key, dredis_key):
         caller = callers[key]
         stats_before = redis_server.commandstats()
+        usec_before = evalsha_usec(redis_server.client)
         store = getattr(apps[key].extensions.get("claude"), "store", None)
         with RoundTrips(names) as trips:
             for _ in range(COUNT_N):
@@ -320,12 +330,14 @@ def run(redis_server: RedisServer, log_path: str) -> None:
             if store is not None:  # what these requests left written behind counts with them
                 store.flush()
         stats_after = redis_server.commandstats()
+        usec = evalsha_usec(redis_server.client) - usec_before
         delta = diff_stats(stats_before, stats_after)
         total = sum(delta.values())
         per_cmd = ", ".join(f"{k} {v / COUNT_N:g}" for k, v in delta.items())
         print(f"\n{key}:")
         print(f"  server side, INFO commandstats: {total / COUNT_N:g} commands/request in all "
               f"(including those run inside Lua scripts): {per_cmd}")
+        print(f"  server time in scripts (EVALSHA usec, their commands included): {usec / COUNT_N:.1f} us/request")
         sent = Counter(trips.commands)
         print(f"  client side, wrapped redis-py Connection and flask-claude's redis_wire: "
               f"{trips.sends / COUNT_N:g} round trips/request (socket writes), "
