@@ -338,7 +338,9 @@ def test_synchronous_round_trips_per_guarded_request(redis_url: str, redis_serve
     before = reads()
     for _ in range(10):
         assert c.post("/ask").status_code == 200
-    assert reads() - before - 1 == 10 * trips  # - 1: the INFO read itself
+    # - 1: the INFO read itself. The count is the server's: a flusher thread of an earlier test's app
+    # may add a read, never one per request.
+    assert 10 * trips <= reads() - before - 1 <= 10 * trips + 1
     state = app.extensions["claude"]
     usage = {item["budget"]: item for item in state.budgets.usage_report()}  # flushes what is waiting
     assert usage["global daily budget"]["reserved_usd"] == 0

@@ -235,7 +235,9 @@ def test_far_from_the_limit_a_call_asks_no_turn(make_app, sim: Simulator, redis_
 
     sim.rate_limit(requests=1000, output_tokens=1_000_000, window=60, model=OPUS)
     plenty_off, plenty_wait = trips("off", "plenty-off"), trips("wait", "plenty-wait")
-    assert plenty_wait == plenty_off == 5  # one step per call: the reservation (its settlement rides along)
+    # One step per call: the reservation (its settlement rides along). The count is the server's, so a
+    # flusher thread of an earlier test's app may add one read: at most one more, never one per call.
+    assert 5 <= plenty_off <= 6 and 5 <= plenty_wait <= 6
     sim.clear_rate_limits()
     sim.rate_limit(requests=12, window=60, model=OPUS)
     assert trips("wait", "near-wait") >= 10  # the reservation and at least one ask for a turn per call
