@@ -37,7 +37,9 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
     # every use (each is a context-variable lookup and a few calls).
     app_ctx = _cv_app.get()
     app = app_ctx.app
-    req = _cv_request.get().request
+    req_ctx = _cv_request.get(None)
+    # Outside a request, Flask's own "Working outside of request context" error, as before.
+    req = req_ctx.request if req_ctx is not None else request._get_current_object()  # type: ignore[attr-defined]
     state = state_for(app)
     feature = spec.feature
     rule = req.url_rule
