@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -75,6 +76,13 @@ def _no_key_in_any_log() -> Iterator[None]:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture
+def now_clock(clock: FakeClock) -> FakeClock:
+    """The fake clock at the real minute's start + 1 s: rollup keys expire on Redis's own clock."""
+    clock.now = math.floor(time.time() / 60) * 60 + 1.0
+    return clock
 
 
 @pytest.fixture

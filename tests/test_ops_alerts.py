@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -57,13 +56,6 @@ def events(path: Path, name: str | None = None) -> list[dict[str, Any]]:
         return []
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     return [e for e in lines if name is None or e["event"] == name]
-
-
-@pytest.fixture
-def now_clock(clock: FakeClock) -> FakeClock:
-    """The fake clock, anchored at the real now (rollup keys expire relative to Redis's own clock)."""
-    clock.now = math.floor(time.time() / 60) * 60 + 1.0
-    return clock
 
 
 @pytest.fixture

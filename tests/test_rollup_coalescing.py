@@ -70,13 +70,6 @@ class RollupWrites:
 
 
 @pytest.fixture
-def now_clock(clock: FakeClock) -> FakeClock:
-    """The fake clock at the real minute's start + 1 s: rollup keys expire on Redis's own clock."""
-    clock.now = math.floor(time.time() / 60) * 60 + 1.0
-    return clock
-
-
-@pytest.fixture
 def log_path(tmp_path: Path) -> Path:
     return tmp_path / "calls.jsonl"
 
