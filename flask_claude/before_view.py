@@ -88,7 +88,7 @@ class BeforeView:
         step_down = downgrade.plan(self.state.prices, chain, scope.downgrade_at, bound + overhead, max_tokens,
                                    cached=cached)
         reservation, breakers = self.reserve_worst(scope, usd_micro, tokens, hold_seconds=settings.deadline + 60.0,
-                                                   breakers=tuple(chain), optional=learned is None,
+                                                   breakers=tuple(chain[:1]), optional=learned is None,
                                                    step_down=step_down)
         if reservation is not None:
             held_usd = math.ceil(step_down.usd * MICRO) if reservation.downgraded_to and step_down else usd_micro

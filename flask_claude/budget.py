@@ -238,7 +238,8 @@ class Budgets(BeforeView):
                                    cached=cached)
         pre = scope.memo.pop("prehold", None)
         if pre is None:
-            return self.reserve_worst(scope, usd_micro, tokens, hold_seconds=hold_seconds, breakers=tuple(chain),
+            # Only the first model's breaker: a fallback model's is read (breaker_allow) when it is needed.
+            return self.reserve_worst(scope, usd_micro, tokens, hold_seconds=hold_seconds, breakers=tuple(chain[:1]),
                                       wait=wait, step_down=step_down)
         return self.use_prehold(scope, pre, usd_micro, tokens, hold_seconds=hold_seconds, wait=wait,
                                 step_down=step_down)
@@ -338,7 +339,7 @@ class Budgets(BeforeView):
         raise error.with_status(503) if result.failed in app_wide else error
 
     def settle(self, reservation: Reservation, usd: float, tokens: int, *, success: str | None = None,
-               rollup: dict[str, int] | None = None) -> None:
+               rollup: dict[str, int] | None = None, seen_closed: bool = False) -> None:
         """Replace the hold by the real cost (and record the model's success on its breaker and the
         call's rollup increments, in the same step)."""
         now = self.state.clock.time()
@@ -367,7 +368,8 @@ class Budgets(BeforeView):
 
         try:  # on Redis written behind: it rides on the next round trip (storage/redis.py)
             self.store.settle_later(actual, reservation.rids, self.settings.budget_alerts, now, done,
-                                    success=success, breaker=self.state.breaker.params, rollup=rollup)
+                                    success=success, breaker=self.state.breaker.params, rollup=rollup,
+                                    seen_closed=seen_closed)
         except StorageUnavailable:
             # The call happened and was paid for: never fail the response now. The spend is kept
             # here and added to the budgets when storage is back; the holds lapse on their own.

@@ -59,6 +59,7 @@ class Call:
     reservation: Any = None
     breakers: dict[str, float | None] | None = None  # breaker states read with the reservation
     success_model: str | None = None  # recorded on its breaker by the settlement, not a round trip of its own
+    success_seen_closed: bool = False  # its breaker was read closed with the reservation and not asked since
     settles: bool = False  # ends in _finish/_fail, whose one storage step records the success and the rollup
     task_budget: int | None = None
     model: str = ""
@@ -234,6 +235,9 @@ class ChainRun:
         self._observe()
         if call.reservation is not None or call.settles:
             call.success_model = call.model  # recorded on its breaker by the settlement
+            # The first attempt on a model read closed made no breaker_allow (no probe to close):
+            call.success_seen_closed = self.attempt == 0 and call.breakers is not None and \
+                call.breakers.get(call.model, 0.0) is None
         else:
             self.owner.record_outcome(call.model, ok=True)
         if self.index > 0:

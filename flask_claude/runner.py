@@ -242,7 +242,7 @@ class CallRunner:
         if call.reservation is not None:
             state.budgets.settle(call.reservation, cost.usd, cost.input_tokens + cost.cache_read_input_tokens
                                  + cost.cache_creation_input_tokens + cost.output_tokens,
-                                 success=call.success_model, rollup=rollup)
+                                 success=call.success_model, rollup=rollup, seen_closed=call.success_seen_closed)
         else:
             state.rollups.write(rollup, success=call.success_model)
         state.pacer.done(call, output_tokens=cost.output_tokens)

@@ -115,15 +115,15 @@ class OutageGuard:
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,
-               rollup: dict[str, int] | None = None) -> list[Crossed]:
+               rollup: dict[str, int] | None = None, seen_closed: bool = False) -> list[Crossed]:
         return self._call(self.inner.settle, lines, rids, thresholds, now,  # type: ignore[no-any-return]
-                          success=success, breaker=breaker, rollup=rollup)
+                          success=success, breaker=breaker, rollup=rollup, seen_closed=seen_closed)
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                      done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
-                     rollup: dict[str, int] | None = None) -> None:
+                     rollup: dict[str, int] | None = None, seen_closed: bool = False) -> None:
         self._call(self.inner.settle_later, lines, rids, thresholds, now, done, success=success, breaker=breaker,
-                   rollup=rollup)
+                   rollup=rollup, seen_closed=seen_closed)
 
     @property
     def rollups(self) -> Any:

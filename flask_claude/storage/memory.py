@@ -213,7 +213,8 @@ class MemoryStore:
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,
-               rollup: dict[str, int] | None = None) -> list[Crossed]:
+               rollup: dict[str, int] | None = None, seen_closed: bool = False) -> list[Crossed]:
+        """``seen_closed`` saves Redis a read; here the breaker's state is at hand anyway."""
         crossed = []
         if rollup:
             self.rollups.write(rollup, now)
@@ -236,7 +237,7 @@ class MemoryStore:
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                      done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
-                     rollup: dict[str, int] | None = None) -> None:
+                     rollup: dict[str, int] | None = None, seen_closed: bool = False) -> None:
         """In memory a settlement costs a lock, not a round trip: done at once."""
         done(self.settle(lines, rids, thresholds, now, success=success, breaker=breaker, rollup=rollup), None)
 

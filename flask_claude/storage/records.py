@@ -107,14 +107,15 @@ class BudgetStore(Protocol):
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,
-               rollup: dict[str, int] | None = None) -> list[Crossed]:
+               rollup: dict[str, int] | None = None, seen_closed: bool = False) -> list[Crossed]:
         """Replace the holds ``rids`` by the real amount; report alert thresholds crossed first here; record
-        ``success`` on that model's breaker; add the call's ``rollup`` increments (rollups.py), at once
-        or summed with others and written by a later step or ``flush``."""
+        ``success`` on that model's breaker (``seen_closed``: the call's first step read it closed and no
+        probe was asked for since, so its state need not be read again); add the call's ``rollup``
+        increments (rollups.py), at once or summed with others and written by a later step or ``flush``."""
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                      done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
-                     rollup: dict[str, int] | None = None) -> None:
+                     rollup: dict[str, int] | None = None, seen_closed: bool = False) -> None:
         """``settle`` whenever the backend sends it best (at once in memory, written behind on Redis);
         ``done(crossed, failure)`` is called once it landed or failed."""
 

@@ -30,22 +30,21 @@ from .records import (
 )
 from .rollups import RedisRollups
 from .scripts import lua
-from .wire import Call, LeanScripts, NotSent
+from .wire import Call, Frame, LeanScripts, NotSent, expand
 from .wire import usable as lean_usable
 
 MAX_PENDING = 256  # settlements waiting at most: past this one is sent at once
 FLUSHER_IDLE_S = 5.0  # a flusher thread with nothing to send for this long ends
-
+MAX_FRAMES = 1024  # packed script frames kept (one per plan shape); past this the cache starts over
 
 
 @dataclass
 class _Pending:
-    keys: list[str]
-    args: list[Any]
+    call: Call
     lines: Sequence[Line]
     done: SettleDone
     since: float
-    script: Any = None  # None: the settle script; else a pacing record riding the same round trip
+    record: bool = False  # a pacing record riding the same round trip: nobody waits for its reply
 
 
 class RedisStore:
@@ -88,6 +87,7 @@ class RedisStore:
         self._socket_timeout = socket_timeout
         self._flush_wakeup = threading.Event()
         self._flusher: tuple[int, threading.Thread] | None = None
+        self._frames: dict[tuple[Any, ...], Frame] = {}
         _STORES.add(self)
         self.rollups = RedisRollups(self)
         self.pacing = RedisPacing(self)
@@ -110,6 +110,7 @@ class RedisStore:
         """Run scripts in one round trip: a reply each, or the exception that command raised."""
         if self._lean is not None:
             return self._lean.run(calls)
+        calls = [expand(call) for call in calls]
         if self._cluster:  # redis-py's cluster pipelines refuse EVALSHA: one script after the other
             replies: list[Any] = []
             for script, keys, args in calls:
@@ -144,7 +145,7 @@ class RedisStore:
     def _send(self, pending: list[_Pending], call: Call | None, rollup: Call | None = None) -> Any:
         # A failed rollup write (an error reply, or no reply) is dropped with its interval's counts:
         # only monitoring numbers, and a retry could count twice what a hung Redis still applies.
-        calls: list[Call] = [(p.script or self._settle, p.keys, p.args) for p in pending]
+        calls: list[Call] = [p.call for p in pending]
         if rollup is not None:
             calls.append(rollup)
         if call is not None:
@@ -161,7 +162,7 @@ class RedisStore:
                 p.done(None, "uncertain" if sent else "not_sent")
             raise StorageUnavailable(type(exc).__name__) from exc
         for p, reply in zip(pending, replies, strict=False):
-            if p.script is not None:
+            if p.record:
                 continue  # a pacing record: best effort, nobody waits for it
             if isinstance(reply, Exception):
                 p.done(None, "not_sent")  # an error reply: the script did not run
@@ -214,20 +215,26 @@ class RedisStore:
             time.sleep(self._settle_delay)  # a request that comes meanwhile takes them along for free
             self._send_waiting()
 
+    def _frame(self, shape: tuple[Any, ...], build: Any) -> Frame:
+        frame = self._frames.get(shape)
+        if frame is None:
+            if len(self._frames) >= MAX_FRAMES:
+                self._frames.clear()
+            frame = self._frames[shape] = build()
+        return frame
+
     def begin(self, step: Begin, now: float) -> Outcome:
-        keys = ([self._k(line.key) for line in (*step.gates, *step.requests, *step.holds)]
-                + [self._b(m) for m in step.breakers])
-        args: list[Any] = [repr(now), len(step.gates), len(step.requests), len(step.holds), len(step.breakers),
-                           step.member, step.rid, repr(step.hold_until), step.exhausted_alert,
-                           "1" if step.optional_holds else "0", step.downgrade_line + 1, repr(step.downgrade_at)]
-        for line in step.gates:
-            args += [line.limit, repr(line.expires_at)]
-        for line in step.requests:
-            args += [line.limit, repr(line.window)]
-        alt = step.alt_amounts if step.downgrade_line >= 0 else [line.amount for line in step.holds]
-        for line, alt_amount in zip(step.holds, alt, strict=True):
-            args += [line.limit, line.amount, alt_amount, repr(line.expires_at)]
-        res = self._run_with_pending((self._begin, keys, args))
+        gates, requests, holds = step.gates, step.requests, step.holds
+        # The frame (keys and the plan's fixed arguments) is cached by value, never by an object's id.
+        shape = (len(gates), len(requests), tuple(step.breakers), step.optional_holds, step.downgrade_line,
+                 step.downgrade_at, step.exhausted_alert, *[(li.key, li.limit, li.expires_at) for li in gates],
+                 *[(li.key, li.limit, li.window) for li in requests],
+                 *[(li.key, li.limit, li.expires_at) for li in holds])
+        frame = self._frame(shape, lambda: self._begin_frame(step))
+        amounts = [line.amount for line in holds]
+        args: list[Any] = [repr(now), step.member, step.rid, repr(step.hold_until), *amounts,
+                           *(step.alt_amounts if step.downgrade_line >= 0 else amounts)]
+        res = self._run_with_pending((frame, (), args))
         ok = bool(int(res[0]))
         stage = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
         if not ok:
@@ -241,19 +248,33 @@ class RedisStore:
         return Outcome(True, remaining=remaining, resets=resets, breakers=breakers, held=bool(int(res[7])),
                        downgraded=bool(int(res[8])), fraction=float(res[9]))
 
+    def _begin_frame(self, step: Begin) -> Frame:
+        keys = ([self._k(line.key) for line in (*step.gates, *step.requests, *step.holds)]
+                + [self._b(m) for m in step.breakers])
+        args: list[Any] = [len(step.gates), len(step.requests), len(step.holds), len(step.breakers),
+                           step.exhausted_alert, "1" if step.optional_holds else "0", step.downgrade_line + 1,
+                           repr(step.downgrade_at)]
+        for line in step.gates:
+            args += [line.limit, repr(line.expires_at)]
+        for line in step.requests:
+            args += [line.limit, repr(line.window)]
+        for line in step.holds:
+            args += [line.limit, repr(line.expires_at)]
+        return Frame(self._begin, keys, args, 4 + 2 * len(step.holds))
+
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,
-               rollup: dict[str, int] | None = None) -> list[Crossed]:
+               rollup: dict[str, int] | None = None, seen_closed: bool = False) -> list[Crossed]:
         """At once; the ``rollup`` is still summed and written with the others (``settle_later``)."""
         if rollup:
             self.rollups.add(rollup, now)
             self._flush_soon()
-        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker)
-        return self._crossed(lines, self._call(self._settle, keys=keys, args=args))
+        script, keys, args = expand(self._settle_call(lines, rids, thresholds, now, success, breaker, seen_closed))
+        return self._crossed(lines, self._call(script, keys=keys, args=args))
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                      done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
-                     rollup: dict[str, int] | None = None) -> None:
+                     rollup: dict[str, int] | None = None, seen_closed: bool = False) -> None:
         """``settle``, written behind: ``done(crossed, failure)`` is called once it was sent. The
         ``rollup`` is summed into the worker's rollups (written once due); a step that is only a
         rollup (no budget line, no success to record) sends nothing of its own and is done at once."""
@@ -264,9 +285,9 @@ class RedisStore:
             if rollup:
                 self._flush_soon()
             return
-        keys, args = self._settle_call(lines, rids, thresholds, now, success, breaker)
+        call = self._settle_call(lines, rids, thresholds, now, success, breaker, seen_closed)
         with self._pending_lock:
-            self._pending.append(_Pending(keys, args, lines, done, time.monotonic()))
+            self._pending.append(_Pending(call, lines, done, time.monotonic()))
             full = len(self._pending) >= MAX_PENDING
         if full:
             self._send_waiting()
@@ -276,7 +297,7 @@ class RedisStore:
     def later(self, script: Any, keys: list[str], args: list[Any]) -> None:
         """A pacing record (``storage/pacing.py``), written behind like a settlement and with it."""
         with self._pending_lock:
-            self._pending.append(_Pending(keys, args, (), _no_done, time.monotonic(), script))
+            self._pending.append(_Pending((script, keys, args), (), _no_done, time.monotonic(), record=True))
             full = len(self._pending) >= MAX_PENDING
         if full:
             self._send_waiting()
@@ -291,15 +312,23 @@ class RedisStore:
         return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
 
     def _settle_call(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
-                     success: str | None, breaker: BreakerParams | None) -> tuple[list[str], list[Any]]:
+                     success: str | None, breaker: BreakerParams | None, seen_closed: bool) -> Call:
+        record = success is not None and breaker is not None
+        shape = (tuple(thresholds), success if record else None, breaker if record else None,
+                 *[(li.key, li.limit, li.expires_at) for li in lines])
+        frame = self._frame(shape, lambda: self._settle_frame(lines, thresholds, success if record else None, breaker))
+        return frame, (), [repr(now), " ".join(rids), "1" if seen_closed else "0", *[li.amount for li in lines]]
+
+    def _settle_frame(self, lines: Sequence[Line], thresholds: Sequence[float], success: str | None,
+                      breaker: BreakerParams | None) -> Frame:
         keys = [self._k(line.key) for line in lines]
-        args: list[Any] = [repr(now), " ".join(rids), len(thresholds), *(repr(t) for t in thresholds), len(lines)]
+        args: list[Any] = [len(thresholds), *(repr(t) for t in thresholds), len(lines)]
         for line in lines:
-            args += [line.limit, line.amount, repr(line.expires_at)]
+            args += [line.limit, repr(line.expires_at)]
         if success is not None and breaker is not None:
             keys.append(self._b(success))
             args += [breaker.min_calls, repr(breaker.failure_rate), repr(breaker.window), repr(breaker.cooldown)]
-        return keys, args
+        return Frame(self._settle, keys, args, 3 + len(lines))
 
     def ping(self) -> None:
         """A cheap check that storage answers again (the outage guard's probe)."""

@@ -1,29 +1,52 @@
 -- The one storage step before a call (or before the view): admission, holds and breaker reads, all
 -- or nothing.
 -- KEYS: gates..., requests..., holds..., breakers...
--- ARGV: now, ng, nr, nh, nb, member, rid, hold_until, alert, optional_holds ('1'/'0'),
---       downgrade_line (1-based hold, 0: none), downgrade_at,
---       then per gate (limit, expires), per request (limit, window), per hold (limit, amount, alt_amount, expires).
+-- ARGV: what stays the same for a plan first (storage/redis.py packs it once):
+--         ng, nr, nh, nb, alert, optional_holds ('1'/'0'), downgrade_line (1-based hold, 0: none),
+--         downgrade_at, per gate (limit, expires), per request (limit, window), per hold (limit, expires);
+--       then this step's own: now, member, rid, hold_until, amounts (one per hold), alt_amounts (one per hold).
 -- Returns {ok, stage, failed, retry, newly, spent, busy, held, downgraded, fraction, remaining..., reset...,
 --          open_until per breaker ('' = closed)}.
-local now = tonumber(ARGV[1])
-local ng, nr, nh, nb = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local member, rid, hold, alert = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local optional = ARGV[10] == '1'
-local dg_line, dg_at = tonumber(ARGV[11]), tonumber(ARGV[12])
-local first_arg = 13
-local a = first_arg
+local ng, nr, nh, nb = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local alert, optional = ARGV[5], ARGV[6] == '1'
+local dg_line, dg_at = tonumber(ARGV[7]), tonumber(ARGV[8])
+local gate_args, request_args, hold_args = 9, 9 + 2 * ng, 9 + 2 * ng + 2 * nr
+local own = hold_args + 2 * nh
+local now = tonumber(ARGV[own])
+local member, rid, hold = ARGV[own + 1], ARGV[own + 2], ARGV[own + 3]
+local amounts = own + 4  -- amounts[k] = ARGV[amounts + k - 1], alt amounts nh further
+
+-- A budget read once per step: an app-wide budget is both a gate and a hold (one HGETALL for both).
+local states = {}
+local function state_of(key)
+  local s = states[key]
+  if s == nil then
+    local spent, reserved, present, exhausted = budget_state(key, now)
+    s = {spent, reserved, present, exhausted}
+    states[key] = s
+  end
+  return s
+end
+local held_keys = {}
+for k = 1, nh do held_keys[KEYS[ng + nr + k]] = true end
+
 for i = 1, ng do
-  local limit, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
-  local state = redis.call('HMGET', KEYS[i], 'spent', 'exhausted')
-  if tonumber(state[1] or '0') >= limit or tonumber(state[2] or '-1') == limit then
+  local limit, expires = tonumber(ARGV[gate_args + 2 * i - 2]), tonumber(ARGV[gate_args + 2 * i - 1])
+  local spent, exhausted
+  if held_keys[KEYS[i]] then
+    local s = state_of(KEYS[i]); spent, exhausted = s[1], s[4]
+  else
+    local state = redis.call('HMGET', KEYS[i], 'spent', 'exhausted')
+    spent, exhausted = tonumber(state[1] or '0'), tonumber(state[2] or '-1')
+  end
+  if spent >= limit or exhausted == limit then
     return {0, 'gate', i - 1, tostring(math.max(0, expires - now)), 0, 0, 0}
   end
 end
 local remaining, resets = {}, {}
 for j = 1, nr do
   local key = KEYS[ng + j]
-  local limit, window = tonumber(ARGV[a]), tonumber(ARGV[a + 1]); a = a + 2
+  local limit, window = tonumber(ARGV[request_args + 2 * j - 2]), tonumber(ARGV[request_args + 2 * j - 1])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
   local count = redis.call('ZCARD', key)
   if count + 1 > limit then
@@ -37,30 +60,27 @@ for j = 1, nr do
     resets[j] = math.max(0, tonumber(oldest[2]) + window - now)
   end
 end
-local hold_args = a
 local held = 1
 -- budget-aware step-down: past its fraction, the cheaper chain's worst case is held instead
-local use_alt, fraction = 0, 0
+local alt, fraction = 0, 0
 if dg_line > 0 then
-  local at = hold_args + 4 * (dg_line - 1)
-  local dg_limit = tonumber(ARGV[at])
-  fraction = tonumber(redis.call('HGET', KEYS[ng + nr + dg_line], 'spent') or '0') / math.max(dg_limit, 1)
-  if fraction >= dg_at then use_alt = 1 end
+  local dg_limit = tonumber(ARGV[hold_args + 2 * dg_line - 2])
+  fraction = state_of(KEYS[ng + nr + dg_line])[1] / math.max(dg_limit, 1)
+  if fraction >= dg_at then alt = nh end
 end
-local exists = {}
 for k = 1, nh do
   local key = KEYS[ng + nr + k]
-  local limit, expires = tonumber(ARGV[a]), tonumber(ARGV[a + 3])
-  local amount = tonumber(ARGV[a + 1 + use_alt]); a = a + 4
-  local spent, reserved, present = budget_state(key, now)
-  exists[k] = present
+  local limit, expires = tonumber(ARGV[hold_args + 2 * k - 2]), tonumber(ARGV[hold_args + 2 * k - 1])
+  local amount = tonumber(ARGV[amounts + alt + k - 1])
+  local s = state_of(key)
+  local spent, reserved = s[1], s[2]
   if spent + reserved + amount > limit then
     if optional then held = 0; break end
     if spent + amount <= limit then
       return {0, 'hold', k - 1, '1', 0, spent, 1}
     end
     local first = 0
-    if amount <= KILL_SHARE * limit and tonumber(redis.call('HGET', key, 'exhausted') or '-1') ~= limit then
+    if amount <= KILL_SHARE * limit and s[4] ~= limit then
       redis.call('HSET', key, 'exhausted', limit)
       redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
       if claim_alert(key, alert, expires, now) then first = 1 end
@@ -68,23 +88,19 @@ for k = 1, nh do
     return {0, 'hold', k - 1, tostring(math.max(0, expires - now)), first, spent, 0}
   end
 end
-a = first_arg + 2 * ng
 for j = 1, nr do
   local key = KEYS[ng + j]
-  local window = tonumber(ARGV[a + 1]); a = a + 2
   redis.call('ZADD', key, now, member)
-  redis.call('EXPIRE', key, math.ceil(window) + 1)
+  redis.call('EXPIRE', key, math.ceil(tonumber(ARGV[request_args + 2 * j - 1])) + 1)
 end
-a = hold_args
 for k = 1, nh * held do
   local key = KEYS[ng + nr + k]
-  local amount, expires = ARGV[a + 1 + use_alt], tonumber(ARGV[a + 3]); a = a + 4
-  redis.call('HSET', key, 'r:' .. rid, amount .. ' ' .. hold)
-  if not exists[k] then  -- a key still there keeps the expiry it was created with (the period's end)
-    redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
+  redis.call('HSET', key, 'r:' .. rid, ARGV[amounts + alt + k - 1] .. ' ' .. hold)
+  if not states[key][3] then  -- a key still there keeps the expiry it was created with (the period's end)
+    redis.call('PEXPIRE', key, ttl_ms(tonumber(ARGV[hold_args + 2 * k - 1]), now, 86400))
   end
 end
-local out = {1, '', -1, '0', 0, 0, 0, held, use_alt, tostring(fraction)}
+local out = {1, '', -1, '0', 0, 0, 0, held, alt > 0 and 1 or 0, tostring(fraction)}
 for j = 1, nr do table.insert(out, remaining[j]) end
 for j = 1, nr do table.insert(out, tostring(resets[j])) end
 for m = 1, nb do

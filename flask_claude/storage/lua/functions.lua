@@ -3,16 +3,19 @@
 -- Budgets: a hash per budget key: "spent", "exhausted" (the limit it was found spent at) and one
 -- "r:<rid>" field per live hold ("amount until"). Breakers: a hash per model: "open_until",
 -- "probe_since", and "c:<bucket>" / "f:<bucket>" call and failure counts.
--- A budget's spent, its live holds' sum and whether the key is still there (it then has its expiry:
--- every write that creates a budget key sets one), from one HGETALL; lapsed holds are dropped.
+-- A budget's spent, its live holds' sum, whether the key is still there (it then has its expiry:
+-- every write that creates a budget key sets one) and the limit it was found spent at, from one
+-- HGETALL; lapsed holds are dropped.
 local function budget_state(key, now)
-  local spent, total = 0, 0
+  local spent, total, exhausted = 0, 0, -1
   local fields = redis.call('HGETALL', key)
   local left = #fields / 2
   for i = 1, #fields, 2 do
     local f = fields[i]
     if f == 'spent' then
       spent = tonumber(fields[i + 1])
+    elseif f == 'exhausted' then
+      exhausted = tonumber(fields[i + 1])
     elseif string.sub(f, 1, 2) == 'r:' then
       local amount, untl = string.match(fields[i + 1], '(%-?%d+) (%S+)')
       if tonumber(untl) <= now then
@@ -23,7 +26,7 @@ local function budget_state(key, now)
       end
     end
   end
-  return spent, total, left > 0
+  return spent, total, left > 0, exhausted
 end
 
 -- Expiries are relative (the time left on the app's clock), never EXPIREAT: an absolute time from
@@ -37,14 +40,20 @@ local function claim_alert(key, threshold, expires, now)
   return redis.call('SET', key .. '|alert|' .. threshold, '1', 'NX', 'PX', ttl_ms(expires, now, 1)) ~= false
 end
 
-local function record_outcome(key, ok, now, min_calls, rate, window, cooldown)
-  local state = redis.call('HMGET', key, 'open_until', 'probe_since')
-  if state[1] then
-    if not state[2] then return 0 end
-    if ok then redis.call('DEL', key); return 0 end
-    redis.call('HDEL', key, 'probe_since')
-    redis.call('HSET', key, 'open_until', tostring(now + cooldown))
-    return 1
+-- ``seen_closed``: a success on a breaker the call's first step read closed. The state is not read
+-- again (one command instead of two on every call): had it opened meanwhile, the success is counted
+-- in the open breaker's hash, where nothing reads it (opening and a probe's success both start the
+-- counts over), and the expiry below is only ever lengthened, never cut short under an open state.
+local function record_outcome(key, ok, now, min_calls, rate, window, cooldown, seen_closed)
+  if not seen_closed then
+    local state = redis.call('HMGET', key, 'open_until', 'probe_since')
+    if state[1] then
+      if not state[2] then return 0 end
+      if ok then redis.call('DEL', key); return 0 end
+      redis.call('HDEL', key, 'probe_since')
+      redis.call('HSET', key, 'open_until', tostring(now + cooldown))
+      return 1
+    end
   end
   local width = window / BUCKETS
   local b = math.floor(now / width)
@@ -52,7 +61,8 @@ local function record_outcome(key, ok, now, min_calls, rate, window, cooldown)
   if not ok then redis.call('HINCRBY', key, 'f:' .. b, 1) end
   if first then  -- a new bucket (or key): drop the one that left the window and keep the key alive
     redis.call('HDEL', key, 'c:' .. (b - BUCKETS), 'f:' .. (b - BUCKETS))
-    redis.call('EXPIRE', key, math.ceil(window + cooldown) + 60)
+    local ttl = (math.ceil(window + cooldown) + 60) * 1000
+    if not seen_closed or redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
   end
   if ok then return 0 end
   local fields = {}

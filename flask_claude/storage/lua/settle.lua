@@ -2,32 +2,38 @@
 -- on the model's breaker. (The call's rollup increments are not here: the worker sums them and
 -- rollup.lua writes the sums, at most once per CLAUDE_ROLLUP_FLUSH_INTERVAL.)
 -- KEYS: budget keys..., [the success model's breaker key]
--- ARGV: now, rids (space-separated), nt, thresholds..., nl, per line (limit, amount, expires),
---       [min_calls, rate, window, cooldown when recording].
+-- ARGV: what stays the same for a plan first (storage/redis.py packs it once):
+--         nt, thresholds..., nl, per line (limit, expires), then when recording a success:
+--         min_calls, rate, window, cooldown;
+--       then this step's own: now, rids (space-separated), seen_closed ('1': the call's first step
+--       read the breaker closed), amounts (one per line).
 -- Returns {{line index, threshold, spent}...} for each threshold first crossed here.
-local now = tonumber(ARGV[1]); local nt = tonumber(ARGV[3])
-local nl = tonumber(ARGV[4 + nt])
-local base = 4 + nt
+local nt = tonumber(ARGV[1])
+local nl = tonumber(ARGV[2 + nt])
+local lines = 2 + nt  -- line i: limit ARGV[lines + 2i - 1], expires ARGV[lines + 2i]
+local record = #KEYS > nl
+local own = lines + 2 * nl + 1 + (record and 4 or 0)
+local now = tonumber(ARGV[own])
 local crossed = {}
 for i = 1, nl do
-  local limit = tonumber(ARGV[base + 3 * i - 2]); local amount = tonumber(ARGV[base + 3 * i - 1])
-  local expires = tonumber(ARGV[base + 3 * i])
-  for rid in string.gmatch(ARGV[2], '%S+') do redis.call('HDEL', KEYS[i], 'r:' .. rid) end
+  local limit, expires = tonumber(ARGV[lines + 2 * i - 1]), tonumber(ARGV[lines + 2 * i])
+  local amount = tonumber(ARGV[own + 2 + i])
+  for rid in string.gmatch(ARGV[own + 1], '%S+') do redis.call('HDEL', KEYS[i], 'r:' .. rid) end
   local spent = redis.call('HINCRBY', KEYS[i], 'spent', amount)
   local before = spent - amount
   if before == 0 then  -- the key may be new: otherwise it has the expiry it was created with
     redis.call('PEXPIRE', KEYS[i], ttl_ms(expires, now, 86400))
   end
   for t = 1, nt do
-    local mark = tonumber(ARGV[3 + t]) * limit
-    if before < mark and mark <= spent and claim_alert(KEYS[i], ARGV[3 + t], expires, now) then
-      table.insert(crossed, {i - 1, ARGV[3 + t], spent})
+    local mark = tonumber(ARGV[1 + t]) * limit
+    if before < mark and mark <= spent and claim_alert(KEYS[i], ARGV[1 + t], expires, now) then
+      table.insert(crossed, {i - 1, ARGV[1 + t], spent})
     end
   end
 end
-if #KEYS > nl then
-  local p = base + 3 * nl
+if record then
+  local p = lines + 2 * nl
   record_outcome(KEYS[nl + 1], true, now, tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2]), tonumber(ARGV[p + 3]),
-                 tonumber(ARGV[p + 4]))
+                 tonumber(ARGV[p + 4]), ARGV[own + 2] == '1')
 end
 return crossed
