@@ -239,6 +239,55 @@ def test_the_breaker_opens_probes_once_half_open_and_closes(make: Callable[[], S
     assert other.breaker_allow("opus", NOW + 25, BREAKER.cooldown)
 
 
+def test_an_app_wide_budget_is_one_read_as_gate_and_hold(make: Callable[[], Store]) -> None:
+    """The gate (kill state) and the hold of one key read together: live holds count for the hold,
+    not for the gate; spent alone at the limit refuses at the gate."""
+    store, other = make(), make()
+    gate = budget("global", 100, 0)
+    assert hold(other, "x", budget("global", 100, 70)).ok  # another worker's live hold
+    refused = hold(store, "a", budget("global", 100, 40), gates=[gate])
+    assert not refused.ok and refused.stage == "hold" and refused.busy  # room would come back
+    assert hold(store, "b", budget("global", 100, 30), gates=[gate]).ok
+    other.settle([budget("global", 100, 70)], ["x"], (), NOW + 1)
+    store.settle([budget("global", 100, 30)], ["b"], (), NOW + 1)
+    assert store.usage(["global"], NOW + 1) == [(100, 0)]
+    shut = hold(store, "c", budget("global", 100, 1), gates=[gate], now=NOW + 2)
+    assert not shut.ok and shut.stage == "gate" and shut.failed == 0
+
+
+def test_a_success_read_closed_never_closes_an_open_breaker(make: Callable[[], Store]) -> None:
+    """A success on a breaker the call's first step read closed is recorded without reading its state
+    again; when another worker opened it meanwhile, it stays open and goes half-open as before."""
+    worker, other = make(), make()
+    assert worker.begin(Begin(breakers=("opus",), member="m", rid="r"), NOW).breakers == {"opus": None}
+    assert not other.breaker_record("opus", False, NOW + 1, BREAKER)
+    assert other.breaker_record("opus", False, NOW + 2, BREAKER)  # opens
+    worker.settle([], [], (), NOW + 3, success="opus", breaker=BREAKER, seen_closed=True)
+    assert other.breaker_state("opus", NOW + 4) == "open"
+    assert not other.breaker_allow("opus", NOW + 4, BREAKER.cooldown)
+    assert other.breaker_state("opus", NOW + 13) == "half_open"
+    assert other.breaker_allow("opus", NOW + 13, BREAKER.cooldown)
+    # the probe's success (not read closed) closes it
+    other.settle([], [], (), NOW + 14, success="opus", breaker=BREAKER)
+    assert worker.breaker_state("opus", NOW + 15) == "closed"
+
+
+def test_a_success_read_closed_keeps_an_open_breakers_expiry(redis_server: RedisServer) -> None:
+    """Redis only: the success's bucket write never shortens the open state's expiry (an hour past
+    the cooldown) to a closed breaker's (its window)."""
+    redis_server.flush()
+    store = RedisStore(redis_server.url, prefix="contract", socket_timeout=1.0, settle_delay=30)
+    assert not store.breaker_record("opus", False, NOW, BREAKER)
+    assert store.breaker_record("opus", False, NOW + 1, BREAKER)
+    key = store._b("opus")
+    before = redis_server.client.pttl(key)
+    store.settle([], [], (), NOW + 2, success="opus", breaker=BREAKER, seen_closed=True)
+    assert redis_server.client.pttl(key) > before - 5000 > (BREAKER.window + BREAKER.cooldown + 60) * 1000
+    # on a closed breaker the first success of a bucket gives a key with no expiry one
+    store.settle([], [], (), NOW + 2, success="sonnet", breaker=BREAKER, seen_closed=True)
+    assert 0 < redis_server.client.pttl(store._b("sonnet")) <= (BREAKER.window + BREAKER.cooldown + 60) * 1000
+
+
 def test_records_outlive_the_process_that_wrote_them(make: Callable[[], Store]) -> None:
     first, second = make(), make()
     first.put_record("batch:1", '{"state": "submitted"}', 3600)
