@@ -84,6 +84,7 @@ class RedisStore:
         self._pending_lock = threading.Lock()
         self._landed = threading.Condition(self._pending_lock)  # no settlement in flight any more
         self._in_flight = 0
+        self._flushing = 0  # threads in flush() waiting for _landed (nobody else waits: no notify)
         self._socket_timeout = socket_timeout
         self._flush_wakeup = threading.Event()
         self._flusher: tuple[int, threading.Thread] | None = None
@@ -139,7 +140,7 @@ class RedisStore:
             if sending:
                 with self._pending_lock:
                     self._in_flight -= 1
-                    if not self._in_flight:
+                    if not self._in_flight and self._flushing:
                         self._landed.notify_all()
 
     def _send(self, pending: list[_Pending], call: Call | None, rollup: Call | None = None) -> Any:
@@ -181,7 +182,11 @@ class RedisStore:
         sending right now."""
         self._send_waiting(all_rollups=True)
         with self._pending_lock:
-            self._landed.wait_for(lambda: not self._in_flight, timeout=2 * self._socket_timeout + 1)
+            self._flushing += 1
+            try:
+                self._landed.wait_for(lambda: not self._in_flight, timeout=2 * self._socket_timeout + 1)
+            finally:
+                self._flushing -= 1
 
     def _send_waiting(self, *, all_rollups: bool = False) -> None:
         """One round trip of its own for what waits (the rollups only once due, unless ``all_rollups``)."""
@@ -194,6 +199,9 @@ class RedisStore:
         """A flusher thread per process (a forked worker starts its own) for quiet moments; it ends
         after a quiet spell and the next settlement starts it again."""
         pid = process.pid()
+        flusher = self._flusher
+        if flusher is not None and flusher[0] == pid and self._flush_wakeup.is_set():
+            return  # this process's flusher has a wake-up waiting already (it clears _flusher when it ends)
         with self._pending_lock:
             if self._flusher is None or self._flusher[0] != pid or not self._flusher[1].is_alive():
                 thread = threading.Thread(target=self._flush_loop, name="flask-claude-settle", daemon=True)
@@ -202,6 +210,14 @@ class RedisStore:
             self._flush_wakeup.set()
 
     def _flush_loop(self) -> None:
+        try:
+            self._flush_until_quiet()
+        finally:  # whatever ends the thread, the next settlement starts another
+            with self._pending_lock:
+                if self._flusher is not None and self._flusher[1] is threading.current_thread():
+                    self._flusher = None
+
+    def _flush_until_quiet(self) -> None:
         while True:
             due = self.rollups.due_in()  # None: no rollup waits; else wake when it is due, if no one did
             if not self._flush_wakeup.wait(timeout=FLUSHER_IDLE_S if due is None else max(0.0, due)):
@@ -230,7 +246,7 @@ class RedisStore:
                  step.downgrade_at, step.exhausted_alert, *[(li.key, li.limit, li.expires_at) for li in gates],
                  *[(li.key, li.limit, li.window) for li in requests],
                  *[(li.key, li.limit, li.expires_at) for li in holds])
-        frame = self._frame(shape, lambda: self._begin_frame(step))
+        frame = self._frames.get(shape) or self._frame(shape, lambda: self._begin_frame(step))
         amounts = [line.amount for line in holds]
         args: list[Any] = [repr(now), step.member, step.rid, repr(step.hold_until), *amounts,
                            *(step.alt_amounts if step.downgrade_line >= 0 else amounts)]
@@ -240,13 +256,11 @@ class RedisStore:
         if not ok:
             return Outcome(False, stage, int(res[2]), busy=bool(int(res[6])), retry_after=float(res[3]),
                            newly_exhausted=bool(int(res[4])), spent=int(res[5]))
-        nr = len(step.requests)
-        remaining = tuple(int(x) for x in res[10:10 + nr])
-        resets = tuple(float(x) for x in res[10 + nr:10 + 2 * nr])
-        opens = res[10 + 2 * nr:]
-        breakers = {m: (float(v) if v not in (b"", "") else None) for m, v in zip(step.breakers, opens, strict=True)}
-        return Outcome(True, remaining=remaining, resets=resets, breakers=breakers, held=bool(int(res[7])),
-                       downgraded=bool(int(res[8])), fraction=float(res[9]))
+        nr = len(requests)
+        breakers = {m: (float(v) if v else None) for m, v in zip(step.breakers, res[10 + 2 * nr:], strict=True)}
+        return Outcome(True, "", -1, False, 0.0, tuple(res[10:10 + nr]),  # integer replies are ints already
+                       tuple([float(x) for x in res[10 + nr:10 + 2 * nr]]), False, 0, breakers, res[7] == 1,
+                       res[8] == 1, float(res[9]))
 
     def _begin_frame(self, step: Begin) -> Frame:
         keys = ([self._k(line.key) for line in (*step.gates, *step.requests, *step.holds)]
@@ -314,9 +328,13 @@ class RedisStore:
     def _settle_call(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                      success: str | None, breaker: BreakerParams | None, seen_closed: bool) -> Call:
         record = success is not None and breaker is not None
-        shape = (tuple(thresholds), success if record else None, breaker if record else None,
+        if not record:
+            success = breaker = None
+        shape = (tuple(thresholds), success, *((breaker.min_calls, breaker.failure_rate, breaker.window,
+                                                 breaker.cooldown) if breaker is not None else ()),
                  *[(li.key, li.limit, li.expires_at) for li in lines])
-        frame = self._frame(shape, lambda: self._settle_frame(lines, thresholds, success if record else None, breaker))
+        frame = self._frames.get(shape) or self._frame(shape, lambda: self._settle_frame(lines, thresholds, success,
+                                                                                          breaker))
         return frame, (), [repr(now), " ".join(rids), "1" if seen_closed else "0", *[li.amount for li in lines]]
 
     def _settle_frame(self, lines: Sequence[Line], thresholds: Sequence[float], success: str | None,
