@@ -115,10 +115,9 @@ def test_rollups_agree_with_the_log(storage_uri: str, sim: Simulator, now_clock:
 def test_redis_rollup_rides_on_the_settlement(redis_url: str, redis_server: Any, sim: Simulator,
                                               now_clock: FakeClock, log_path: Path) -> None:
     """The rollup adds no round trip: counted by Redis (reads of client sockets), a budgeted call waits
-    for its admission and its hold and writes its settlement ahead (nobody waits for it); an
-    unbudgeted one waits for its breaker read, its success record riding on a later round trip. The
-    rollups are summed in the worker until a read (here) or their interval writes them
-    (tests/test_rollup_coalescing.py)."""
+    for its admission and its hold, an unbudgeted one for its breaker read; both settlements are
+    written behind, riding on a later round trip, and the rollups are summed in the worker until a
+    read (here) or their interval writes them (tests/test_rollup_coalescing.py)."""
     app = ops_app("roundtrip_app", redis_url, sim, now_clock, log_path, CLAUDE_ALERT_WINDOW=None,
                   CLAUDE_SETTLE_DELAY=30)
     client = app.test_client()
@@ -136,7 +135,7 @@ def test_redis_rollup_rides_on_the_settlement(redis_url: str, redis_server: Any,
     before = reads()
     assert client.post("/free").status_code == 200
     free_trips = reads() - before - 1
-    assert budgeted_trips == 3  # admission before the view, the call's hold, the settlement sent ahead
+    assert budgeted_trips == 2  # admission before the view, then the call's hold (settlement rides along)
     assert free_trips == 1  # the breaker read; the success record and rollup are written behind
     [total] = [v for k, v in store.rollups.read(totals=True).totals.items() if k == "c|free|claude-haiku-4-5"]
     assert total == 4

@@ -181,8 +181,6 @@ class RedisStore:
         that looks at Redis), and wait (a bounded while) for those another thread of this process is
         sending right now."""
         self._send_waiting(all_rollups=True)
-        if self._lean is not None:
-            self._lean.drain(blocking=True)  # the replies of settlements sent ahead: alerts, failures
         with self._pending_lock:
             self._flushing += 1
             try:
@@ -220,25 +218,18 @@ class RedisStore:
                     self._flusher = None
 
     def _flush_until_quiet(self) -> None:
-        lean = self._lean
         while True:
             due = self.rollups.due_in()  # None: no rollup waits; else wake when it is due, if no one did
-            owing = lean is not None and lean.owing()  # replies of settlements sent ahead, to read if no one does
-            timeout = FLUSHER_IDLE_S if due is None else max(0.0, due)
-            if owing:
-                timeout = min(timeout, self._settle_delay)
-            if not self._flush_wakeup.wait(timeout=timeout) and due is None and not owing:
-                with self._pending_lock:
-                    if not self._flush_wakeup.is_set() and self.rollups.due_in() is None and \
-                            not (lean is not None and lean.owing()):
-                        self._flusher = None
-                        return
-                continue
+            if not self._flush_wakeup.wait(timeout=FLUSHER_IDLE_S if due is None else max(0.0, due)):
+                if due is None:
+                    with self._pending_lock:
+                        if not self._flush_wakeup.is_set() and self.rollups.due_in() is None:
+                            self._flusher = None
+                            return
+                    continue
             self._flush_wakeup.clear()
             time.sleep(self._settle_delay)  # a request that comes meanwhile takes them along for free
             self._send_waiting()
-            if lean is not None:
-                lean.drain(idle_for=self._settle_delay)
 
     def _frame(self, shape: tuple[Any, ...], build: Any) -> Frame:
         frame = self._frames.get(shape)
@@ -258,8 +249,7 @@ class RedisStore:
         frame = self._frames.get(shape) or self._frame(shape, lambda: self._begin_frame(step))
         amounts = [line.amount for line in holds]
         args: list[Any] = [repr(now), step.member, step.rid, repr(step.hold_until), *amounts,
-                           *(step.alt_amounts if step.downgrade_line >= 0 else amounts),
-                           *[repr(now - line.window) for line in requests]]
+                           *(step.alt_amounts if step.downgrade_line >= 0 else amounts)]
         res = self._run_with_pending((frame, (), args))
         ok = bool(int(res[0]))
         stage = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
@@ -281,10 +271,10 @@ class RedisStore:
         for line in step.gates:
             args += [line.limit, repr(line.expires_at)]
         for line in step.requests:
-            args += [line.limit, repr(line.window), math.ceil(line.window) + 1]
+            args += [line.limit, repr(line.window)]
         for line in step.holds:
             args += [line.limit, repr(line.expires_at)]
-        return Frame(self._begin, keys, args, 4 + 2 * len(step.holds) + len(step.requests))
+        return Frame(self._begin, keys, args, 4 + 2 * len(step.holds))
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,
@@ -310,14 +300,6 @@ class RedisStore:
                 self._flush_soon()
             return
         call = self._settle_call(lines, rids, thresholds, now, success, breaker, seen_closed)
-        # A budget settlement is written at once, its reply read later: its server time (HDEL and
-        # HINCRBY per budget, alert claims) then overlaps this worker's own work instead of lengthening
-        # the next request's round trip. A breaker's success alone is one HINCRBY, cheaper to carry
-        # on the next round trip than a socket write of its own.
-        if self._lean is not None and lines:
-            self._send_ahead(call, lines, done)
-            self._flush_soon()  # reads its reply if no request comes to read it first
-            return
         with self._pending_lock:
             self._pending.append(_Pending(call, lines, done, time.monotonic()))
             full = len(self._pending) >= MAX_PENDING
@@ -325,24 +307,6 @@ class RedisStore:
             self._send_waiting()
         else:
             self._flush_soon()
-
-    def _send_ahead(self, call: Call, lines: Sequence[Line], done: SettleDone) -> None:
-        """The settlement written now, its reply read later (``wire.LeanScripts.send_ahead``)."""
-        def on_replies(replies: list[Any] | BaseException) -> None:
-            if isinstance(replies, BaseException):
-                done(None, "not_sent" if isinstance(replies, NotSent) else "uncertain")
-            elif isinstance(replies[0], Exception):
-                done(None, "not_sent")  # an error reply: the script did not run
-            else:
-                done(self._crossed(lines, replies[0]), None)
-
-        assert self._lean is not None
-        try:
-            self._lean.send_ahead([call], on_replies)
-        except NotSent:
-            done(None, "not_sent")  # nothing left this process: kept, and replayed once storage is back
-        except self._errors:
-            done(None, "uncertain")  # the write broke off: Redis may have it, so it is not sent again
 
     def later(self, script: Any, keys: list[str], args: list[Any]) -> None:
         """A pacing record (``storage/pacing.py``), written behind like a settlement and with it."""

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from .. import process
@@ -154,10 +153,6 @@ class _Conn:
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""  # what was received and not parsed yet
-        self.lock = threading.Lock()  # its thread, or a drain from another thread
-        self.owed: list[tuple[int, Sequence[Call], OnReplies]] = []  # calls sent ahead, replies unread
-        self.closed = False
-        self.used = time.monotonic()  # last write
         setup = []
         if auth:
             setup.append([b"AUTH", *auth])
@@ -190,25 +185,14 @@ class _Conn:
         return out
 
     def close(self) -> None:
-        self.closed = True
         try:
             self.sock.close()
         except OSError:
             pass
 
 
-OnReplies = Callable[[list[Any] | BaseException], None]
-MAX_OWED = 256  # calls sent ahead on one connection whose replies are not read yet: past this, read at once
-
-
 class LeanScripts:
-    """Runs a list of (script, keys, args) in one round trip; a reply or a ``ReplyError`` each.
-
-    ``send_ahead`` writes calls without waiting for their replies (a settlement: nobody waits for
-    it, and its server time then overlaps the worker's own work instead of lengthening the next
-    request's round trip). Their replies are read, in order, by the next ``run`` on the same
-    connection, or by ``drain`` (the store's flusher thread when no request comes, and at exit).
-    """
+    """Runs a list of (script, keys, args) in one round trip; a reply or a ``ReplyError`` each."""
 
     def __init__(self, client: Any, timeout: float) -> None:
         kwargs = client.connection_pool.connection_kwargs
@@ -219,14 +203,10 @@ class LeanScripts:
         self._db = int(kwargs.get("db", 0) or 0)
         self._timeout = timeout
         self._local = threading.local()
-        # Connections with replies owed, so that a thread that ends (or goes quiet) still has them read.
-        # Only these are held here: an idle thread's socket closes with its thread.
-        self._owing: set[_Conn] = set()
-        self._owing_lock = threading.Lock()
 
     def _conn(self) -> _Conn:
         conn: _Conn | None = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.pid != process.pid():  # a forked worker never shares its parent's socket
+        if conn is None or conn.pid != process.pid():  # a forked worker never shares its parent's socket
             try:
                 conn = _Conn(self._address, self._timeout, self._auth, self._db)
             except NotSent:
@@ -242,113 +222,20 @@ class LeanScripts:
         replies = self._send(calls)
         missing = [i for i, r in enumerate(replies) if isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT")]
         if missing:
-            self._load(calls[i] for i in missing)
+            scripts = (script_of(calls[i]) for i in missing)
+            for script in {id(script): script for script in scripts}.values():
+                self._client.script_load(script.script)
             again = self._send([calls[i] for i in missing])
             for i, reply in zip(missing, again, strict=True):
                 replies[i] = reply
         return replies
 
-    def _load(self, calls: Any) -> None:
-        scripts = (script_of(call) for call in calls)
-        for script in {id(script): script for script in scripts}.values():
-            self._client.script_load(script.script)
-
-    def send_ahead(self, calls: Sequence[Call], on_replies: OnReplies) -> None:
-        """Write ``calls`` now; ``on_replies`` gets their replies (or the exception that lost them) once
-        read. Raises ``NotSent`` when nothing was written, and any other socket error when the write
-        broke off: the calls may have reached Redis then, so they are not sent again."""
-        conn = self._conn()
-        with conn.lock:
-            try:
-                conn.sock.sendall(pack(calls))
-            except BaseException as exc:
-                self._drop(conn, exc)
-                raise
-            conn.used = time.monotonic()
-            conn.owed.append((len(calls), calls, on_replies))
-            full = len(conn.owed) >= MAX_OWED
-            if len(conn.owed) == 1:
-                with self._owing_lock:
-                    self._owing.add(conn)
-        if full:
-            self._drain(conn, blocking=True)
-
     def _send(self, calls: Sequence[Call]) -> list[Any]:
         conn = self._conn()
-        with conn.lock:
-            try:
-                conn.sock.sendall(pack(calls))
-                owed = conn.owed
-                replies = conn.read(sum(n for n, _, _ in owed) + len(calls)) if owed else conn.read(len(calls))
-            except BaseException as exc:
-                self._drop(conn, exc)
-                raise
-            conn.owed = []
-        if owed:
-            self._settle_owed(owed, replies)
-            return replies[len(replies) - len(calls):]
-        return replies
-
-    def owing(self) -> bool:
-        """Whether some replies of calls sent ahead are still to be read."""
-        return bool(self._owing)
-
-    def drain(self, *, idle_for: float = 0.0, blocking: bool = False) -> None:
-        """Read the replies owed on this process's connections (those untouched for ``idle_for``
-        seconds); a connection its thread is using right now is left to that thread unless ``blocking``."""
-        with self._owing_lock:
-            owing = list(self._owing)
-        pid, now = process.pid(), time.monotonic()
-        for conn in owing:
-            if conn.pid != pid:  # inherited across a fork: the parent reads its own replies
-                with self._owing_lock:
-                    self._owing.discard(conn)
-            elif now - conn.used >= idle_for:
-                self._drain(conn, blocking=blocking)
-
-    def _drain(self, conn: _Conn, *, blocking: bool) -> None:
-        if not conn.lock.acquire(blocking, self._timeout * 2 + 1 if blocking else -1):
-            return
         try:
-            owed, conn.owed = conn.owed, []
-            if not owed:
-                return
-            try:
-                replies = conn.read(sum(n for n, _, _ in owed))
-            except BaseException as exc:
-                conn.owed = owed
-                self._drop(conn, exc)
-                return
-        finally:
-            conn.lock.release()
-            if not conn.owed:
-                with self._owing_lock:
-                    self._owing.discard(conn)
-        self._settle_owed(owed, replies)
-
-    def _settle_owed(self, owed: list[tuple[int, Sequence[Call], OnReplies]], replies: list[Any]) -> None:
-        at = 0
-        for n, calls, on_replies in owed:
-            mine = replies[at:at + n]
-            at += n
-            missing = [i for i, r in enumerate(mine) if isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT")]
-            if missing:  # Redis restarted since: the script never ran, so running it again is safe
-                try:
-                    self._load(calls[i] for i in missing)
-                    for i, reply in zip(missing, self._send([calls[i] for i in missing]), strict=True):
-                        mine[i] = reply
-                except BaseException as exc:
-                    on_replies(exc if isinstance(exc, NotSent) else ConnectionError(str(exc)))
-                    continue
-            on_replies(mine)
-
-    def _drop(self, conn: _Conn, exc: BaseException) -> None:
-        """A broken connection: closed, and what was owed on it is told it is lost (sent, not known)."""
-        conn.close()
-        if getattr(self._local, "conn", None) is conn:
+            conn.sock.sendall(pack(calls))
+            return conn.read(len(calls))
+        except BaseException:
+            conn.close()
             self._local.conn = None
-        owed, conn.owed = conn.owed, []
-        with self._owing_lock:
-            self._owing.discard(conn)
-        for _, _, on_replies in owed:
-            on_replies(exc if not isinstance(exc, NotSent) else ConnectionError(str(exc)))
+            raise
