@@ -288,6 +288,21 @@ def test_a_success_read_closed_keeps_an_open_breakers_expiry(redis_server: Redis
     assert 0 < redis_server.client.pttl(store._b("sonnet")) <= (BREAKER.window + BREAKER.cooldown + 60) * 1000
 
 
+def test_a_malformed_step_loses_no_settlement_waiting(redis_server: RedisServer) -> None:
+    """Redis only: a step that cannot be sent (step-down amounts for the wrong number of holds) raises
+    before it takes the settlements waiting to ride along: they land with the next step."""
+    redis_server.flush()
+    store = RedisStore(redis_server.url, prefix="contract", socket_timeout=1.0, settle_delay=30)
+    assert hold(store, "a", budget("user", 100, 40)).ok
+    done: list[Any] = []
+    store.settle_later([budget("user", 100, 25)], ["a"], (), NOW + 1, lambda c, f: done.append(f))
+    with pytest.raises(ValueError, match="step-down amounts"):
+        hold(store, "b", budget("user", 100, 10), downgrade_line=0, alt_amounts=[])
+    assert done == []  # still waiting, not dropped
+    store.flush()
+    assert done == [None] and store.usage(["user"], NOW + 2) == [(25, 0)]
+
+
 def test_records_outlive_the_process_that_wrote_them(make: Callable[[], Store]) -> None:
     first, second = make(), make()
     first.put_record("batch:1", '{"state": "submitted"}', 3600)

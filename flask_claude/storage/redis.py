@@ -162,6 +162,12 @@ class RedisStore:
             for p in pending:
                 p.done(None, "uncertain" if sent else "not_sent")
             raise StorageUnavailable(type(exc).__name__) from exc
+        except Exception:
+            # Not a storage error: the calls could not even be packed (a bug), so nothing was sent.
+            # The settlements taken along are kept (replayed later), never silently dropped.
+            for p in pending:
+                p.done(None, "not_sent")
+            raise
         for p, reply in zip(pending, replies, strict=False):
             if p.record:
                 continue  # a pacing record: best effort, nobody waits for it
@@ -205,8 +211,8 @@ class RedisStore:
         with self._pending_lock:
             if self._flusher is None or self._flusher[0] != pid or not self._flusher[1].is_alive():
                 thread = threading.Thread(target=self._flush_loop, name="flask-claude-settle", daemon=True)
+                thread.start()  # first: a thread that could not start is never taken for a live flusher
                 self._flusher = (pid, thread)
-                thread.start()
             self._flush_wakeup.set()
 
     def _flush_loop(self) -> None:
@@ -241,6 +247,8 @@ class RedisStore:
 
     def begin(self, step: Begin, now: float) -> Outcome:
         gates, requests, holds = step.gates, step.requests, step.holds
+        if step.downgrade_line >= 0 and len(step.alt_amounts) != len(holds):
+            raise ValueError(f"{len(step.alt_amounts)} step-down amounts for {len(holds)} holds")
         # The frame (keys and the plan's fixed arguments) is cached by value, never by an object's id.
         shape = (len(gates), len(requests), tuple(step.breakers), step.optional_holds, step.downgrade_line,
                  step.downgrade_at, step.exhausted_alert, *[(li.key, li.limit, li.expires_at) for li in gates],

@@ -167,12 +167,15 @@ class _Conn:
 
     def read(self, n: int) -> list[Any]:
         """The next ``n`` replies. Parsed from one buffer (a reply usually comes in one ``recv``): a
-        line-by-line file reader cost a microsecond per element."""
+        line-by-line file reader cost a microsecond per element. Anything unreadable is a
+        ``ConnectionError`` (the connection is out of step and is dropped)."""
         out: list[Any] = []
         buf, pos = self.buf, 0
         while len(out) < n:
             try:
                 value, pos = _parse(buf, pos)
+            except (ValueError, IndexError) as exc:
+                raise ConnectionError(f"unreadable reply from Redis: {type(exc).__name__}") from None
             except _Short:
                 data = self.sock.recv(65536)
                 if not data:
@@ -231,9 +234,10 @@ class LeanScripts:
         return replies
 
     def _send(self, calls: Sequence[Call]) -> list[Any]:
+        data = pack(calls)  # before any I/O: a call that cannot be packed has sent nothing
         conn = self._conn()
         try:
-            conn.sock.sendall(pack(calls))
+            conn.sock.sendall(data)
             return conn.read(len(calls))
         except BaseException:
             conn.close()
