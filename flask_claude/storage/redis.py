@@ -257,7 +257,8 @@ class RedisStore:
         frame = self._frames.get(shape) or self._frame(shape, lambda: self._begin_frame(step))
         amounts = [line.amount for line in holds]
         args: list[Any] = [repr(now), step.member, step.rid, repr(step.hold_until), *amounts,
-                           *(step.alt_amounts if step.downgrade_line >= 0 else amounts)]
+                           *(step.alt_amounts if step.downgrade_line >= 0 else amounts),
+                           *[repr(now - line.window) for line in requests]]
         res = self._run_with_pending((frame, (), args))
         ok = bool(int(res[0]))
         stage = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
@@ -279,10 +280,10 @@ class RedisStore:
         for line in step.gates:
             args += [line.limit, repr(line.expires_at)]
         for line in step.requests:
-            args += [line.limit, repr(line.window)]
+            args += [line.limit, repr(line.window), math.ceil(line.window) + 1]
         for line in step.holds:
             args += [line.limit, repr(line.expires_at)]
-        return Frame(self._begin, keys, args, 4 + 2 * len(step.holds))
+        return Frame(self._begin, keys, args, 4 + 2 * len(step.holds) + len(step.requests))
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,

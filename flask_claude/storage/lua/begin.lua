@@ -3,18 +3,23 @@
 -- KEYS: gates..., requests..., holds..., breakers...
 -- ARGV: what stays the same for a plan first (storage/redis.py packs it once):
 --         ng, nr, nh, nb, alert, optional_holds ('1'/'0'), downgrade_line (1-based hold, 0: none),
---         downgrade_at, per gate (limit, expires), per request (limit, window), per hold (limit, expires);
---       then this step's own: now, member, rid, hold_until, amounts (one per hold), alt_amounts (one per hold).
+--         downgrade_at, per gate (limit, expires), per request (limit, window, the window's key expiry in
+--         whole seconds), per hold (limit, expires);
+--       then this step's own: now, member, rid, hold_until, amounts (one per hold), alt_amounts (one per
+--       hold), per request limit the start of its window (now - window).
+-- Numbers go to redis.call as the strings Python sent where it can: Redis formats a Lua number
+-- argument with snprintf("%.17g"), ~5% of this script's time.
 -- Returns {ok, stage, failed, retry, newly, spent, busy, held, downgraded, fraction, remaining..., reset...,
 --          open_until per breaker ('' = closed)}.
 local ng, nr, nh, nb = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local alert, optional = ARGV[5], ARGV[6] == '1'
 local dg_line, dg_at = tonumber(ARGV[7]), tonumber(ARGV[8])
-local gate_args, request_args, hold_args = 9, 9 + 2 * ng, 9 + 2 * ng + 2 * nr
+local gate_args, request_args, hold_args = 9, 9 + 2 * ng, 9 + 2 * ng + 3 * nr
 local own = hold_args + 2 * nh
 local now = tonumber(ARGV[own])
 local member, rid, hold = ARGV[own + 1], ARGV[own + 2], ARGV[own + 3]
 local amounts = own + 4  -- amounts[k] = ARGV[amounts + k - 1], alt amounts nh further
+local starts = amounts + 2 * nh  -- request limit j's window start: ARGV[starts + j - 1]
 
 -- A budget read once per step: an app-wide budget is both a gate and a hold (one HGETALL for both).
 local states = {}
@@ -46,17 +51,17 @@ end
 local remaining, resets = {}, {}
 for j = 1, nr do
   local key = KEYS[ng + j]
-  local limit, window = tonumber(ARGV[request_args + 2 * j - 2]), tonumber(ARGV[request_args + 2 * j - 1])
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
+  local limit, window = tonumber(ARGV[request_args + 3 * j - 3]), tonumber(ARGV[request_args + 3 * j - 2])
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[starts + j - 1])
   local count = redis.call('ZCARD', key)
   if count + 1 > limit then
-    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local oldest = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
     return {0, 'request', j - 1, tostring(math.max(0, tonumber(oldest[2]) + window - now)), 0, 0, 0}
   end
   remaining[j] = limit - count - 1
   resets[j] = window  -- until a slot frees: the oldest hit's end, or this one's when it is the first
   if count > 0 then
-    local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local oldest = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
     resets[j] = math.max(0, tonumber(oldest[2]) + window - now)
   end
 end
@@ -90,8 +95,8 @@ for k = 1, nh do
 end
 for j = 1, nr do
   local key = KEYS[ng + j]
-  redis.call('ZADD', key, now, member)
-  redis.call('EXPIRE', key, math.ceil(tonumber(ARGV[request_args + 2 * j - 1])) + 1)
+  redis.call('ZADD', key, ARGV[own], member)
+  redis.call('EXPIRE', key, ARGV[request_args + 3 * j - 1])
 end
 for k = 1, nh * held do
   local key = KEYS[ng + nr + k]

@@ -57,8 +57,8 @@ local function record_outcome(key, ok, now, min_calls, rate, window, cooldown, s
   end
   local width = window / BUCKETS
   local b = math.floor(now / width)
-  local first = redis.call('HINCRBY', key, 'c:' .. b, 1) == 1
-  if not ok then redis.call('HINCRBY', key, 'f:' .. b, 1) end
+  local first = redis.call('HINCRBY', key, 'c:' .. b, '1') == 1
+  if not ok then redis.call('HINCRBY', key, 'f:' .. b, '1') end
   if first then  -- a new bucket (or key): drop the one that left the window and keep the key alive
     redis.call('HDEL', key, 'c:' .. (b - BUCKETS), 'f:' .. (b - BUCKETS))
     local ttl = (math.ceil(window + cooldown) + 60) * 1000

@@ -19,7 +19,7 @@ for i = 1, nl do
   local limit, expires = tonumber(ARGV[lines + 2 * i - 1]), tonumber(ARGV[lines + 2 * i])
   local amount = tonumber(ARGV[own + 2 + i])
   for rid in string.gmatch(ARGV[own + 1], '%S+') do redis.call('HDEL', KEYS[i], 'r:' .. rid) end
-  local spent = redis.call('HINCRBY', KEYS[i], 'spent', amount)
+  local spent = redis.call('HINCRBY', KEYS[i], 'spent', ARGV[own + 2 + i])
   local before = spent - amount
   if before == 0 then  -- the key may be new: otherwise it has the expiry it was created with
     redis.call('PEXPIRE', KEYS[i], ttl_ms(expires, now, 86400))
