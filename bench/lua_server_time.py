@@ -1,0 +1,118 @@
+"""Redis's own time in our two scripts per request, and what each part of them costs.
+
+The guarded route of ``overhead.py`` (three budgets, one request limit, a two-model chain) is called
+a few times on Redis and one request's two script calls (the settlement riding along, then the next
+request's begin) are captured as sent. They are then replayed, 50 pairs per round trip with fresh
+hold ids and window members, and Redis's INFO commandstats gives the scripts' server time per pair
+(EVALSHA usec, the commands they run included): a tight loop, so the caches are warm and the figure
+is about half of what a request sees (``overhead.py`` prints that one, ~60-100 us).
+
+The same pairs then run against variants of the scripts with one part cut out, so each part's cost
+is the difference: empty scripts (the arguments still parsed), the request limit's sorted set, the
+breaker's success record, the budgets' holds. Cut-out variants are for measuring only.
+
+Run: .venv/bin/python bench/lua_server_time.py  (~20 s)
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+from typing import Any
+
+from _common import RedisServer, machine_description
+from loguru import logger
+from overhead import Caller, app_guarded
+
+from flask_claude.storage import wire
+from flask_claude.storage.scripts import lua
+
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "8"))
+
+
+def variants() -> dict[str, tuple[str, str]]:
+    begin, settle = lua("functions", "begin"), lua("functions", "settle")
+
+    def cut(text: str, old: str, new: str) -> str:
+        if old not in text:
+            raise SystemExit(f"lua_server_time.py: the script changed, update the variant: {old!r}")
+        return text.replace(old, new)
+
+    no_window = cut(cut(begin, "for j = 1, nr do\n  local key = KEYS[ng + j]\n  local limit",
+                        "for j = 1, 0 do\n  local key = KEYS[ng + j]\n  local limit"),
+                    "for j = 1, nr do\n  local key = KEYS[ng + j]\n  redis.call('ZADD'",
+                    "for j = 1, 0 do\n  local key = KEYS[ng + j]\n  redis.call('ZADD'")
+    no_window = cut(cut(no_window, "table.insert(out, remaining[j])", "table.insert(out, 1)"),
+                    "table.insert(out, tostring(resets[j]))", "table.insert(out, '1')")
+    return {
+        "current scripts": (begin, settle),
+        "empty scripts (arguments still sent)": ("return {1,'',-1,'0',0,0,0,1,0,'0',1,'1',''}", "return {}"),
+        "no request-limit window (sorted set)": (no_window, settle),
+        "no breaker success record": (begin, cut(settle, "if record then\n", "if false then\n")),
+    }
+
+
+def main() -> None:
+    logger.remove()
+    server = RedisServer()
+    try:
+        app = app_guarded(server.url, os.path.join(tempfile.mkdtemp(), "c.jsonl"), "lua_time")
+        caller = Caller(app)
+        captured: list[list[Any]] = []
+        send = wire.LeanScripts._send
+
+        def capture(scripts: Any, calls: Any) -> Any:
+            captured.append(list(calls))
+            return send(scripts, calls)
+
+        for _ in range(50):
+            caller()
+        wire.LeanScripts._send = capture  # type: ignore[method-assign]
+        for _ in range(3):
+            caller()
+        wire.LeanScripts._send = send  # type: ignore[method-assign]
+        (settle_frame, _, settle_args), (begin_frame, _, begin_args) = captured[-1][-2:]
+        lean = app.extensions["claude"].store.inner._lean
+        serial = [0]
+
+        def pairs(b: wire.Frame, s: wire.Frame, n: int) -> list[Any]:
+            out: list[Any] = []
+            for _ in range(n):
+                serial[0] += 1
+                ba, sa = list(begin_args), list(settle_args)
+                ba[1], ba[2], sa[1] = f"m{serial[0]}", f"r{serial[0]}", f"r{serial[0]}"
+                out += [(b, (), ba), (s, (), sa)]
+            return out
+
+        results: dict[str, list[float]] = {}
+        scripts = variants()
+        for _ in range(ROUNDS):
+            for label, (begin_text, settle_text) in scripts.items():
+                b = wire.Frame(server.client.register_script(begin_text), begin_frame.keys, begin_frame.args,
+                               begin_frame.n_own)
+                s = wire.Frame(server.client.register_script(settle_text), settle_frame.keys, settle_frame.args,
+                               settle_frame.n_own)
+                server.client.flushall()
+                for _ in range(10):
+                    lean.run(pairs(b, s, 50))
+                server.client.config_resetstat()
+                for _ in range(40):
+                    lean.run(pairs(b, s, 50))
+                stats = server.client.info("commandstats")["cmdstat_evalsha"]
+                results.setdefault(label, []).append(stats["usec"] / (stats["calls"] / 2))
+        current = statistics.median(results["current scripts"])
+        print(f"== Redis server time per request (begin + settlement), tight loop, median of {ROUNDS} rounds ==")
+        for label, values in results.items():
+            value = statistics.median(values)
+            note = "" if label == "current scripts" else f"  (the part cut out: {current - value:+.1f} us)"
+            print(f"{label:40s} {value:6.1f} us{note}")
+        print(f"budget line keys: {len(settle_frame.keys) - 1} budgets, "
+              f"begin keys: {len(begin_frame.keys)}, begin arguments: {len(begin_frame.args) + len(begin_args)}")
+        print(machine_description(server.version()))
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
