@@ -210,9 +210,9 @@ def _timestamp() -> str:
     now = time.time()
     whole = int(now)
     if whole != _second[0]:
-        _second[1] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _second[1] = datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S.%%03d+00:00")
         _second[0] = whole
-    return f"{_second[1]}.{int((now - whole) * 1000):03d}+00:00"
+    return _second[1] % ((now - whole) * 1000)  # type: ignore[no-any-return]  # %d truncates, as int() did
 
 
 class _FileWriter:
