@@ -35,7 +35,9 @@ from .wire import usable as lean_usable
 
 MAX_PENDING = 256  # settlements waiting at most: past this one is sent at once
 FLUSHER_IDLE_S = 5.0  # a flusher thread with nothing to send for this long ends
-MAX_FRAMES = 1024  # packed script frames kept (one per plan shape); past this the cache starts over
+# Packed script frames kept: a subject's plan has two or three (begin, settle, an admission alone), so
+# this follows budget.py's plan cache (10,000 subjects), at ~1 KB a frame; past it the cache starts over.
+MAX_FRAMES = 30_000
 
 
 @dataclass
