@@ -2,11 +2,12 @@
 
 ``overhead.py`` measures one checkout; its run-to-run drift (±10-20 us on the paired "added" figure)
 hides a change worth 10 us. Here each commit's ``flask_claude/`` is taken with ``git archive`` into a
-temporary directory and imported under its own name (``flask_claude_<sha>``), so the commits' apps
+temporary directory and imported under its own name (``flask_claude_<n>_<sha>``), so the commits' apps
 run interleaved in the same rounds, on the same Redis, with the same warm caches: the difference
 between two commits is then steady to a few microseconds (the same commit listed twice shows how
 far apart equal code lands). This is how the flusher thread's per-request wake-up (~40 us on Redis:
-a thread woken for every settlement contends for the GIL with the request) was found.
+a thread woken for every settlement contends for the GIL with the request) was found. Caveat: one
+version's background threads (an old commit's flusher) run during the others' rounds too.
 
 Each app is ``overhead.py``'s guarded route (flags, three limits, three budgets, a log line to a
 file, the feature bounding its input), before-view admission.
@@ -44,19 +45,20 @@ WARMUP = int(os.environ.get("AB_WARMUP", "300"))
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def snapshot(commit: str, into: Path) -> tuple[str, str]:
-    """``flask_claude/`` of ``commit``, importable as ``flask_claude_<sha>`` from ``into``."""
+def snapshot(commit: str, into: Path, index: int) -> tuple[str, str]:
+    """``flask_claude/`` of ``commit``, importable as ``flask_claude_<index>_<sha>`` from ``into`` (the
+    index lets one commit be listed twice: an A/A run shows the noise)."""
     sha = subprocess.run(["git", "rev-parse", "--short", commit], cwd=ROOT, check=True, capture_output=True,
                          text=True).stdout.strip()
-    name = f"flask_claude_{sha}"
-    if not (into / name).exists():
-        data = subprocess.run(["git", "archive", sha, "flask_claude"], cwd=ROOT, check=True,
-                              capture_output=True).stdout
-        with tarfile.open(fileobj=BytesIO(data)) as tar:
-            tar.extractall(into / sha, filter="data")
-        (into / sha / "flask_claude").rename(into / name)
-        for path in (into / name).rglob("*.py"):
-            path.write_text(re.sub(r"\bflask_claude\b", name, path.read_text()))
+    name = f"flask_claude_{index}_{sha}"
+    data = subprocess.run(["git", "archive", sha, "flask_claude"], cwd=ROOT, check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(data)) as tar:
+        tar.extractall(into / name, filter="data")
+    (into / name / "flask_claude").rename(into / f"{name}.tmp")
+    (into / name).rmdir()
+    (into / f"{name}.tmp").rename(into / name)
+    for path in (into / name).rglob("*.py"):  # absolute imports of itself, if a module has any
+        path.write_text(re.sub(r"\bflask_claude\b", name, path.read_text()))
     subject = subprocess.run(["git", "log", "-1", "--format=%s", sha], cwd=ROOT, check=True, capture_output=True,
                              text=True).stdout.strip()
     return name, f"{sha} {subject[:70]}"
@@ -92,7 +94,7 @@ def main() -> None:
     logger.remove()
     tmp = Path(tempfile.mkdtemp(prefix="bench-ab-"))
     sys.path.insert(0, str(tmp))
-    versions = [snapshot(commit, tmp) for commit in options.commits]
+    versions = [snapshot(commit, tmp, i) for i, commit in enumerate(options.commits, 1)]
     redis_server = RedisServer()
     try:
         sim = Simulator()
