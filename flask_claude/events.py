@@ -202,6 +202,8 @@ def _line(record: Mapping[str, Any]) -> bytes:
         return orjson.dumps(record, default=str, option=_ORJSON_OPTIONS)
     except (TypeError, orjson.JSONEncodeError):
         return (_encode(record) + "\n").encode("utf-8", "backslashreplace")
+
+
 _second: list[Any] = [-1, ""]  # the last whole second formatted, and its text
 
 
