@@ -109,8 +109,11 @@ def test_trickling_body_ends_at_the_deadline(make_app, sim: Simulator, claude_lo
 
 
 def test_breaker_opens_and_skips_the_dead_model_until_cooldown(make_app, sim: Simulator, clock: FakeClock,
-                                                               claude_log: CallLog) -> None:
-    app = make_app(CLAUDE_MAX_RETRIES=1, CLAUDE_BREAKER_MIN_CALLS=4, CLAUDE_BREAKER_COOLDOWN=30)
+                                                               claude_log: CallLog, storage_uri: str) -> None:
+    """On Redis too: a call whose breaker was read open (then granted the probe) records its success
+    by reading the breaker's state, so the probe's success closes the circuit."""
+    app = make_app(CLAUDE_MAX_RETRIES=1, CLAUDE_BREAKER_MIN_CALLS=4, CLAUDE_BREAKER_COOLDOWN=30,
+                   CLAUDE_STORAGE_URI=storage_uri, CLAUDE_DAILY_BUDGET_USD=100)
     sim.fail(529, model="claude-opus-4-7")
     for _ in range(2):
         assert create(app).model == "claude-sonnet-4-6"
@@ -132,6 +135,7 @@ def test_breaker_opens_and_skips_the_dead_model_until_cooldown(make_app, sim: Si
     clock.advance(31)
     assert create(app).model == "claude-opus-4-7"
     assert create(app).model == "claude-opus-4-7"
+    assert app.extensions["claude"].breaker.state("claude-opus-4-7", clock.time()) == "closed"
 
 
 def _stream_text(app: Any) -> str:
