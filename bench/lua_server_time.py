@@ -9,7 +9,11 @@ is about half of what a request sees (``overhead.py`` prints that one, ~60-100 u
 
 The same pairs then run against variants of the scripts with one part cut out, so each part's cost
 is the difference: empty scripts (the arguments still parsed), the request limit's sorted set, the
-breaker's success record, the budgets' holds. Cut-out variants are for measuring only.
+breaker's success record. Cut-out variants are for measuring only.
+
+Last, the current scripts again with other calls' live holds planted on the app-wide budget (as
+many as calls in flight across all workers): a hold is read back by every later step (one HGETALL
+of the budget's hash, each hold parsed in Lua), so the step's cost grows with concurrency.
 
 Run: .venv/bin/python bench/lua_server_time.py  (~20 s)
 """
@@ -107,6 +111,24 @@ def main() -> None:
             value = statistics.median(values)
             note = "" if label == "current scripts" else f"  (the part cut out: {current - value:+.1f} us)"
             print(f"{label:40s} {value:6.1f} us{note}")
+        print("\n== the same, with other calls' live holds on the app-wide budget (calls in flight) ==")
+        app_wide = next(key for key in begin_frame.keys if ":usd:global:" in key)
+        b = wire.Frame(server.client.register_script(scripts["current scripts"][0]), begin_frame.keys,
+                       begin_frame.args, begin_frame.n_own)
+        s = wire.Frame(server.client.register_script(scripts["current scripts"][1]), settle_frame.keys,
+                       settle_frame.args, settle_frame.n_own)
+        for live in (0, 16, 64, 256):
+            server.client.flushall()
+            if live:
+                until = repr(float(begin_args[0]) + 3600)
+                server.client.hset(app_wide, mapping={f"r:other{i}": f"100 {until}" for i in range(live)})
+            for _ in range(5):
+                lean.run(pairs(b, s, 50))
+            server.client.config_resetstat()
+            for _ in range(20):
+                lean.run(pairs(b, s, 50))
+            stats = server.client.info("commandstats")["cmdstat_evalsha"]
+            print(f"{live:4d} other holds live: {stats['usec'] / (stats['calls'] / 2):6.1f} us per begin + settlement")
         print(f"budget line keys: {len(settle_frame.keys) - 1} budgets, "
               f"begin keys: {len(begin_frame.keys)}, begin arguments: {len(begin_frame.args) + len(begin_args)}")
         print(machine_description(server.version()))
