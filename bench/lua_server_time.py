@@ -89,22 +89,29 @@ def main() -> None:
                 out += [(b, (), ba), (s, (), sa)]
             return out
 
+        def frames(texts: tuple[str, str]) -> tuple[wire.Frame, wire.Frame]:
+            """The captured calls' frames, pointed at these script texts."""
+            return (wire.Frame(server.client.register_script(texts[0]), begin_frame.keys, begin_frame.args,
+                               begin_frame.n_own),
+                    wire.Frame(server.client.register_script(texts[1]), settle_frame.keys, settle_frame.args,
+                               settle_frame.n_own))
+
+        def server_time(b: wire.Frame, s: wire.Frame, *, warm: int, runs: int) -> float:
+            """Redis's EVALSHA usec per begin + settlement pair, over ``runs`` round trips of 50 pairs."""
+            for _ in range(warm):
+                lean.run(pairs(b, s, 50))
+            server.client.config_resetstat()
+            for _ in range(runs):
+                lean.run(pairs(b, s, 50))
+            stats = server.client.info("commandstats")["cmdstat_evalsha"]
+            return float(stats["usec"]) / (stats["calls"] / 2)
+
         results: dict[str, list[float]] = {}
         scripts = variants()
         for _ in range(ROUNDS):
-            for label, (begin_text, settle_text) in scripts.items():
-                b = wire.Frame(server.client.register_script(begin_text), begin_frame.keys, begin_frame.args,
-                               begin_frame.n_own)
-                s = wire.Frame(server.client.register_script(settle_text), settle_frame.keys, settle_frame.args,
-                               settle_frame.n_own)
+            for label, texts in scripts.items():
                 server.client.flushall()
-                for _ in range(10):
-                    lean.run(pairs(b, s, 50))
-                server.client.config_resetstat()
-                for _ in range(40):
-                    lean.run(pairs(b, s, 50))
-                stats = server.client.info("commandstats")["cmdstat_evalsha"]
-                results.setdefault(label, []).append(stats["usec"] / (stats["calls"] / 2))
+                results.setdefault(label, []).append(server_time(*frames(texts), warm=10, runs=40))
         current = statistics.median(results["current scripts"])
         print(f"== Redis server time per request (begin + settlement), tight loop, median of {ROUNDS} rounds ==")
         for label, values in results.items():
@@ -113,22 +120,14 @@ def main() -> None:
             print(f"{label:40s} {value:6.1f} us{note}")
         print("\n== the same, with other calls' live holds on the app-wide budget (calls in flight) ==")
         app_wide = next(key for key in begin_frame.keys if ":usd:global:" in key)
-        b = wire.Frame(server.client.register_script(scripts["current scripts"][0]), begin_frame.keys,
-                       begin_frame.args, begin_frame.n_own)
-        s = wire.Frame(server.client.register_script(scripts["current scripts"][1]), settle_frame.keys,
-                       settle_frame.args, settle_frame.n_own)
+        current_frames = frames(scripts["current scripts"])
         for live in (0, 16, 64, 256):
             server.client.flushall()
             if live:
                 until = repr(float(begin_args[0]) + 3600)
                 server.client.hset(app_wide, mapping={f"r:other{i}": f"100 {until}" for i in range(live)})
-            for _ in range(5):
-                lean.run(pairs(b, s, 50))
-            server.client.config_resetstat()
-            for _ in range(20):
-                lean.run(pairs(b, s, 50))
-            stats = server.client.info("commandstats")["cmdstat_evalsha"]
-            print(f"{live:4d} other holds live: {stats['usec'] / (stats['calls'] / 2):6.1f} us per begin + settlement")
+            print(f"{live:4d} other holds live: {server_time(*current_frames, warm=5, runs=20):6.1f} us "
+                  "per begin + settlement")
         print(f"budget line keys: {len(settle_frame.keys) - 1} budgets, "
               f"begin keys: {len(begin_frame.keys)}, begin arguments: {len(begin_frame.args) + len(begin_args)}")
         print(machine_description(server.version()))

@@ -131,10 +131,10 @@ def app_guarded(storage_uri: str, log_path: str, name: str, *, admission: str = 
 class Caller:
     """Calls a WSGI app with a prebuilt environ (a fresh body stream each time); counts statuses."""
 
-    def __init__(self, app: Flask) -> None:
+    def __init__(self, app: Flask, path: str = "/ask", text: str = PROMPT) -> None:
         self.app = app
-        self.body = json.dumps({"text": PROMPT}).encode()
-        builder = EnvironBuilder(path="/ask", method="POST", data=self.body, content_type="application/json",
+        self.body = json.dumps({"text": text}).encode()
+        builder = EnvironBuilder(path=path, method="POST", data=self.body, content_type="application/json",
                                  environ_base={"REMOTE_ADDR": "127.0.0.1"})
         self.environ = builder.get_environ()
         builder.close()

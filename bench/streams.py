@@ -50,7 +50,7 @@ import anthropic
 from _common import ROOT, LoadMeter, RedisServer, machine_description, percentile, table, wait_for_quiet
 from flask import Flask, Response, request, stream_with_context
 from loguru import logger
-from werkzeug.test import EnvironBuilder
+from overhead import Caller
 
 from flask_claude import Claude, ai_feature, budgeted, fallback_to
 from flask_claude.simulator import Simulator
@@ -75,6 +75,19 @@ def sse(text: str) -> bytes:
     return b"data: " + json.dumps({"text": text}).encode() + b"\n\n"
 
 
+def sse_response(stream: Any) -> Response:
+    """``example_app``'s ``/chat`` answer: each text delta one SSE chunk, the stream closed at the end."""
+
+    def events() -> Iterator[bytes]:
+        with stream:  # the MessageStream (entering the manager again would send a second request)
+            for text in stream.text_stream:
+                yield sse(text)
+
+    response = Response(stream_with_context(events()), mimetype="text/event-stream")
+    response.call_on_close(stream.close)
+    return response
+
+
 def app_bare(sim: Simulator) -> Flask:
     script_reply(sim)
     client = anthropic.Anthropic(api_key="x", base_url="http://sim", max_retries=0,
@@ -86,14 +99,7 @@ def app_bare(sim: Simulator) -> Flask:
         stream = client.messages.stream(model=MODEL, max_tokens=MAX_TOKENS,
                                         messages=[{"role": "user", "content": request.json["text"]}]).__enter__()
 
-        def events() -> Iterator[bytes]:
-            with stream:  # the MessageStream (entering the manager again would send a second request)
-                for text in stream.text_stream:
-                    yield sse(text)
-
-        response = Response(stream_with_context(events()), mimetype="text/event-stream")
-        response.call_on_close(stream.close)
-        return response
+        return sse_response(stream)
 
     return app
 
@@ -122,29 +128,16 @@ def app_guarded(storage_uri: str, log_path: str, name: str) -> Flask:
         stream = claude.messages.stream(model=MODEL, max_tokens=MAX_TOKENS,
                                         messages=[{"role": "user", "content": request.json["text"]}]).__enter__()
 
-        def events() -> Iterator[bytes]:
-            with stream:
-                for text in stream.text_stream:
-                    yield sse(text)
-
-        response = Response(stream_with_context(events()), mimetype="text/event-stream")
-        response.call_on_close(stream.close)
-        return response
+        return sse_response(stream)
 
     return app
 
 
-class StreamCaller:
-    """Calls a WSGI app with a prebuilt environ and times its body: first chunk, last chunk, end."""
+class StreamCaller(Caller):
+    """overhead.py's ``Caller`` on ``/chat``, timing the body: first chunk, last chunk, end."""
 
     def __init__(self, app: Flask) -> None:
-        self.app = app
-        self.body = json.dumps({"text": PROMPT}).encode()
-        builder = EnvironBuilder(path="/chat", method="POST", data=self.body, content_type="application/json",
-                                 environ_base={"REMOTE_ADDR": "127.0.0.1"})
-        self.environ = builder.get_environ()
-        builder.close()
-        self.statuses: Counter[str] = Counter()
+        super().__init__(app, path="/chat", text=PROMPT)
         self.chunks: Counter[int] = Counter()
 
     def __call__(self) -> tuple[float, float, float, float]:
