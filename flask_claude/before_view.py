@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .budget import Reservation
     from .extension import ClaudeState
     from .settings import Settings
-    from .storage import Line
+    from .storage import Line, Outcome
 
 
 @dataclass
@@ -43,7 +43,7 @@ class BeforeView:
     _overheads: dict[str, tuple[int, bool, int]]
 
     if TYPE_CHECKING:
-        def finish_admission(self, scope: CallScope) -> None: ...
+        def finish_admission(self, scope: CallScope, breakers: tuple[str, ...] = ()) -> Outcome | None: ...
 
         def _templates(self, scope: CallScope, options: Any, now: float) -> tuple[list[Line], list[int], set[int]]: ...
 
@@ -67,13 +67,20 @@ class BeforeView:
         may be far above the real call, so then a budget without room only skips the hold.
         """
         bound = self._input_bound(scope)
-        lines = self._templates(scope, scope.budgets, self.state.clock.time())[0] if bound is not None else []
-        if bound is None or not lines:
-            self.finish_admission(scope)
-            return
+        lines = self._templates(scope, scope.budgets, self.state.clock.time())[0]
         settings = self.settings
         configured = scope.models or settings.models
         chain = list(dict.fromkeys([scope.first_model or configured[0], *configured]))
+        if not lines:
+            # Nothing to hold, so the first call makes no storage step of its own: the step that
+            # admits the request reads the first model's breaker for it (one round trip, not two).
+            outcome = self.finish_admission(scope, breakers=tuple(chain[:1]))
+            if outcome is not None:
+                scope.memo["breakers"] = outcome.breakers
+            return
+        if bound is None:
+            self.finish_admission(scope)
+            return
         cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
         learned = self._overheads.get(scope.feature or "")
         overhead, cached, seen_max = learned or (0, settings.auto_cache, cap)

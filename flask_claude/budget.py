@@ -209,10 +209,13 @@ class Budgets(BeforeView):
         """
         scope.admission = self._plan(scope, options, self.state.clock.time()).admission
 
-    def finish_admission(self, scope: CallScope) -> None:
-        """A view that made no Claude call is still counted against (and refused by) its limits."""
-        if scope.admission is not None:
-            self._begin(scope, holds=[], usd_idx=[], app_wide=set(), rid="", hold_seconds=0.0, breakers=())
+    def finish_admission(self, scope: CallScope, breakers: tuple[str, ...] = ()) -> Outcome | None:
+        """A view that made no Claude call is still counted against (and refused by) its limits.
+        ``breakers`` are read in the same step (the outcome has their states)."""
+        if scope.admission is None:
+            return None
+        return self._begin(scope, holds=[], usd_idx=[], app_wide=set(), rid="", hold_seconds=0.0,
+                           breakers=breakers)
 
     # --- each Claude call: reserve (with admission and the breakers), settle ----------------
 
@@ -237,12 +240,33 @@ class Budgets(BeforeView):
         step_down = downgrade.plan(self.state.prices, chain, scope.downgrade_at, input_bound, max_tokens,
                                    cached=cached)
         pre = scope.memo.pop("prehold", None)
-        if pre is None:
-            # Only the first model's breaker: a fallback model's is read (breaker_allow) when it is needed.
-            return self.reserve_worst(scope, usd_micro, tokens, hold_seconds=hold_seconds, breakers=tuple(chain[:1]),
-                                      wait=wait, step_down=step_down)
-        return self.use_prehold(scope, pre, usd_micro, tokens, hold_seconds=hold_seconds, wait=wait,
-                                step_down=step_down)
+        if pre is not None:
+            return self.use_prehold(scope, pre, usd_micro, tokens, hold_seconds=hold_seconds, wait=wait,
+                                    step_down=step_down)
+        # Only the first model's breaker: a fallback model's is read (breaker_allow) when it is needed.
+        # With nothing to hold, the admission before the view read it already.
+        first = tuple(chain[:1])
+        read: dict[str, float | None] | None = scope.memo.pop("breakers", None)
+        reservation, breakers = self.reserve_worst(scope, usd_micro, tokens, hold_seconds=hold_seconds,
+                                                   breakers=() if read is not None else first, wait=wait,
+                                                   step_down=step_down)
+        if read is not None:
+            return reservation, read
+        if breakers is None:  # no step was needed (no budget, no limit): read the breaker on its own
+            breakers = self._read_breakers(first)
+        return reservation, breakers
+
+    def _read_breakers(self, models: tuple[str, ...]) -> dict[str, float | None] | None:
+        """A step with nothing but the breakers' states: the call's one round trip on a route with no
+        limit and no budget, the same fast path (and settlements written behind ride on it) as a
+        reservation. Never refused: with storage down the call's ``breaker_allow`` decides."""
+        now = self.state.clock.time()
+        step = Begin(gates=[], requests=[], holds=[], member="", rid="", hold_until=now,
+                     exhausted_alert=self._exhausted_alert, breakers=models)
+        try:
+            return self.store.begin(step, now).breakers
+        except StorageUnavailable:
+            return None
 
     def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *, hold_seconds: float,
                       breakers: tuple[str, ...] = (), optional: bool = False, wait: bool = True,

@@ -65,8 +65,8 @@ class StreamAccount:
     """What a guarded stream knows and decides, sync or async: usage and text as they arrive, whether it
     ended whole (``message_stop``), and the bill however it ended.
 
-    A mid-stream ``event: error`` (an ``APIStatusError`` with status 200), a dropped connection (a raw
-    ``httpx2.RemoteProtocolError``) and a body that ends before ``message_stop`` become
+    A mid-stream ``event: error`` (an ``APIStatusError`` with status 200), a dropped connection
+    (``httpx2.RemoteProtocolError``, raw or wrapped by the SDK) and a body that ends before ``message_stop`` become
     ``UpstreamUnavailable``; a stream the client walked away from (or a cancelled task) is billed on
     close. Output tokens of an unfinished stream are the larger of the last reported count and an
     estimate of the text received.
@@ -113,6 +113,11 @@ class StreamAccount:
 
     def _broken(self, exc: BaseException) -> UpstreamUnavailable:
         """The body failed mid-way (an SDK or transport error)."""
+        cause = exc.__cause__
+        if isinstance(exc, anthropic.APIConnectionError) and isinstance(cause, httpx2.HTTPError):
+            # Some SDK builds wrap a body cut mid-stream in APIConnectionError: the stream broke after
+            # it began, which is the transport error's own kind (a stream failure), not a failed connect.
+            exc = cause
         failure = classify(exc)
         if self._call.deadline.expired and failure.kind == FailureKind.TIMEOUT:
             failure = Failure(FailureKind.DEADLINE, None, "deadline_exceeded")  # our limit, not the model's fault

@@ -347,6 +347,35 @@ def test_synchronous_round_trips_per_guarded_request(redis_url: str, redis_serve
     assert usage["global daily budget"]["spent_usd"] > 0
 
 
+@pytest.mark.parametrize(("limited", "feature"), [(True, {"max_input_chars": 2000}), (True, {}), (False, {})])
+def test_without_a_budget_a_request_costs_one_round_trip(redis_url: str, redis_server: RedisServer, sim: Simulator,
+                                                         limited: bool, feature: dict[str, Any]) -> None:
+    """No budget to hold on: the admission before the view reads the first model's breaker, so the
+    call needs no step of its own (it made a second round trip, breaker_allow, before); with no
+    limit either, the call reads it in a step of its own, which the last settlement rides on."""
+    app = budget_app(sim, None, redis_url, budget=budgeted(requests="100/minute") if limited else None,
+                     feature=feature, CLAUDE_SETTLE_DELAY=30, CLAUDE_ALERT_EVAL_INTERVAL=3600)
+    c = app.test_client()
+    for _ in range(3):
+        assert c.post("/ask").status_code == 200
+    before = int(redis_server.client.info("stats")["total_reads_processed"])
+    for _ in range(10):
+        assert c.post("/ask").status_code == 200
+    assert 10 <= int(redis_server.client.info("stats")["total_reads_processed"]) - before - 1 <= 11
+    # The breaker read is real: once the model's breaker is open, the call is not sent to it.
+    state = app.extensions["claude"]
+    model = state.settings.models[0]
+    sim.fail(529, model=model)
+    for _ in range(40):  # the 13 successes above are in the breaker's window too
+        c.post("/ask")
+        if state.breaker.state(model, state.clock.time()) == "open":
+            break
+    assert state.breaker.state(model, state.clock.time()) == "open"
+    to_model = len(sim.requests_for(model))
+    assert c.post("/ask").headers.get("X-Claude-Degraded") == "upstream_unavailable"
+    assert len(sim.requests_for(model)) == to_model
+
+
 def test_one_oversized_request_does_not_switch_the_budget_off(storage_uri: str, sim: Simulator,
                                                               claude_log: CallLog) -> None:
     app = budget_app(sim, None, storage_uri, CLAUDE_DAILY_BUDGET_USD=0.05)

@@ -179,7 +179,8 @@ class FaultScript:
     ) -> Fault:
         """Cut the connection of streaming replies after ``after_deltas`` text deltas.
 
-        The client sees a raw ``httpx2.RemoteProtocolError`` while reading the body, in both modes.
+        The client sees ``httpx2.RemoteProtocolError`` while reading the body, in both modes (raw, or as
+        the ``__cause__`` of the ``APIConnectionError`` some SDK builds raise from it).
         Non-streaming requests are not affected and do not use the fault up.
         """
         return self._stream_fault("drop_stream", model, after_deltas, times, rate)
