@@ -7,7 +7,10 @@ per-worker lease of it could save at most), one per-user budget line (what mergi
 and dollar budgets into one hash could save at most), the exact sliding request window, and all the
 budgets at once (what is left is the round trip, the breaker read and the log line).
 
-Run: .venv/bin/python bench/redis_parts.py  (~1 minute)
+BENCH_STORAGE=memory runs the same variants on ``memory://`` (Flask-Limiter's too), to tell what is
+Redis's part of each.
+
+Run: .venv/bin/python bench/redis_parts.py  (~1 minute; BENCH_STORAGE=memory for the memory:// rows)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from flask_claude.simulator import Simulator
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "30"))
 BATCH = int(os.environ.get("BENCH_BATCH", "60"))
 WARMUP = int(os.environ.get("BENCH_WARMUP", "200"))
+STORAGE = os.environ.get("BENCH_STORAGE", "redis")
 
 
 def guarded(storage_uri: str, log_path: str, name: str, *, daily: bool = True,
@@ -64,10 +68,10 @@ def main() -> None:
     server = RedisServer()
     try:
         sim = Simulator()
-        url = server.url
+        url = server.url if STORAGE == "redis" else "memory://"
         apps: dict[str, Flask] = {
             "bare SDK route": app_a(sim),
-            "Flask-Limiter, one limit, redis": app_d(sim, url, "fl"),
+            f"Flask-Limiter, one limit, {STORAGE}": app_d(sim, url, "fl"),
             "flask-claude, everything on (overhead.py's (c))": guarded(url, log, "full"),
             "  no app-wide daily budget": guarded(url, log, "nodaily", daily=False),
             "  no per-user usd budget (tokens only)": guarded(
@@ -106,11 +110,12 @@ def main() -> None:
             saved = percentile([f - m for f, m in zip(full, medians[key], strict=True)], 50)
             rows.append([key, f"{percentile(medians[key], 50):.0f}", f"{add:+.0f}",
                          "" if key == keys[2] or key == keys[1] else f"{saved:+.0f}"])
-        print(f"== added time per request on Redis, paired medians ({ROUNDS} rounds x {BATCH}) ==")
+        print(f"== added time per request on {url}, paired medians ({ROUNDS} rounds x {BATCH}) ==")
         print(table(rows, ["variant", "median us", "added us", "saved vs everything on"]))
         print(f"\nmachine {quiet}; during the run: {meter.report()}")
         print(machine_description(server.version()))
-        print(f"command: {sys.executable} bench/redis_parts.py  (BENCH_ROUNDS={ROUNDS} BENCH_BATCH={BATCH})")
+        print(f"command: {sys.executable} bench/redis_parts.py  (BENCH_STORAGE={STORAGE} BENCH_ROUNDS={ROUNDS} "
+              f"BENCH_BATCH={BATCH})")
     finally:
         server.stop()
 

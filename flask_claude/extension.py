@@ -95,7 +95,8 @@ class ClaudeState:
                                         retry_after_cap=settings.retry_after_cap)
         # Limits, budgets, alert de-duplication and breaker state share one store.
         store = make_store(settings.storage_uri, prefix=settings.storage_prefix,
-                           socket_timeout=settings.storage_socket_timeout, settle_delay=settings.settle_delay)
+                           socket_timeout=settings.storage_socket_timeout, settle_delay=settings.settle_delay,
+                           spin=settings.storage_spin)
         if not isinstance(store, MemoryStore):  # a shared store can fail: stop asking it while it is down
             store = OutageGuard(store, clock=self.clock, retry_interval=settings.storage_retry_interval,
                                 policy=settings.storage_failure, notify=self._storage_event)

@@ -42,6 +42,12 @@ def _number(key: str, value: Any, *, minimum: float = 0.0, integer: bool = False
     return number
 
 
+def _at_most(key: str, number: float, most: float) -> float:
+    if number > most:
+        raise ConfigError(f"{key} must be at most {most}, got {number!r}")
+    return number
+
+
 def _optional_str(key: str, value: Any) -> str | None:
     if value is None:
         return None
@@ -190,6 +196,7 @@ class Settings:
     storage_failure: str = _setting("open", _choice("open", "closed"))
     storage_socket_timeout: float = _setting(0.5, lambda k, v: _number(k, v, allow_zero=False))
     storage_retry_interval: float = _setting(2.0, lambda k, v: _number(k, v, allow_zero=False))
+    storage_spin: float = _setting(0.0005, lambda k, v: _at_most(k, _number(k, v), 0.01))
     settle_delay: float = _setting(0.05, lambda k, v: _number(k, v, allow_zero=False))
     breaker_min_calls: int = _setting(5, lambda k, v: _number(k, v, integer=True, minimum=1))
     breaker_failure_rate: float = _setting(0.5, lambda k, v: _number(k, v, allow_zero=False))

@@ -39,6 +39,8 @@ def init(**config: object) -> Flask:
     ("CLAUDE_ROLLUP_FLUSH_INTERVAL", -1),
     ("CLAUDE_ROLLUP_FLUSH_INTERVAL", 61),
     ("CLAUDE_ROLLUP_FLUSH_INTERVAL", "soon"),
+    ("CLAUDE_STORAGE_SPIN", -0.001),
+    ("CLAUDE_STORAGE_SPIN", 0.5),  # half a second of CPU per round trip: surely meant 0.0005
 ])
 def test_wrong_value_fails_at_init_with_the_key_name(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as info:

@@ -49,7 +49,8 @@ __all__ = ["BREAKER_BUCKETS", "KILL_SHARE", "MICRO", "Admission", "Begin", "Brea
            "flush_all", "make_store"]
 
 
-def make_store(uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05) -> Store:
+def make_store(uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05,
+               spin: float = 0.0) -> Store:
     if uri.startswith("memory://"):
         return MemoryStore()
-    return RedisStore(uri, prefix=prefix, socket_timeout=socket_timeout, settle_delay=settle_delay)
+    return RedisStore(uri, prefix=prefix, socket_timeout=socket_timeout, settle_delay=settle_delay, spin=spin)

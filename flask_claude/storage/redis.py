@@ -61,7 +61,8 @@ class RedisStore:
     every ``flush``.
     """
 
-    def __init__(self, uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05) -> None:
+    def __init__(self, uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05,
+                 spin: float = 0.0) -> None:
         import redis
         from limits.storage import storage_from_string
 
@@ -78,7 +79,7 @@ class RedisStore:
         self._settle = self.client.register_script(lua("functions", "settle"))
         self._allow = self.client.register_script(lua("breaker_allow"))
         self._record = self.client.register_script(lua("functions", "breaker_record"))
-        self._lean = LeanScripts(self.client, socket_timeout) if lean_usable(self.client) else None
+        self._lean = LeanScripts(self.client, socket_timeout, spin) if lean_usable(self.client) else None
         self._cluster = isinstance(self.client, redis.cluster.RedisCluster)
         self._reply_errors = (redis.exceptions.ResponseError,)
         self._settle_delay = settle_delay

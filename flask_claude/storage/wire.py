@@ -14,8 +14,10 @@ redis-py and run again; it never ran, so running it again is safe.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -148,11 +150,19 @@ def _parse(buf: bytes, pos: int) -> tuple[Any, int]:
 
 
 class _Conn:
-    def __init__(self, address: tuple[str, int], timeout: float, auth: tuple[Any, ...], db: int) -> None:
+    """One socket to Redis. With ``spin`` > 0 the socket is non-blocking and a reply is waited for
+    on the CPU for up to ``spin`` seconds before sleeping (``_recv``)."""
+
+    def __init__(self, address: tuple[str, int], timeout: float, auth: tuple[Any, ...], db: int,
+                 spin: float = 0.0) -> None:
         self.pid = process.pid()
         self.sock = socket.create_connection(address, timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""  # what was received and not parsed yet
+        self.timeout = timeout
+        self.spin = 0.0  # the set-up below reads in the socket's own timeout mode
+        self.typical = 0.0  # how long replies took to come lately (a moving average, seconds)
+        self._poll: Any = None
         setup = []
         if auth:
             setup.append([b"AUTH", *auth])
@@ -164,6 +174,12 @@ class _Conn:
                 if isinstance(reply, ReplyError):
                     self.close()
                     raise NotSent(f"Redis refused the connection's set-up: {reply}")
+        if spin > 0:
+            self.sock.setblocking(False)
+            if hasattr(select, "poll"):  # not on Windows, where select() has no descriptor limit
+                self._poll = select.poll()
+                self._poll.register(self.sock, select.POLLIN)
+            self.spin = spin
 
     def read(self, n: int) -> list[Any]:
         """The next ``n`` replies. Parsed from one buffer (a reply usually comes in one ``recv``): a
@@ -177,7 +193,7 @@ class _Conn:
             except (ValueError, IndexError) as exc:
                 raise ConnectionError(f"unreadable reply from Redis: {type(exc).__name__}") from None
             except _Short:
-                data = self.sock.recv(65536)
+                data = self._recv() if self.spin else self.sock.recv(65536)
                 if not data:
                     raise ConnectionError("connection closed by Redis") from None
                 buf = buf[pos:] + data
@@ -186,6 +202,59 @@ class _Conn:
             out.append(value)
         self.buf = buf[pos:]
         return out
+
+    def send(self, data: bytes) -> None:
+        if not self.spin:
+            self.sock.sendall(data)
+            return
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                if not select.select([], [self.sock], [], self.timeout)[1]:
+                    raise TimeoutError("timed out writing to Redis") from None
+
+    def _recv(self) -> bytes:
+        """The next bytes from Redis, asked for again and again for up to ``spin`` seconds before
+        sleeping until they come. Why: a reply takes ~50-400 us; a worker that sleeps that long
+        gives its CPU up, and on a virtual machine the halt, the wake-up and the caches found cold
+        afterwards cost ~100 us per round trip more than the CPU spent spinning (bench/RESULTS.md).
+        Only while replies come within the spin: a distant or busy Redis is slept on at once (its
+        round trips would cost the spin's CPU and save nothing) until replies are quick again."""
+        sock = self.sock
+        try:
+            return sock.recv(65536)
+        except BlockingIOError:
+            pass
+        clock = time.perf_counter
+        start = clock()
+        if self.typical < self.spin:
+            until = start + self.spin
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    if clock() < until:
+                        continue
+                    break
+                self.typical += (clock() - start - self.typical) * 0.125
+                return data
+        while True:
+            if self._poll is not None:
+                ready = bool(self._poll.poll(self.timeout * 1000))
+            else:
+                ready = bool(select.select([sock], [], [], self.timeout)[0])
+            if not ready:
+                raise TimeoutError("timed out reading from Redis")
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:  # a spurious wake-up
+                continue
+            # The wait measured here includes the wake-up: spinning resumes only once the round
+            # trip itself is quick again.
+            self.typical += (clock() - start - self.typical) * 0.125
+            return data
 
     def close(self) -> None:
         try:
@@ -197,7 +266,7 @@ class _Conn:
 class LeanScripts:
     """Runs a list of (script, keys, args) in one round trip; a reply or a ``ReplyError`` each."""
 
-    def __init__(self, client: Any, timeout: float) -> None:
+    def __init__(self, client: Any, timeout: float, spin: float = 0.0) -> None:
         kwargs = client.connection_pool.connection_kwargs
         self._client = client
         self._address = (str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))
@@ -205,13 +274,14 @@ class LeanScripts:
         self._auth: tuple[Any, ...] = ((username, password) if username else (password,)) if password else ()
         self._db = int(kwargs.get("db", 0) or 0)
         self._timeout = timeout
+        self._spin = spin  # CLAUDE_STORAGE_SPIN
         self._local = threading.local()
 
     def _conn(self) -> _Conn:
         conn: _Conn | None = getattr(self._local, "conn", None)
         if conn is None or conn.pid != process.pid():  # a forked worker never shares its parent's socket
             try:
-                conn = _Conn(self._address, self._timeout, self._auth, self._db)
+                conn = _Conn(self._address, self._timeout, self._auth, self._db, self._spin)
             except NotSent:
                 raise
             except OSError as exc:
@@ -237,7 +307,7 @@ class LeanScripts:
         data = pack(calls)  # before any I/O: a call that cannot be packed has sent nothing
         conn = self._conn()
         try:
-            conn.sock.sendall(data)
+            conn.send(data)
             return conn.read(len(calls))
         except BaseException:
             conn.close()
