@@ -101,7 +101,7 @@ def app_d(sim: Simulator, storage_uri: str, name: str) -> Flask:
 
 
 def app_guarded(storage_uri: str, log_path: str, name: str, *, admission: str = "before_view",
-                feature: dict[str, Any] | None = None) -> Flask:
+                feature: dict[str, Any] | None = None, **config: Any) -> Flask:
     """The guarded route; by default its feature bounds its input, so the hold rides on the admission."""
     app = Flask(name)
     app.config.update(
@@ -112,6 +112,7 @@ def app_guarded(storage_uri: str, log_path: str, name: str, *, admission: str = 
         CLAUDE_LOG_PATH=log_path,
         CLAUDE_ADMISSION=admission,
         CLAUDE_STORAGE_PREFIX=name,
+        **config,
     )
     claude = Claude()  # one per app: the round-trip benchmark builds several side by side
     claude.init_app(app)
