@@ -112,7 +112,7 @@ def main() -> None:
                          "" if key == keys[2] or key == keys[1] else f"{saved:+.0f}"])
         print(f"== added time per request on {url}, paired medians ({ROUNDS} rounds x {BATCH}) ==")
         print(table(rows, ["variant", "median us", "added us", "saved vs everything on"]))
-        print(f"\nmachine {quiet}; during the run: {meter.report()}")
+        print(f"\n{quiet}; during the run: {meter.report()}")
         print(machine_description(server.version()))
         print(f"command: {sys.executable} bench/redis_parts.py  (BENCH_STORAGE={STORAGE} BENCH_ROUNDS={ROUNDS} "
               f"BENCH_BATCH={BATCH})")

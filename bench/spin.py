@@ -109,7 +109,7 @@ def main() -> None:
         print(f"\n== {PROCS} processes on {os.cpu_count()} cores, each calling its own app in a loop "
               f"for {SECONDS:.0f} s ==")
         print(table(tp, ["variant", "requests/s, all processes"]))
-        print(f"\nmachine {quiet}; during the latency part: {load}")
+        print(f"\n{quiet}; during the latency part: {load}")
         print(machine_description(server.version()))
         print(f"command: {sys.executable} bench/spin.py  (BENCH_ROUNDS={ROUNDS} BENCH_PROCS={PROCS} "
               f"BENCH_SECONDS={SECONDS:.0f})")

@@ -274,7 +274,9 @@ class LeanScripts:
         self._auth: tuple[Any, ...] = ((username, password) if username else (password,)) if password else ()
         self._db = int(kwargs.get("db", 0) or 0)
         self._timeout = timeout
-        self._spin = spin  # CLAUDE_STORAGE_SPIN
+        # CLAUDE_STORAGE_SPIN. Not under gevent or eventlet: their sockets yield to other greenlets
+        # while waiting, and a spin would hold every greenlet of the worker instead.
+        self._spin = spin if socket.socket.__module__ in ("socket", "_socket") else 0.0
         self._local = threading.local()
 
     def _conn(self) -> _Conn:
