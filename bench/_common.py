@@ -6,6 +6,7 @@ that started it (``stop()`` in a ``finally``), each wait is bounded.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import shutil
@@ -13,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,34 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
     return ordered[rank - 1]
+
+
+def round_medians(callers: dict[str, Callable[[], Any]], rounds: int, batch: int, *, collect: bool = False,
+                  after_batch: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+    """Each caller's median time (us) per round: ``batch`` calls in a row, the callers in an order
+    rotated every round, so drift (CPU frequency, the other core's load) lands on all of them alike.
+    ``collect``: a ``gc.collect()`` before each batch; ``after_batch``: run after each (untimed)."""
+    keys = list(callers)
+    medians: dict[str, list[float]] = {k: [] for k in keys}
+    perf = time.perf_counter_ns
+    for r in range(rounds):
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            if collect:
+                gc.collect()
+            call, samples = callers[key], []
+            for _ in range(batch):
+                t0 = perf()
+                call()
+                samples.append((perf() - t0) / 1000)
+            medians[key].append(percentile(samples, 50))
+            if after_batch is not None:
+                after_batch()
+    return medians
+
+
+def paired(medians: dict[str, list[float]], key: str, base: str) -> float:
+    """The median over rounds of ``key``'s round median minus ``base``'s: the steadiest "added" figure."""
+    return percentile([m - b for m, b in zip(medians[key], medians[base], strict=True)], 50)
 
 
 def _cpu_model() -> str:

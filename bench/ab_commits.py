@@ -22,7 +22,6 @@ import argparse
 import importlib
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -32,7 +31,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from _common import RedisServer, machine_description, wait_for_quiet
+from _common import RedisServer, machine_description, paired, round_medians, wait_for_quiet
 from flask import Flask, request
 from loguru import logger
 from overhead import MODEL, Caller, app_a, app_d
@@ -110,22 +109,13 @@ def main() -> None:
         for _ in range(WARMUP):
             for key in keys:
                 callers[key]()
-        medians: dict[str, list[float]] = {key: [] for key in keys}
         started = time.monotonic()
-        for r in range(ROUNDS):
-            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                caller, samples = callers[key], []
-                for _ in range(BATCH):
-                    t0 = time.perf_counter_ns()
-                    caller()
-                    samples.append(time.perf_counter_ns() - t0)
-                medians[key].append(statistics.median(samples) / 1000)
+        medians = round_medians(dict(callers), ROUNDS, BATCH)
         print(f"== added time per request over the bare route, paired medians of {ROUNDS} interleaved rounds x "
               f"{BATCH} requests ({time.monotonic() - started:.0f} s) ==")
         for i, (_, description) in enumerate(versions):
             print(f"  #{i + 1}: {description}")
-        added = {key: statistics.median([m - b for m, b in zip(medians[key], medians["bare"], strict=True)])
-                 for key in keys if key != "bare"}
+        added = {key: paired(medians, key, "bare") for key in keys if key != "bare"}
         for key, value in added.items():
             print(f"{key:26s} +{value:6.1f} us")
         for store in stores:

@@ -69,6 +69,7 @@ BATCH = int(os.environ.get("BENCH_BATCH", "80"))
 COUNT_N = int(os.environ.get("BENCH_COUNT_N", "200"))
 MODEL = "claude-sonnet-4-6"
 PROMPT = "Summarize: the quarterly report shows steady growth in every region."
+LIMITS = {"requests": "1000000/minute", "tokens": "1000000000/day", "usd": "1000000/day"}
 
 
 def raw_view_factory(client: anthropic.Anthropic) -> Callable[[], Any]:
@@ -101,8 +102,10 @@ def app_d(sim: Simulator, storage_uri: str, name: str) -> Flask:
 
 
 def app_guarded(storage_uri: str, log_path: str, name: str, *, admission: str = "before_view",
-                feature: dict[str, Any] | None = None, **config: Any) -> Flask:
-    """The guarded route; by default its feature bounds its input, so the hold rides on the admission."""
+                feature: dict[str, Any] | None = None, limits: dict[str, Any] | None = None,
+                **config: Any) -> Flask:
+    """The guarded route; by default its feature bounds its input, so the hold rides on the admission.
+    ``limits`` replaces the three of ``@budgeted``; ``config`` adds to (or overrides) the app's."""
     app = Flask(name)
     app.config.update(
         CLAUDE_SIMULATE=True,
@@ -112,14 +115,14 @@ def app_guarded(storage_uri: str, log_path: str, name: str, *, admission: str = 
         CLAUDE_LOG_PATH=log_path,
         CLAUDE_ADMISSION=admission,
         CLAUDE_STORAGE_PREFIX=name,
-        **config,
     )
+    app.config.update(config)
     claude = Claude()  # one per app: the round-trip benchmark builds several side by side
     claude.init_app(app)
 
     @app.post("/ask")
     @ai_feature("ask", max_tokens=64, **({"max_input_chars": 4000} if feature is None else feature))
-    @budgeted(requests="1000000/minute", tokens="1000000000/day", usd="1000000/day")
+    @budgeted(**(limits if limits is not None else LIMITS))
     @fallback_to({"text": None, "notice": "paused"}, status=503)
     def ask() -> Any:
         msg = claude.messages.create(model=MODEL, max_tokens=64,

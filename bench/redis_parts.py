@@ -15,20 +15,26 @@ Run: .venv/bin/python bench/redis_parts.py  (~1 minute; BENCH_STORAGE=memory for
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from typing import Any
 
-from _common import LoadMeter, RedisServer, machine_description, percentile, table, wait_for_quiet
-from flask import Flask, request
+from _common import (
+    LoadMeter,
+    RedisServer,
+    machine_description,
+    paired,
+    percentile,
+    round_medians,
+    table,
+    wait_for_quiet,
+)
+from flask import Flask
 from loguru import logger
-from overhead import MODEL, Caller, app_a, app_d
+from overhead import LIMITS, Caller, app_a, app_d, app_guarded
 
-from flask_claude import Claude, ai_feature, budgeted, fallback_to
 from flask_claude.simulator import Simulator
 
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "30"))
@@ -39,26 +45,13 @@ STORAGE = os.environ.get("BENCH_STORAGE", "redis")
 
 def guarded(storage_uri: str, log_path: str, name: str, *, daily: bool = True,
             limits: dict[str, Any] | None = None) -> Flask:
-    app = Flask(name)
-    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_MODELS=[MODEL, "claude-haiku-4-5"],
-                      CLAUDE_STORAGE_URI=storage_uri, CLAUDE_LOG_PATH=log_path, CLAUDE_STORAGE_PREFIX=name)
-    if daily:
-        app.config["CLAUDE_DAILY_BUDGET_USD"] = 1_000_000
-    claude = Claude()
-    claude.init_app(app)
-    limits = {"requests": "1000000/minute", "tokens": "1000000000/day", "usd": "1000000/day"} \
-        if limits is None else limits
+    """``overhead.py``'s guarded route, with other limits and the app-wide budget on or off."""
+    config: dict[str, Any] = {} if daily else {"CLAUDE_DAILY_BUDGET_USD": None}
+    return app_guarded(storage_uri, log_path, name, limits=limits, **config)
 
-    @app.post("/ask")
-    @ai_feature("ask", max_tokens=64, max_input_chars=4000)
-    @budgeted(**limits)
-    @fallback_to({"text": None, "notice": "paused"}, status=503)
-    def ask() -> Any:
-        msg = claude.messages.create(model=MODEL, max_tokens=64,
-                                     messages=[{"role": "user", "content": request.json["text"]}])
-        return {"text": msg.content[0].text}
 
-    return app
+def without(*names: str) -> dict[str, Any]:
+    return {k: v for k, v in LIMITS.items() if k not in names}
 
 
 def main() -> None:
@@ -74,11 +67,10 @@ def main() -> None:
             f"Flask-Limiter, one limit, {STORAGE}": app_d(sim, url, "fl"),
             "flask-claude, everything on (overhead.py's (c))": guarded(url, log, "full"),
             "  no app-wide daily budget": guarded(url, log, "nodaily", daily=False),
-            "  no per-user usd budget (tokens only)": guarded(
-                url, log, "nousd", limits={"requests": "1000000/minute", "tokens": "1000000000/day"}),
-            "  no request limit": guarded(url, log, "noreq", limits={"tokens": "1000000000/day", "usd": "1000000/day"}),
-            "  no budgets at all (request limit only)": guarded(
-                url, log, "reqonly", daily=False, limits={"requests": "1000000/minute"}),
+            "  no per-user usd budget (tokens only)": guarded(url, log, "nousd", limits=without("usd")),
+            "  no request limit": guarded(url, log, "noreq", limits=without("requests")),
+            "  no budgets at all (request limit only)": guarded(url, log, "reqonly", daily=False,
+                                                                limits=without("tokens", "usd")),
             "  nothing in storage but the breaker read": guarded(url, log, "none", daily=False, limits={}),
         }
         callers: dict[str, Callable[[], None]] = {k: Caller(app) for k, app in apps.items()}
@@ -89,27 +81,12 @@ def main() -> None:
         for key in keys:
             for _ in range(WARMUP):
                 callers[key]()
-        medians: dict[str, list[float]] = {k: [] for k in keys}
-        perf = time.perf_counter_ns
-        for r in range(ROUNDS):
-            for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-                gc.collect()
-                call, samples = callers[key], []
-                for _ in range(BATCH):
-                    t0 = perf()
-                    call()
-                    samples.append((perf() - t0) / 1000.0)
-                medians[key].append(percentile(samples, 50))
-                for s in sims:
-                    s.clear_requests()
-        bare = medians[keys[0]]
-        full = medians[keys[2]]
+        medians = round_medians(callers, ROUNDS, BATCH, collect=True,
+                                after_batch=lambda: [s.clear_requests() for s in sims])
         rows = []
         for key in keys[1:]:
-            add = percentile([m - b for m, b in zip(medians[key], bare, strict=True)], 50)
-            saved = percentile([f - m for f, m in zip(full, medians[key], strict=True)], 50)
-            rows.append([key, f"{percentile(medians[key], 50):.0f}", f"{add:+.0f}",
-                         "" if key == keys[2] or key == keys[1] else f"{saved:+.0f}"])
+            saved = "" if key in keys[1:3] else f"{paired(medians, keys[2], key):+.0f}"
+            rows.append([key, f"{percentile(medians[key], 50):.0f}", f"{paired(medians, key, keys[0]):+.0f}", saved])
         print(f"== added time per request on {url}, paired medians ({ROUNDS} rounds x {BATCH}) ==")
         print(table(rows, ["variant", "median us", "added us", "saved vs everything on"]))
         print(f"\n{quiet}; during the run: {meter.report()}")

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from _common import RedisServer, diff_stats, machine_description, percentile, table
+from _common import RedisServer, diff_stats, machine_description, paired, round_medians, table
 from flask import Flask
 from loguru import logger
 from overhead import Caller, RoundTrips, app_a, app_guarded
@@ -81,20 +81,9 @@ def run(server: RedisServer, log_path: str) -> None:
                        "round trips by script", "statuses"]))
 
     # added time per request over the bare route, interleaved rounds
-    keys = ["bare", *callers]
-    everyone = {"bare": bare, **callers}
-    medians: dict[str, list[float]] = {k: [] for k in keys}
     started = time.monotonic()
-    for r in range(ROUNDS):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            samples = []
-            for _ in range(BATCH):
-                t0 = time.perf_counter_ns()
-                everyone[key]()
-                samples.append((time.perf_counter_ns() - t0) / 1000)
-            medians[key].append(percentile(samples, 50))
-    added = [[k, f"{percentile([m - b for m, b in zip(medians[k], medians['bare'], strict=True)], 50):+.0f}"]
-             for k in callers]
+    medians = round_medians({"bare": bare, **callers}, ROUNDS, BATCH)
+    added = [[k, f"{paired(medians, k, 'bare'):+.0f}"] for k in callers]
     print(f"\n== added time per request over a bare SDK route, paired medians ({ROUNDS} rounds x {BATCH}; "
           f"{time.monotonic() - started:.0f} s) ==")
     print(table(added, ["admission mode", "added us (Redis)"]))

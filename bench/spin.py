@@ -14,7 +14,6 @@ Run: .venv/bin/python bench/spin.py  (~1 minute)
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import os
 import sys
@@ -22,7 +21,16 @@ import tempfile
 import time
 from typing import Any
 
-from _common import LoadMeter, RedisServer, machine_description, percentile, table, wait_for_quiet
+from _common import (
+    LoadMeter,
+    RedisServer,
+    machine_description,
+    paired,
+    percentile,
+    round_medians,
+    table,
+    wait_for_quiet,
+)
 from loguru import logger
 from overhead import Caller, app_a, app_guarded
 
@@ -47,19 +55,8 @@ def latency(url: str, log: str) -> list[list[str]]:
     for key in keys:
         for _ in range(200):
             callers[key]()
-    medians: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(ROUNDS):
-        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
-            gc.collect()
-            samples = []
-            for _ in range(BATCH):
-                t0 = time.perf_counter_ns()
-                callers[key]()
-                samples.append((time.perf_counter_ns() - t0) / 1000)
-            medians[key].append(percentile(samples, 50))
-    bare = medians[keys[0]]
-    return [[k, f"{percentile(medians[k], 50):.0f}",
-             f"{percentile([m - b for m, b in zip(medians[k], bare, strict=True)], 50):+.0f}"] for k in keys[1:]]
+    medians = round_medians(callers, ROUNDS, BATCH, collect=True)
+    return [[k, f"{percentile(medians[k], 50):.0f}", f"{paired(medians, k, keys[0]):+.0f}"] for k in keys[1:]]
 
 
 def _worker(url: str, log: str, spin: float, start: Any, counts: Any, index: int) -> None:
