@@ -66,10 +66,10 @@ class StreamAccount:
     ended whole (``message_stop``), and the bill however it ended.
 
     A mid-stream ``event: error`` (an ``APIStatusError`` with status 200), a dropped connection
-    (``httpx2.RemoteProtocolError``, raw or wrapped by the SDK) and a body that ends before ``message_stop`` become
-    ``UpstreamUnavailable``; a stream the client walked away from (or a cancelled task) is billed on
-    close. Output tokens of an unfinished stream are the larger of the last reported count and an
-    estimate of the text received.
+    (``httpx2.RemoteProtocolError``, raw or wrapped by the SDK) and a body that ends before
+    ``message_stop`` become ``UpstreamUnavailable``; a stream the client walked away from (or a
+    cancelled task) is billed on close. Output tokens of an unfinished stream are the larger of the
+    last reported count and an estimate of the text received.
     """
 
     def __init__(self, owner: CallRunner, call: Call, inner: Any, *, manager: Any) -> None:
