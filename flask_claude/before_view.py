@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 from . import downgrade
 from .context import CallScope
 from .errors import ClaudeGuardError
-from .storage import MICRO
+from .storage import MICRO, Begin, StorageUnavailable
 
 if TYPE_CHECKING:
     from .budget import Reservation
     from .extension import ClaudeState
     from .settings import Settings
-    from .storage import Line, Outcome
+    from .storage import Line, Outcome, Store
 
 
 @dataclass
@@ -39,6 +39,8 @@ class BeforeView:
 
     state: ClaudeState
     settings: Settings
+    store: Store
+    _exhausted_alert: str
     # feature -> (largest system/tools token bound, any cache_control, largest max_tokens) of its calls
     _overheads: dict[str, tuple[int, bool, int]]
 
@@ -100,6 +102,18 @@ class BeforeView:
         if reservation is not None:
             held_usd = math.ceil(step_down.usd * MICRO) if reservation.downgraded_to and step_down else usd_micro
             scope.memo["prehold"] = PreHold(reservation, breakers, held_usd, tokens)
+
+    def _read_breakers(self, models: tuple[str, ...]) -> dict[str, float | None] | None:
+        """A step with nothing but the breakers' states: the call's one round trip on a route with no
+        limit and no budget, the same fast path (and settlements written behind ride on it) as a
+        reservation. Never refused: with storage down the call's ``breaker_allow`` decides."""
+        now = self.state.clock.time()
+        step = Begin(gates=[], requests=[], holds=[], member="", rid="", hold_until=now,
+                     exhausted_alert=self._exhausted_alert, breakers=models)
+        try:
+            return self.store.begin(step, now).breakers
+        except StorageUnavailable:
+            return None
 
     def release_unused(self, scope: CallScope) -> None:
         """Give back a hold taken before the view that no call used (the view made no call, or failed)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from . import downgrade, process
+from . import budget_alerts, downgrade, process
 from .before_view import BeforeView
 from .context import CallScope
 from .errors import BudgetExceeded, LimitExceeded, StorageDown
@@ -27,7 +27,6 @@ from .flags import UserContext
 from .hygiene import has_cache_control
 from .kept_spend import KeptSpend
 from .periods import PeriodCache, granularity, period_bounds  # noqa: F401  (period_bounds: re-exported)
-from .signals import budget_alert
 from .storage import MICRO, Admission, Begin, Crossed, Line, Outcome, StorageUnavailable, Store
 from .tokens import upper_bound_split
 
@@ -256,18 +255,6 @@ class Budgets(BeforeView):
             breakers = self._read_breakers(first)
         return reservation, breakers
 
-    def _read_breakers(self, models: tuple[str, ...]) -> dict[str, float | None] | None:
-        """A step with nothing but the breakers' states: the call's one round trip on a route with no
-        limit and no budget, the same fast path (and settlements written behind ride on it) as a
-        reservation. Never refused: with storage down the call's ``breaker_allow`` decides."""
-        now = self.state.clock.time()
-        step = Begin(gates=[], requests=[], holds=[], member="", rid="", hold_until=now,
-                     exhausted_alert=self._exhausted_alert, breakers=models)
-        try:
-            return self.store.begin(step, now).breakers
-        except StorageUnavailable:
-            return None
-
     def reserve_worst(self, scope: CallScope, usd_micro: int, tokens: int, *, hold_seconds: float,
                       breakers: tuple[str, ...] = (), optional: bool = False, wait: bool = True,
                       step_down: downgrade.StepDown | None = None,
@@ -421,23 +408,7 @@ class Budgets(BeforeView):
             self._raise_alerts(crossed, lines, Reservation("", lines, usd_lines, app_wide))
 
     def _alert(self, line: Line, threshold: float, spent: int, unit_usd: bool) -> None:
-        """Log, signal and call the hook: once per threshold, app-wide budget and period, across all workers.
-
-        The 1.0 alert fires when the budget is exhausted: when spend reaches the limit or, since a
-        reservation never lets it pass, when spent alone leaves no room for the next call.
-        """
-        fields: dict[str, Any] = {"budget": line.name, "threshold": threshold,
-                  "spent": spent / MICRO if unit_usd else spent,
-                  "limit": line.limit / MICRO if unit_usd else line.limit,
-                  "unit": "usd" if unit_usd else "tokens"}
-        self.state.events.emit("budget_alert", fields, level="ERROR" if threshold >= 1.0 else "WARNING")
-        budget_alert.send(self.state.app, **fields)
-        hook = self.settings.alert_hook
-        if hook is not None:
-            try:
-                hook(fields)
-            except Exception as exc:  # an alert hook failing must not fail the user's request
-                self.state.events.emit("alert_hook_failed", {"error_type": type(exc).__name__}, level="ERROR")
+        budget_alerts.announce(self.state, line, threshold, spent, unit_usd)
 
     # --- a storage outage -----------------------------------------------------------------
 
