@@ -27,6 +27,13 @@ if TYPE_CHECKING:
 ALERTS = ("error_rate", "latency_p95", "cost_spike")
 
 
+# A firing alert resolves only once its value is back under this share of the threshold (or traffic
+# falls under CLAUDE_ALERT_MIN_CALLS). Why: each worker's rollups land up to a flush interval late, so
+# a value near the threshold can dip under it and come back when another worker's counts arrive; an
+# alert that resolved at the first dip would page again a second later.
+RESOLVE_AT = 0.8
+
+
 @dataclass(frozen=True)
 class Check:
     alert: str
@@ -34,6 +41,7 @@ class Check:
     value: float | None
     threshold: float
     calls: float
+    clear: bool = True  # far enough under the threshold (or too little traffic) to resolve if firing
 
 
 class OpsAlerts:
@@ -84,18 +92,20 @@ class OpsAlerts:
         if s.alert_error_rate is not None and s.alert_min_calls is not None:
             rate = stats.error_rate
             out.append(Check("error_rate", bool(enough and rate is not None and rate > s.alert_error_rate),
-                             None if rate is None else round(rate, 4), s.alert_error_rate, stats.calls))
+                             None if rate is None else round(rate, 4), s.alert_error_rate, stats.calls,
+                             not enough or rate is None or rate <= RESOLVE_AT * s.alert_error_rate))
         if s.alert_latency_p95 is not None and s.alert_min_calls is not None:
             p95 = stats.quantile(0.95)
             out.append(Check("latency_p95", bool(enough and p95 is not None and p95 > s.alert_latency_p95),
-                             None if p95 is None else round(p95, 4), s.alert_latency_p95, stats.calls))
+                             None if p95 is None else round(p95, 4), s.alert_latency_p95, stats.calls,
+                             not enough or p95 is None or p95 <= RESOLVE_AT * s.alert_latency_p95))
         if spike_on:
             assert s.alert_cost_spike is not None and s.alert_cost_spike_min_usd is not None
             spend = stats.cost_micro / MICRO
             average = hourly_cost_micro(snap, hours) / MICRO / (DAY / window)
             threshold = max(s.alert_cost_spike * average, s.alert_cost_spike_min_usd)
             out.append(Check("cost_spike", spend > threshold and spend > 0, round(spend, 6), round(threshold, 6),
-                             stats.calls))
+                             stats.calls, spend <= RESOLVE_AT * threshold))
         return out, snap.alerts
 
     def evaluate(self, now: float | None = None) -> list[dict[str, Any]]:
@@ -104,7 +114,8 @@ class OpsAlerts:
         sent: list[dict[str, Any]] = []
         for check in checks:
             name = f"{check.alert}|"
-            if check.firing == (name in states):
+            active = name in states
+            if check.firing == active or (active and not check.clear):
                 continue
             value = json.dumps({"value": check.value, "threshold": check.threshold})
             try:

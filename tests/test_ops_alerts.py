@@ -193,6 +193,25 @@ def test_error_rate_fires_once_across_two_workers_and_resolves(storage_uri: str,
     assert [h["alert"] for h in hooked] == ["error_rate", "error_rate"]
 
 
+def test_a_firing_alert_resolves_only_well_under_its_threshold(sim: Simulator, now_clock: FakeClock,
+                                                                log_path: Path) -> None:
+    """Workers' counts land up to a flush interval apart, so a rate at the threshold wobbles around it:
+    an alert resolves once the rate is under 80% of the threshold, not at the first dip under it."""
+    app = ops_app("hysteresis_app", "memory://", sim, now_clock, log_path, CLAUDE_ALERT_MIN_CALLS=20,
+                  CLAUDE_ALERT_EVAL_INTERVAL=0.1)  # every request (0.5 s apart on the test's clock)
+    client = app.test_client()
+    sim.fail(529, times=2)
+    drive(client, now_clock, 20, step=0.5)  # 2 errors in 20 calls: 10%
+    states = [e["state"] for e in events(log_path, "ops_alert")]
+    assert states == ["firing"]
+    drive(client, now_clock, 24, step=0.5)  # down through 5% (40 calls) to 4.5% (44): under it, not well under
+    assert [e["state"] for e in events(log_path, "ops_alert")] == ["firing"]
+    drive(client, now_clock, 10, step=0.5)  # 2 in 54: 3.7%, under 80% of 5%
+    alerts = events(log_path, "ops_alert")
+    assert [e["state"] for e in alerts] == ["firing", "resolved"]
+    assert alerts[1]["value"] <= 0.8 * 0.05
+
+
 def test_latency_p95_fires(storage_uri: str, sim: Simulator, now_clock: FakeClock, log_path: Path) -> None:
     app = ops_app("latency_app", storage_uri, sim, now_clock, log_path, CLAUDE_ALERT_LATENCY_P95=0.05,
                   CLAUDE_ALERT_MIN_CALLS=10)
