@@ -72,17 +72,18 @@ class BeforeView:
         lines = self._templates(scope, scope.budgets, self.state.clock.time())[0]
         settings = self.settings
         configured = scope.models or settings.models
-        chain = list(dict.fromkeys([scope.first_model or configured[0], *configured]))
+        first = scope.first_model or configured[0]
         if not lines:
             # Nothing to hold, so the first call makes no storage step of its own: the step that
             # admits the request reads the first model's breaker for it (one round trip, not two).
-            outcome = self.finish_admission(scope, breakers=tuple(chain[:1]))
+            outcome = self.finish_admission(scope, breakers=(first,))
             if outcome is not None:
                 scope.memo["breakers"] = outcome.breakers
             return
         if bound is None:
             self.finish_admission(scope)
             return
+        chain = list(dict.fromkeys([first, *configured]))
         cap = min(settings.max_tokens_cap, scope.max_tokens or settings.max_tokens_cap)
         learned = self._overheads.get(scope.feature or "")
         overhead, cached, seen_max = learned or (0, settings.auto_cache, cap)
