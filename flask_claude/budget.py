@@ -370,14 +370,12 @@ class Budgets(BeforeView):
         self._replay_if_back()
 
         def done(crossed: list[Crossed] | None, failure: str | None) -> None:
-            if failure == "not_sent":
+            if failure == "not_sent":  # more settlements waited on a storage away than a store keeps
                 self._keep(actual, reservation)
-            elif failure == "uncertain":  # sent to a Redis that did not answer: it may still apply it
-                self.state.events.emit("settle_uncertain", {"cost_usd": round(usd, 8)}, level="WARNING")
             else:
                 self._raise_alerts(crossed or [], actual, reservation)
 
-        try:  # on Redis written behind: it rides on the next round trip (storage/redis.py)
+        try:  # on Redis written behind and kept until it lands (storage/redis.py)
             self.store.settle_later(actual, reservation.rids, self.settings.budget_alerts, now, done,
                                     success=success, breaker=self.state.breaker.params, rollup=rollup,
                                     seen_closed=seen_closed)

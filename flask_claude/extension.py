@@ -96,7 +96,7 @@ class ClaudeState:
         # Limits, budgets, alert de-duplication and breaker state share one store.
         store = make_store(settings.storage_uri, prefix=settings.storage_prefix,
                            socket_timeout=settings.storage_socket_timeout, settle_delay=settings.settle_delay,
-                           spin=settings.storage_spin)
+                           options=settings.storage_options, notify=self._storage_event)
         if not isinstance(store, MemoryStore):  # a shared store can fail: stop asking it while it is down
             store = OutageGuard(store, clock=self.clock, retry_interval=settings.storage_retry_interval,
                                 policy=settings.storage_failure, notify=self._storage_event)
@@ -122,7 +122,8 @@ class ClaudeState:
         self.ops_alerts = OpsAlerts(self)
 
     def _storage_event(self, event: str, fields: dict[str, Any]) -> None:
-        self.events.emit(event, fields, level="ERROR" if event == "storage_unavailable" else "WARNING")
+        level = "ERROR" if event in ("storage_unavailable", "storage_data_lost") else "WARNING"
+        self.events.emit(event, fields, level=level)
 
 
 class Claude:

@@ -7,6 +7,7 @@ Everything a request needs is checked here, once, at ``init_app``: a wrong type 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -39,12 +40,6 @@ def _number(key: str, value: Any, *, minimum: float = 0.0, integer: bool = False
     if number < minimum or (not allow_zero and number == 0):
         bound = f"greater than {minimum}" if not allow_zero else f"at least {minimum}"
         raise ConfigError(f"{key} must be {bound}, got {value!r}")
-    return number
-
-
-def _at_most(key: str, number: float, most: float) -> float:
-    if number > most:
-        raise ConfigError(f"{key} must be at most {most}, got {number!r}")
     return number
 
 
@@ -143,11 +138,37 @@ def _timezone(key: str, value: Any) -> str:
     return value
 
 
+#: The storage URIs the store speaks: memory for one process, Redis (each deployment shape) for many.
+REDIS_SCHEMES = ("redis", "rediss", "redis+unix", "unix", "redis+cluster", "redis+sentinel", "valkey", "valkeys",
+                 "valkey+unix", "valkey+cluster", "valkey+sentinel")
+
+
 def _storage_uri(key: str, value: Any) -> str:
     if not isinstance(value, str) or "://" not in value:
-        raise ConfigError(f"{key} must be a limits storage URI such as 'memory://' or 'redis://host:6379', "
+        raise ConfigError(f"{key} must be a storage URI such as 'memory://' or 'redis://host:6379', "
                           f"got {value!r}")
+    scheme = value.split("://", 1)[0].lower()
+    if scheme != "memory" and scheme not in REDIS_SCHEMES:
+        raise ConfigError(f"{key} must be 'memory://' or a Redis URI ({', '.join(s + '://' for s in REDIS_SCHEMES)}); "
+                          f"{scheme}:// is not supported")
+    if scheme != "memory":
+        import importlib.util
+
+        if importlib.util.find_spec("valkey" if scheme.startswith("valkey") else "redis") is None:
+            extra = "valkey" if scheme.startswith("valkey") else "redis"
+            raise ConfigError(f"{key}={scheme}://... needs the {extra} client: "
+                              f"pip install 'flask-claude[{extra}]'")
     return value
+
+
+def _storage_options(key: str, value: Any) -> dict[str, Any]:
+    """Handed to the Redis client as keyword arguments (TLS files, ``credential_provider``, keepalive,
+    ``health_check_interval``, ``max_connections``), as Flask-Limiter's ``RATELIMIT_STORAGE_OPTIONS``."""
+    options = _mapping(key, value)
+    for name in options:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(f"{key} keys must be the Redis client's keyword arguments, got {name!r}")
+    return options
 
 
 def _concurrency(key: str, value: Any) -> int | dict[str, int] | None:
@@ -196,7 +217,7 @@ class Settings:
     storage_failure: str = _setting("open", _choice("open", "closed"))
     storage_socket_timeout: float = _setting(0.5, lambda k, v: _number(k, v, allow_zero=False))
     storage_retry_interval: float = _setting(2.0, lambda k, v: _number(k, v, allow_zero=False))
-    storage_spin: float = _setting(0.0005, lambda k, v: _at_most(k, _number(k, v), 0.01))
+    storage_options: dict[str, Any] = _setting(None, _storage_options)
     settle_delay: float = _setting(0.05, lambda k, v: _number(k, v, allow_zero=False))
     breaker_min_calls: int = _setting(5, lambda k, v: _number(k, v, integer=True, minimum=1))
     breaker_failure_rate: float = _setting(0.5, lambda k, v: _number(k, v, allow_zero=False))
@@ -247,6 +268,11 @@ class Settings:
 
 SETTING_KEYS = tuple(f"CLAUDE_{f.name.upper()}" for f in fields(Settings))
 
+#: Settings that no longer do anything: accepted with a DeprecationWarning for one release.
+DEPRECATED = {
+    "CLAUDE_STORAGE_SPIN": "has no effect any more: Redis is reached through redis-py, and nothing busy-waits",
+}
+
 
 def load_settings(config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
                   environ: Mapping[str, str] | None = None) -> Settings:
@@ -259,10 +285,15 @@ def load_settings(config: Mapping[str, Any], overrides: Mapping[str, Any] | None
     environ = os.environ if environ is None else environ
     overrides = dict(overrides or {})
     by_name = {f.name: f for f in fields(Settings)}
+    for key, why in DEPRECATED.items():
+        name = key.removeprefix("CLAUDE_").lower()
+        if key in config or name in overrides:
+            warnings.warn(f"{key} {why}; remove it", DeprecationWarning, stacklevel=3)
+            overrides.pop(name, None)
     unknown_override = sorted(set(overrides) - set(by_name))
     if unknown_override:
         raise ConfigError(f"Unknown Claude() argument(s): {', '.join(unknown_override)}")
-    unknown = sorted(k for k in config if k.startswith("CLAUDE_") and k not in SETTING_KEYS)
+    unknown = sorted(k for k in config if k.startswith("CLAUDE_") and k not in SETTING_KEYS and k not in DEPRECATED)
     if unknown:
         raise ConfigError(f"Unknown setting(s): {', '.join(unknown)}. Known settings: {', '.join(SETTING_KEYS)}")
 

@@ -66,8 +66,20 @@ def _features(app: Flask) -> dict[str, dict[str, Any]]:
 
 
 def _safe_uri(uri: str) -> str:
-    """The storage URI without its password: status output ends up in tickets and chat."""
-    return re.sub(r"//[^/@]*@", "//***@", uri)
+    """The storage URI without its credentials: status output ends up in tickets and chat. The whole
+    user part goes, up to the last ``@`` before the path (a password may hold ``@`` and ``:``), and
+    so does a ``password=`` in the query."""
+    head, sep, query = uri.partition("?")
+    scheme, found, rest = head.partition("://")
+    if found:
+        path_at = rest.find("/", rest.rfind("@") + 1)
+        netloc, path = (rest, "") if path_at < 0 else (rest[:path_at], rest[path_at:])
+        if "@" in netloc:
+            netloc = "***@" + netloc.rsplit("@", 1)[1]
+        head = f"{scheme}://{netloc}{path}"
+    if sep:
+        query = re.sub(r"(?i)((?:^|&)(?:password|username)=)[^&]*", r"\1***", query)
+    return head + sep + query
 
 
 def _flag(state: ClaudeState, flag: str) -> bool | None:

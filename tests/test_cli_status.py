@@ -158,3 +158,6 @@ def test_storage_uri_password_is_not_printed() -> None:
     assert _safe_uri("redis://:s3cret@cache:6379/0") == "redis://***@cache:6379/0"
     assert _safe_uri("redis+sentinel://user:pw@h1:26379,h2:26379/main") == "redis+sentinel://***@h1:26379,h2:26379/main"
     assert _safe_uri("redis://cache:6379") == "redis://cache:6379"
+    # a password holding "@" (and ":") is masked whole, and so is one in the query
+    assert _safe_uri("redis://app:p@ss:w@rd@cache:6379/0") == "redis://***@cache:6379/0"
+    assert _safe_uri("unix:///run/redis.sock?db=1&password=hunter2") == "unix:///run/redis.sock?db=1&password=***"

@@ -130,8 +130,9 @@ def test_a_settlement_written_behind_lands_when_the_worker_stops_right_after(gun
     [line] = [json.loads(x) for x in gunicorn.log_path.read_text().splitlines()
               if json.loads(x)["event"] == "claude_api_call"]
     assert spent == math.ceil(line["cost_usd"] * 1_000_000) > 0  # budgets count whole micro-dollars, rounded up
-    holds = [f for f in client.hkeys(f"{{fc:flask-claude}}:usd:global:day:{day}") if f.startswith(b"r:")]
-    assert holds == []  # the hold was replaced by the cost, not left to lapse
+    fields = client.hgetall(f"{{fc:flask-claude}}:usd:global:day:{day}")
+    # the hold was replaced by the cost, not left to lapse: nothing held, the call's id marked settled
+    assert int(fields[b"held"]) == 0 and [v for k, v in fields.items() if k.startswith(b"r:")] == [b"-"]
 
 
 def test_the_rollups_a_worker_summed_land_complete_when_it_stops_right_after(gunicorn: Any, redis_url: str) -> None:

@@ -39,8 +39,9 @@ def init(**config: object) -> Flask:
     ("CLAUDE_ROLLUP_FLUSH_INTERVAL", -1),
     ("CLAUDE_ROLLUP_FLUSH_INTERVAL", 61),
     ("CLAUDE_ROLLUP_FLUSH_INTERVAL", "soon"),
-    ("CLAUDE_STORAGE_SPIN", -0.001),
-    ("CLAUDE_STORAGE_SPIN", 0.5),  # half a second of CPU per round trip: surely meant 0.0005
+    ("CLAUDE_STORAGE_URI", "postgresql://localhost/app"),  # not a store this extension speaks
+    ("CLAUDE_STORAGE_OPTIONS", ["ssl_ca_certs"]),
+    ("CLAUDE_STORAGE_OPTIONS", {"not an argument": 1}),
 ])
 def test_wrong_value_fails_at_init_with_the_key_name(key: str, value: object) -> None:
     with pytest.raises(ConfigError) as info:
@@ -135,3 +136,25 @@ def _subclasses(cls: type) -> set[type]:
     for sub in list(found):
         found |= _subclasses(sub)
     return found
+
+
+def test_a_redis_uri_without_the_redis_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "redis" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"CLAUDE_STORAGE_URI.*flask-claude\[redis\]"):
+        init(CLAUDE_SIMULATE=True, CLAUDE_STORAGE_URI="redis://localhost:6379")
+
+
+def test_the_spin_setting_is_deprecated_not_refused() -> None:
+    with pytest.warns(DeprecationWarning, match="CLAUDE_STORAGE_SPIN"):
+        app = init(CLAUDE_SIMULATE=True, CLAUDE_STORAGE_SPIN=0.0005)
+    assert not hasattr(app.extensions["claude"].settings, "storage_spin")
+
+
+def test_storage_options_reach_the_redis_client(redis_url: str) -> None:
+    app = init(CLAUDE_SIMULATE=True, CLAUDE_STORAGE_URI=redis_url,
+               CLAUDE_STORAGE_OPTIONS={"health_check_interval": 7, "max_connections": 321})
+    pool = app.extensions["claude"].store.inner.client.connection_pool
+    assert pool.connection_kwargs["health_check_interval"] == 7 and pool.max_connections == 321

@@ -16,15 +16,18 @@ the breaker's success) is written behind and rides on a later round trip, and so
 rollups, summed per worker and written at most once per ``CLAUDE_ROLLUP_FLUSH_INTERVAL``. The layout:
 
 - ``records.py``: what a step takes and returns, and the ``Store`` protocol a backend implements;
-- ``memory.py``: one process; ``redis.py``: every worker and host, each step one script in ``lua/``;
-- ``wire.py``: the scripts' lean path to a plain ``redis://``; ``guard.py``: the breaker for storage
-  itself; ``rollups.py``: where the monitoring rollups live. docs/ARCHITECTURE.md has the whole map.
+- ``memory.py``: one process; ``redis.py``: every worker and host (redis-py), each step one script
+  in ``lua/``; ``guard.py``: the breaker for storage itself; ``rollups.py`` and ``pacing.py``: where
+  the monitoring rollups and the pacing state live. docs/ARCHITECTURE.md has the whole map.
 
 Units are integers (tokens, micro-dollars), so concurrent increments never round. Keys of one app
 share the Redis hash tag ``{fc:<prefix>}``: a multi-key script must stay in one cluster slot.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 from .guard import OutageGuard
 from .memory import MemoryStore
@@ -50,7 +53,10 @@ __all__ = ["BREAKER_BUCKETS", "KILL_SHARE", "MICRO", "Admission", "Begin", "Brea
 
 
 def make_store(uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05,
-               spin: float = 0.0) -> Store:
+               options: dict[str, Any] | None = None,
+               notify: Callable[[str, dict[str, Any]], None] | None = None) -> Store:
+    """The store ``CLAUDE_STORAGE_URI`` names; ``options`` go to the Redis client as they are."""
     if uri.startswith("memory://"):
         return MemoryStore()
-    return RedisStore(uri, prefix=prefix, socket_timeout=socket_timeout, settle_delay=settle_delay, spin=spin)
+    return RedisStore(uri, prefix=prefix, socket_timeout=socket_timeout, settle_delay=settle_delay,
+                      options=options, notify=notify)

@@ -2,16 +2,20 @@
 
 Without it every guarded request waits one socket timeout per storage step (admission, breaker
 read, settlement) while Redis hangs, so a stopped Redis turns 200 requests/s into 10, even with
-``CLAUDE_STORAGE_FAILURE="open"``. After a failure the guard answers ``StorageUnavailable`` at once
-for a short, jittered interval; then one probe (a PING in a background thread, so no request waits
-for it) decides whether storage is back. One ``storage_unavailable`` event marks an episode's start
-and one ``storage_recovered`` its end, instead of a line per request.
+``CLAUDE_STORAGE_FAILURE="open"``. A step fails here only after the store retried a closed
+connection once on a fresh one (``redis.py``), so a Redis restart or a killed connection is not an
+outage. After a failure the guard answers ``StorageUnavailable`` at once while one probe at a time
+(in a background thread, so no request waits for it) asks storage on the path requests take: the
+first probe comes within ``FIRST_PROBE_S``, later ones back off to ``retry_interval``, jittered, so
+a Redis that is back in a moment is used again in a moment. One ``storage_unavailable`` event marks
+an episode's start and one ``storage_recovered`` its end, instead of a line per request.
 
-What the app spent while storage was away is not lost: ``budget.Budgets`` keeps it in the process
-and adds it to the budgets once the guard reports storage healthy again.
-The monitoring rollups are not kept that way: a call settled while the guard is open adds nothing
-to them (the log line still has it), and a Redis worker's summed increments whose write fails are
-dropped (``rollups.py``), so nothing grows in the process while storage is away.
+What the app spent while storage was away is not lost: settlements are not skipped here but handed
+to the store, which keeps them and sends them with the first round trip that works (the probe's, or
+a request's); each is applied at most once.
+A call's monitoring rollups are still summed in the worker meanwhile (bounded by minute buckets,
+``rollups.py``) and ride on the first round trip that works; a rollup write that fails is dropped,
+not retried (a retry could count twice what a hung Redis still applies).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from ..clock import Clock
 from .records import Begin, BreakerParams, Crossed, Line, Outcome, SettleDone, StorageUnavailable, Store
 
 Notify = Callable[[str, dict[str, Any]], None]
+
+FIRST_PROBE_S = 0.05  # the first probe after a failure; each later one waits twice as long, up to the interval
 
 
 class OutageGuard:
@@ -42,6 +48,7 @@ class OutageGuard:
         self._retry_at = 0.0
         self._probing_since: float | None = None
         self._skipped = 0
+        self._failures = 0  # probes that failed this episode: the next waits longer
 
     @property
     def healthy(self) -> bool:
@@ -80,15 +87,15 @@ class OutageGuard:
             ping = getattr(self.inner, "ping", None)
             if ping is not None:
                 ping()
-        except StorageUnavailable as exc:
+        except StorageUnavailable:
             with self._lock:
                 self._probing_since = None
+                self._failures += 1
                 self._retry_at = self._clock.monotonic() + self._jittered()
-            del exc
             return
         with self._lock:
             down_since, skipped = self._down_since, self._skipped
-            self._down_since, self._probing_since, self._skipped = None, None, 0
+            self._down_since, self._probing_since, self._skipped, self._failures = None, None, 0, 0
         if down_since is not None and self._notify is not None:
             self._notify("storage_recovered", {"down_s": round(self._clock.monotonic() - down_since, 3),
                                                "skipped_steps": skipped})
@@ -105,8 +112,10 @@ class OutageGuard:
                                                  "retry_in_s": round(self._retry_at - now, 3)})
 
     def _jittered(self) -> float:
-        """Workers that lost Redis together must not all probe it at the same instant."""
-        return self._interval * (0.5 + random.random())
+        """Soon after a failure (a restart is back in a moment), then backing off to the interval;
+        jittered, so workers that lost Redis together do not all probe it at the same instant."""
+        wait = min(self._interval, FIRST_PROBE_S * 2 ** self._failures)
+        return wait * (0.5 + random.random())
 
     # --- the Store protocol, each step through the breaker -------------------------------------
 
@@ -122,8 +131,9 @@ class OutageGuard:
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                      done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
                      rollup: dict[str, int] | None = None, seen_closed: bool = False) -> None:
-        self._call(self.inner.settle_later, lines, rids, thresholds, now, done, success=success, breaker=breaker,
-                   rollup=rollup, seen_closed=seen_closed)
+        """Never skipped: the store keeps a settlement until a round trip works (a call was paid for)."""
+        self.inner.settle_later(lines, rids, thresholds, now, done, success=success, breaker=breaker,
+                                rollup=rollup, seen_closed=seen_closed)
 
     @property
     def rollups(self) -> Any:

@@ -208,8 +208,8 @@ class MemoryStore:
                 for amount, budget in zip(amounts, budgets, strict=True):
                     budget.hold(step.rid, amount, step.hold_until)
             breakers = {m: (b.open_until if (b := self._breakers.get(m)) else None) for m in step.breakers}
-            return Outcome(True, "", -1, False, 0.0, tuple(remaining), tuple(resets), False, 0, breakers, held,
-                           downgraded, fraction)  # positional: keywords cost a microsecond on every request
+            return Outcome(ok=True, remaining=tuple(remaining), resets=tuple(resets), breakers=breakers, held=held,
+                           downgraded=downgraded, fraction=fraction)
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,

@@ -97,7 +97,9 @@ class StorageUnavailable(Exception):
     """The shared storage did not answer in time; ``CLAUDE_STORAGE_FAILURE`` decides what follows."""
 
 
-SettleDone = Callable[[list[Crossed] | None, str | None], None]  # (crossed, failure: "not_sent" | "uncertain")
+# (crossed, failure): called once a settlement landed (failure None), or with "not_sent" when the store
+# gave it back unsent (more waited on a storage away than it keeps).
+SettleDone = Callable[[list[Crossed] | None, str | None], None]
 
 
 class BudgetStore(Protocol):

@@ -1,20 +1,35 @@
-"""The shared store: Redis, every step one Lua script (``lua/*.lua``), so atomic.
+"""The shared store: Redis through redis-py, every step one Lua script (``lua/*.lua``), so atomic.
 
-Settlements are written behind: they ride in the next step's round trip (see ``RedisStore``), and so
-do the monitoring rollups, summed in the worker and sent at most once per flush interval
-(``rollups.py``). On a plain ``redis://`` the scripts go over ``wire.py``'s socket per thread
-instead of redis-py.
+Scripts are sent as ``EVALSHA`` in a pipeline of redis-py's (a script Redis does not know yet is
+loaded and run again: it never ran), so a request's step and the settlements waiting to be written
+share one round trip on every deployment shape: ``redis://``, ``rediss://``, ``unix://``, Sentinel
+(redis-py's sentinel-managed client) and Cluster (every key of one app shares a hash tag, so the
+pipeline goes to the node that serves it). redis-py's own ``Script`` objects in a pipeline would ask
+``SCRIPT EXISTS`` before every execute: one more round trip per request.
+
+Trust before speed:
+
+- A connection the server closed (restart, failover, idle timeout, ``CLIENT KILL``) is retried once on
+  a fresh one (redis-py's ``Retry``, on connection errors only: a command that timed out may still
+  run, so it is not sent again) before anything counts as an outage (``guard.py``).
+- A settlement is written behind and kept until it lands. Each carries its hold's id, and Redis
+  marks the call settled (``lua/functions.lua``), so a settlement sent again after a reply that never
+  came is applied at most once.
+- The app's data-loss marker (``epoch``) makes a flushed or emptied Redis visible: every worker then
+  puts back the spend it settled this period (its ledger) before its next step counts, and the alert
+  thresholds that spend passes are claimed without being sent again.
 """
 
 from __future__ import annotations
 
 import atexit
 import math
+import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from .. import process
@@ -30,23 +45,85 @@ from .records import (
 )
 from .rollups import RedisRollups
 from .scripts import lua
-from .wire import Call, Frame, LeanScripts, NotSent, expand
-from .wire import usable as lean_usable
 
-MAX_PENDING = 256  # settlements waiting at most: past this one is sent at once
+MAX_PENDING = 256  # settlements waiting at most before one is sent at once (not while storage is away)
+MAX_OWED = 10_000  # settlements kept while storage is away; past this they are handed back as not sent
 FLUSHER_IDLE_S = 5.0  # a flusher thread with nothing to send for this long ends
-# Packed script frames kept: a subject's plan has two or three (begin, settle, an admission alone), so
-# this follows budget.py's plan cache (10,000 subjects), at ~1 KB a frame; past it the cache starts over.
-MAX_FRAMES = 30_000
+MAX_FRAMES = 30_000  # plans' packed keys and fixed arguments kept (three a subject: see budget.py)
+MAX_LEDGER = 10_000  # budget keys whose settled spend this period a process remembers for a restore
+RESTORE_BATCH = 64  # budget keys put back per script call after a data loss
+
+Notify = Callable[[str, dict[str, Any]], None]
 
 
-@dataclass
+@dataclass(slots=True)
+class Call:
+    """One script to run: keys and arguments as Redis gets them. ``epoch`` calls are guarded by the
+    data-loss marker, whose key and values are added when the call is sent (they may change while a
+    settlement waits)."""
+
+    script: Any  # redis-py ``Script`` (its ``sha`` and source)
+    keys: Sequence[Any]
+    args: Sequence[Any]
+    epoch: bool = False
+
+
+@dataclass(slots=True)
+class Frame:
+    """A plan's keys and fixed arguments, built once per plan shape: a request adds only its own."""
+
+    script: Any
+    keys: list[str]
+    args: list[Any]
+
+    def call(self, own: Sequence[Any]) -> Call:
+        return Call(self.script, self.keys, [*self.args, *own], epoch=True)
+
+
+@dataclass(slots=True)
 class _Pending:
     call: Call
     lines: Sequence[Line]
     done: SettleDone
-    since: float
-    record: bool = False  # a pacing record riding the same round trip: nobody waits for its reply
+    thresholds: Sequence[float] = ()
+    record: bool = False  # a pacing record riding the same round trip: best effort, never kept
+
+
+@dataclass(slots=True)
+class _Spent:
+    """What this process settled on one budget this period: put back if the data is lost."""
+
+    line: Line
+    thresholds: Sequence[float]
+    amount: int = 0
+
+
+@dataclass
+class _Ledger:
+    entries: dict[str, _Spent] = field(default_factory=dict)
+    untracked: int = 0  # settlements on budgets past MAX_LEDGER (per-user ones only)
+
+    def add(self, lines: Sequence[Line], thresholds: Sequence[float], now: float) -> None:
+        for line in lines:
+            if line.expires_at <= now:
+                continue
+            entry = self.entries.get(line.key)
+            if entry is None or entry.line.expires_at != line.expires_at:
+                if len(self.entries) >= MAX_LEDGER:
+                    self.entries = {k: e for k, e in self.entries.items() if e.line.expires_at > now}
+                app_wide = line.key.startswith(("usd:global:", "usd:feature:"))
+                if len(self.entries) >= MAX_LEDGER and not app_wide:
+                    self.untracked += 1
+                    continue
+                entry = self.entries[line.key] = _Spent(line, thresholds)
+            entry.amount += line.amount
+
+    def live(self, now: float) -> list[_Spent]:
+        return [e for e in self.entries.values() if e.line.expires_at > now and e.amount > 0]
+
+
+def _is(reply: Any, word: bytes) -> bool:
+    return isinstance(reply, list) and len(reply) >= 1 and reply[0] == word
 
 
 class RedisStore:
@@ -55,43 +132,67 @@ class RedisStore:
     A settlement is written behind (``settle_later``): it rides in the same round trip as the next
     ``begin`` of this process, or is sent by a flusher thread within ``settle_delay`` seconds when
     no request comes, and at exit. Until it lands its hold stays, so a budget only looks fuller
-    (never emptier) for those milliseconds. A call's rollup increments are not part of its
-    settlement: they are summed in ``self.rollups`` and ride along, as one script, on the first
-    round trip after they are due (the flusher thread sends them when no request comes), and on
-    every ``flush``.
+    (never emptier) meanwhile. While storage is away settlements are kept (up to ``MAX_OWED``) and
+    ride on the first round trip that works: a request's, or the outage guard's probe. A call's
+    rollup increments are summed in ``self.rollups`` and ride along, as one script, on the first
+    round trip after they are due.
     """
 
     def __init__(self, uri: str, *, prefix: str, socket_timeout: float, settle_delay: float = 0.05,
-                 spin: float = 0.0) -> None:
+                 options: dict[str, Any] | None = None, notify: Notify | None = None) -> None:
         import redis
         from limits.storage import storage_from_string
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        options: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout}
+        connection: dict[str, Any] = {
+            "socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
+            # Once, at once, and only when the connection failed: a closed socket is reopened, a
+            # timed-out command (which Redis may still run) is not sent twice.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+        }
         if uri.startswith(("redis+sentinel", "valkey+sentinel")):
-            options = {"socket_timeout": socket_timeout}
-        self._limits_storage = storage_from_string(uri, **options)
+            del connection["socket_connect_timeout"]
+        connection.update(options or {})
+        self._limits_storage = storage_from_string(uri, **connection)
         self.client: Any = self._limits_storage.storage  # type: ignore[union-attr]
         self.tag = f"{{fc:{prefix}}}"
+        self._notify = notify
         # Any Redis error (OOM, READONLY during a failover, CLUSTERDOWN, a non-Redis peer) is an outage
         # for CLAUDE_STORAGE_FAILURE to decide, never a 500.
         self._errors = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError)
-        self._begin = self.client.register_script(lua("functions", "begin"))
-        self._settle = self.client.register_script(lua("functions", "settle"))
-        self._allow = self.client.register_script(lua("breaker_allow"))
-        self._record = self.client.register_script(lua("functions", "breaker_record"))
-        self._lean = LeanScripts(self.client, socket_timeout, spin) if lean_usable(self.client) else None
+        self._no_script = redis.exceptions.NoScriptError
+        self._moved = (redis.exceptions.MovedError, redis.exceptions.AskError)
         self._cluster = isinstance(self.client, redis.cluster.RedisCluster)
-        self._reply_errors = (redis.exceptions.ResponseError,)
+        register = self.client.register_script
+        self._begin = register(lua("functions", "begin"))
+        self._settle = register(lua("functions", "settle"))
+        self._restore = register(lua("functions", "restore"))
+        self._usage = register(lua("functions", "usage"))
+        self._epoch_script = register(lua("epoch"))
+        self._allow = register(lua("breaker_allow"))
+        self._record = register(lua("functions", "breaker_record"))
         self._settle_delay = settle_delay
+        self._socket_timeout = socket_timeout
         self._pending: list[_Pending] = []
         self._pending_lock = threading.Lock()
         self._landed = threading.Condition(self._pending_lock)  # no settlement in flight any more
         self._in_flight = 0
         self._flushing = 0  # threads in flush() waiting for _landed (nobody else waits: no notify)
-        self._socket_timeout = socket_timeout
+        self._owing = False  # a send failed: what waits rides on the next round trip that works
         self._flush_wakeup = threading.Event()
         self._flusher: tuple[int, threading.Thread] | None = None
         self._frames: dict[tuple[Any, ...], Frame] = {}
+        # The data-loss marker: the value this process knows (None before its first step), and the
+        # one it proposes when Redis has none.
+        self._epoch_key = f"{self.tag}:epoch"
+        self._epoch: bytes | None = None
+        self._proposal = os.urandom(8).hex()
+        self._epoch_lock = threading.Lock()
+        self._ledger = _Ledger()
+        self._ledger_lock = threading.Lock()
+        self._now = 0.0  # the latest time a step was given (the app's clock): a restore runs on it
+        self.persistence: dict[str, str] | None = None  # what the server said at first contact
         _STORES.add(self)
         self.rollups = RedisRollups(self)
         self.pacing = RedisPacing(self)
@@ -108,29 +209,137 @@ class RedisStore:
         except self._errors as exc:
             raise StorageUnavailable(type(exc).__name__) from exc
 
-    # --- scripts, several per round trip ------------------------------------------------------
+    # --- commands, several per round trip -------------------------------------------------------
 
-    def _run(self, calls: Sequence[Call]) -> list[Any]:
-        """Run scripts in one round trip: a reply each, or the exception that command raised."""
-        if self._lean is not None:
-            return self._lean.run(calls)
-        calls = [expand(call) for call in calls]
-        if self._cluster:  # redis-py's cluster pipelines refuse EVALSHA: one script after the other
-            replies: list[Any] = []
-            for script, keys, args in calls:
-                try:
-                    replies.append(script(keys=keys, args=args))
-                except self._reply_errors as exc:
-                    replies.append(exc)
-            return replies
-        pipe = self.client.pipeline(transaction=False)
-        for script, keys, args in calls:
-            script(keys=keys, args=args, client=pipe)
-        return list(pipe.execute(raise_on_error=False))
+    def _execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """One round trip: a reply each, or the error reply that command got."""
+        if not self._cluster:
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return list(pipe.execute(raise_on_error=False))
+        # Cluster: every key of the app shares one hash tag, so one node serves them all. A slot that
+        # moved (resharding, a failover) refreshes the map, and the commands it refused run again.
+        for attempt in (1, 2):
+            node = self.client.get_node_from_key(self.tag)
+            pipe = self.client.get_redis_connection(node).pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            try:
+                replies = list(pipe.execute(raise_on_error=False))
+            except self._errors:
+                if attempt == 2:
+                    raise
+                self.client.nodes_manager.initialize()
+                continue
+            if attempt == 2 or not any(isinstance(r, self._moved) for r in replies):
+                return replies
+            self.client.nodes_manager.initialize()
+        raise AssertionError("unreachable")
 
-    def _run_with_pending(self, call: Call | None, *, all_rollups: bool = False) -> Any:
+    def _run(self, calls: Sequence[Call], *, known: bytes | None = None) -> list[Any]:
+        """Run scripts in one round trip; a script Redis lost (a restart) is loaded and run again."""
+        if self._epoch is None and any(c.epoch for c in calls):
+            self._first_contact()
+        known = known if known is not None else self._epoch
+        commands = [self._evalsha(c, known) for c in calls]
+        replies = self._execute(commands)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, self._no_script)]
+        if missing:
+            scripts = {id(calls[i].script): calls[i].script for i in missing}
+            for loaded in self._execute([("SCRIPT", "LOAD", s.script) for s in scripts.values()]):
+                if isinstance(loaded, Exception):
+                    raise loaded  # a script Redis cannot compile: never retried as if it were missing
+            again = self._execute([commands[i] for i in missing])
+            for i, reply in zip(missing, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    def _evalsha(self, call: Call, known: bytes | None) -> tuple[Any, ...]:
+        if call.epoch:
+            keys = [*call.keys, self._epoch_key]
+            return ("EVALSHA", call.script.sha, len(keys), *keys, *call.args, known or b"", self._proposal)
+        return ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+
+    def _first_contact(self) -> None:
+        """Learn the data-loss marker (once per process) and whether the server keeps its data."""
+        with self._epoch_lock:
+            if self._epoch is not None:
+                return
+            commands: list[tuple[Any, ...]] = [self._evalsha(Call(self._epoch_script, [self._epoch_key],
+                                                                  [self._proposal]), None),
+                                               ("CONFIG", "GET", "appendonly"), ("CONFIG", "GET", "save")]
+            replies = self._execute(commands)
+            if isinstance(replies[0], self._no_script):
+                self._execute([("SCRIPT", "LOAD", self._epoch_script.script)])
+                replies[0] = self._execute(commands[:1])[0]
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            self._epoch = bytes(replies[0])
+        self.persistence = _persistence(replies[1], replies[2])
+        if self.persistence is not None and not _persists(self.persistence) and self._notify is not None:
+            self._notify("storage_not_persistent", {"appendonly": self.persistence.get("appendonly"),
+                                                    "save": self.persistence.get("save")})
+
+    # --- the data-loss marker --------------------------------------------------------------------
+
+    def _recover(self, marker: bytes) -> None:
+        """The app's data is gone (the marker changed): put back this process's share of the period's
+        spend, once per change, before any of its steps counts on the new data."""
+        with self._epoch_lock:
+            if self._epoch == marker:
+                return  # another thread of this process did it
+            now = self._now
+            with self._ledger_lock:
+                spent = self._ledger.live(now)
+                untracked = self._ledger.untracked
+            for _attempt in range(3):
+                lost = None
+                for start in range(0, len(spent), RESTORE_BATCH):
+                    batch = spent[start:start + RESTORE_BATCH]
+                    reply = self._run([self._restore_call(batch, now)], known=marker)[0]
+                    if isinstance(reply, Exception):
+                        raise reply
+                    if _is(reply, b"lost"):  # lost again meanwhile: start over on the newest data
+                        lost = bytes(reply[1])
+                        break
+                if lost is None:
+                    break
+                marker = lost
+            self._epoch = marker
+        if self._notify is not None:
+            usd = [s for s in spent if s.line.key.startswith("usd:")]
+            self._notify("storage_data_lost", {
+                "restored_budgets": len(spent),
+                "restored_usd": round(max([s.amount for s in usd], default=0) / 1_000_000, 6),
+                "untracked_settlements": untracked})
+
+    def _restore_call(self, batch: Sequence[_Spent], now: float) -> Call:
+        thresholds = batch[0].thresholds if batch else ()
+        args: list[Any] = [repr(now), len(thresholds), *(repr(t) for t in thresholds)]
+        for entry in batch:
+            args += [entry.amount, entry.line.limit, repr(entry.line.expires_at)]
+        return Call(self._restore, [self._k(e.line.key) for e in batch], args, epoch=True)
+
+    def _run_marked(self, calls: list[Call]) -> list[Any]:
+        """``_run``, and when the data was lost: recover, then run the refused calls again."""
+        replies = self._run(calls)
+        for _attempt in range(3):
+            lost = [i for i, r in enumerate(replies) if _is(r, b"lost")]
+            if not lost:
+                break
+            self._recover(bytes(replies[lost[0]][1]))
+            again = self._run([calls[i] for i in lost])
+            for i, reply in zip(lost, again, strict=True):
+                replies[i] = reply
+        return replies
+
+    # --- settlements written behind ---------------------------------------------------------------
+
+    def _run_with_pending(self, call: Call | None, *, all_rollups: bool = False, probe: bool = False) -> Any:
         """``call`` (if any) in the same round trip as every settlement waiting to be written, and the
-        rollups waiting if they are due (any that wait, with ``all_rollups``)."""
+        rollups waiting if they are due (any that wait, with ``all_rollups``); ``probe``: a PING when
+        nothing else is sent."""
         with self._pending_lock:
             pending, self._pending = self._pending, []
             rollup = self.rollups.take(force=all_rollups)
@@ -138,7 +347,7 @@ class RedisStore:
             if sending:
                 self._in_flight += 1
         try:
-            return self._send(pending, call, rollup)
+            return self._send(pending, call, Call(*rollup) if rollup is not None else None, probe=probe)
         finally:
             if sending:
                 with self._pending_lock:
@@ -146,7 +355,8 @@ class RedisStore:
                     if not self._in_flight and self._flushing:
                         self._landed.notify_all()
 
-    def _send(self, pending: list[_Pending], call: Call | None, rollup: Call | None = None) -> Any:
+    def _send(self, pending: list[_Pending], call: Call | None, rollup: Call | None = None, *,
+              probe: bool = False) -> Any:
         # A failed rollup write (an error reply, or no reply) is dropped with its interval's counts:
         # only monitoring numbers, and a retry could count twice what a hung Redis still applies.
         calls: list[Call] = [p.call for p in pending]
@@ -155,35 +365,53 @@ class RedisStore:
         if call is not None:
             calls.append(call)
         if not calls:
+            if probe:
+                self._call(self._execute, [("PING",)])
             return None
         try:
-            replies = self._run(calls)
+            replies = self._run_marked(calls)
         except self._errors as exc:
-            # Sent or not? A failure to connect or write means not; a reply that never came may
-            # still be applied when a hung Redis resumes, so it is not replayed (no double count).
-            sent = not isinstance(exc, NotSent | redis_connection_errors())
-            for p in pending:
-                p.done(None, "uncertain" if sent else "not_sent")
+            self._owe(pending)  # kept: each is applied at most once when it is sent again
             raise StorageUnavailable(type(exc).__name__) from exc
-        except Exception:
-            # Not a storage error: the calls could not even be packed (a bug), so nothing was sent.
-            # The settlements taken along are kept (replayed later), never silently dropped.
-            for p in pending:
-                p.done(None, "not_sent")
+        except BaseException:
+            self._owe(pending)  # not a storage error (a bug): still never silently dropped
             raise
+        replayed, self._owing = self._owing, False
+        now = self._now
+        landed: list[_Pending] = []
         for p, reply in zip(pending, replies, strict=False):
             if p.record:
                 continue  # a pacing record: best effort, nobody waits for it
-            if isinstance(reply, Exception):
-                p.done(None, "not_sent")  # an error reply: the script did not run
-            else:
-                p.done(self._crossed(p.lines, reply), None)
+            if isinstance(reply, Exception) or _is(reply, b"lost"):
+                self._owe([p])  # an error reply: the script did not run
+                continue
+            landed.append(p)
+            with self._ledger_lock:
+                self._ledger.add(p.lines, p.thresholds, now)
+            p.done([] if _is(reply, b"dup") else self._crossed(p.lines, reply), None)
+        if replayed and landed and self._notify is not None:
+            self._notify("spend_replayed", _replayed(landed))
         if call is None:
             return None
         reply = replies[-1]
         if isinstance(reply, Exception):
             raise StorageUnavailable(type(reply).__name__) from reply
         return reply
+
+    def _owe(self, pending: Sequence[_Pending]) -> None:
+        """A round trip failed: keep the settlements it carried for the next one that works (and send
+        nothing on our own meanwhile); past ``MAX_OWED`` the oldest go back to their caller as not sent
+        (budget.py keeps their spend)."""
+        kept = [p for p in pending if not p.record]
+        self._owing = True
+        if not kept:
+            return
+        with self._pending_lock:
+            self._pending[:0] = kept
+            over = self._pending[:max(0, len(self._pending) - MAX_OWED)]
+            del self._pending[:len(over)]
+        for p in over:
+            p.done(None, "not_sent")
 
     def flush(self) -> None:
         """Write every settlement and every rollup increment still waiting (exit, a reader, or a test
@@ -202,11 +430,14 @@ class RedisStore:
         try:
             self._run_with_pending(None, all_rollups=all_rollups)
         except StorageUnavailable:
-            pass  # each settlement's ``done`` was told; a rollup write is dropped
+            pass  # the settlements are kept (``_owe``); a rollup write is dropped
 
     def _flush_soon(self) -> None:
         """A flusher thread per process (a forked worker starts its own) for quiet moments; it ends
-        after a quiet spell and the next settlement starts it again."""
+        after a quiet spell and the next settlement starts it again. Not while a send failed: what
+        waits then rides on the next round trip that works (a request's, or the outage probe)."""
+        if self._owing:
+            return
         pid = process.pid()
         flusher = self._flusher
         if flusher is not None and flusher[0] == pid and self._flush_wakeup.is_set():
@@ -239,8 +470,21 @@ class RedisStore:
             self._flush_wakeup.clear()
             time.sleep(self._settle_delay)  # a request that comes meanwhile takes them along for free
             self._send_waiting()
+            if self._owing:
+                return  # storage is away: the next round trip that works carries them
 
-    def _frame(self, shape: tuple[Any, ...], build: Any) -> Frame:
+    def _queue(self, pending: _Pending) -> None:
+        with self._pending_lock:
+            self._pending.append(pending)
+            full = len(self._pending) >= MAX_PENDING and not self._owing
+        if full:
+            self._send_waiting()
+        else:
+            self._flush_soon()
+
+    # --- the steps ----------------------------------------------------------------------------------
+
+    def _frame(self, shape: tuple[Any, ...], build: Callable[[], Frame]) -> Frame:
         frame = self._frames.get(shape)
         if frame is None:
             if len(self._frames) >= MAX_FRAMES:
@@ -250,6 +494,7 @@ class RedisStore:
 
     def begin(self, step: Begin, now: float) -> Outcome:
         gates, requests, holds = step.gates, step.requests, step.holds
+        self._now = max(self._now, now)
         if step.downgrade_line >= 0 and len(step.alt_amounts) != len(holds):
             raise ValueError(f"{len(step.alt_amounts)} step-down amounts for {len(holds)} holds")
         # The frame (keys and the plan's fixed arguments) is cached by value, never by an object's id.
@@ -257,22 +502,22 @@ class RedisStore:
                  step.downgrade_at, step.exhausted_alert, *[(li.key, li.limit, li.expires_at) for li in gates],
                  *[(li.key, li.limit, li.window) for li in requests],
                  *[(li.key, li.limit, li.expires_at) for li in holds])
-        frame = self._frames.get(shape) or self._frame(shape, lambda: self._begin_frame(step))
+        frame = self._frame(shape, lambda: self._begin_frame(step))
         amounts = [line.amount for line in holds]
-        args: list[Any] = [repr(now), step.member, step.rid, repr(step.hold_until), *amounts,
-                           *(step.alt_amounts if step.downgrade_line >= 0 else amounts),
-                           *[repr(now - line.window) for line in requests]]
-        res = self._run_with_pending((frame, (), args))
+        own: list[Any] = [repr(now), step.member, step.rid, repr(step.hold_until), *amounts,
+                          *(step.alt_amounts if step.downgrade_line >= 0 else amounts),
+                          *[repr(now - line.window) for line in requests]]
+        res = self._run_with_pending(frame.call(own))
         ok = bool(int(res[0]))
         stage = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
         if not ok:
-            return Outcome(False, stage, int(res[2]), busy=bool(int(res[6])), retry_after=float(res[3]),
-                           newly_exhausted=bool(int(res[4])), spent=int(res[5]))
+            return Outcome(ok=False, stage=stage, failed=int(res[2]), busy=bool(int(res[6])),
+                           retry_after=float(res[3]), newly_exhausted=bool(int(res[4])), spent=int(res[5]))
         nr = len(requests)
         breakers = {m: (float(v) if v else None) for m, v in zip(step.breakers, res[10 + 2 * nr:], strict=True)}
-        return Outcome(True, "", -1, False, 0.0, tuple(res[10:10 + nr]),  # integer replies are ints already
-                       tuple([float(x) for x in res[10 + nr:10 + 2 * nr]]), False, 0, breakers, res[7] == 1,
-                       res[8] == 1, float(res[9]))
+        return Outcome(ok=True, remaining=tuple(res[10:10 + nr]),
+                       resets=tuple([float(x) for x in res[10 + nr:10 + 2 * nr]]), breakers=breakers,
+                       held=res[7] == 1, downgraded=res[8] == 1, fraction=float(res[9]))
 
     def _begin_frame(self, step: Begin) -> Frame:
         keys = ([self._k(line.key) for line in (*step.gates, *step.requests, *step.holds)]
@@ -286,24 +531,31 @@ class RedisStore:
             args += [line.limit, repr(line.window), math.ceil(line.window) + 1]
         for line in step.holds:
             args += [line.limit, repr(line.expires_at)]
-        return Frame(self._begin, keys, args, 4 + 2 * len(step.holds) + len(step.requests))
+        return Frame(self._begin, keys, args)
 
     def settle(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                success: str | None = None, breaker: BreakerParams | None = None,
                rollup: dict[str, int] | None = None, seen_closed: bool = False) -> list[Crossed]:
         """At once; the ``rollup`` is still summed and written with the others (``settle_later``)."""
+        self._now = max(self._now, now)
         if rollup:
             self.rollups.add(rollup, now)
             self._flush_soon()
-        script, keys, args = expand(self._settle_call(lines, rids, thresholds, now, success, breaker, seen_closed))
-        return self._crossed(lines, self._call(script, keys=keys, args=args))
+        call = self._settle_call(lines, rids, thresholds, now, success, breaker, seen_closed)
+        reply = self._call(self._run_marked, [call])[0]
+        if isinstance(reply, Exception) or _is(reply, b"lost"):
+            raise StorageUnavailable(type(reply).__name__)
+        with self._ledger_lock:
+            self._ledger.add(lines, thresholds, now)
+        return [] if _is(reply, b"dup") else self._crossed(lines, reply)
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
                      done: SettleDone, success: str | None = None, breaker: BreakerParams | None = None,
                      rollup: dict[str, int] | None = None, seen_closed: bool = False) -> None:
-        """``settle``, written behind: ``done(crossed, failure)`` is called once it was sent. The
+        """``settle``, written behind: ``done(crossed, failure)`` is called once it landed. The
         ``rollup`` is summed into the worker's rollups (written once due); a step that is only a
         rollup (no budget line, no success to record) sends nothing of its own and is done at once."""
+        self._now = max(self._now, now)
         if rollup:
             self.rollups.add(rollup, now)
         if not lines and (success is None or breaker is None):
@@ -312,27 +564,15 @@ class RedisStore:
                 self._flush_soon()
             return
         call = self._settle_call(lines, rids, thresholds, now, success, breaker, seen_closed)
-        with self._pending_lock:
-            self._pending.append(_Pending(call, lines, done, time.monotonic()))
-            full = len(self._pending) >= MAX_PENDING
-        if full:
-            self._send_waiting()
-        else:
-            self._flush_soon()
+        self._queue(_Pending(call, lines, done, thresholds))
 
     def later(self, script: Any, keys: list[str], args: list[Any]) -> None:
         """A pacing record (``storage/pacing.py``), written behind like a settlement and with it."""
-        with self._pending_lock:
-            self._pending.append(_Pending((script, keys, args), (), _no_done, time.monotonic(), record=True))
-            full = len(self._pending) >= MAX_PENDING
-        if full:
-            self._send_waiting()
-        else:
-            self._flush_soon()
+        self._queue(_Pending(Call(script, keys, args), (), _no_done, record=True))
 
-    def _admit_now(self, call: Call) -> Any:
+    def _admit_now(self, call: tuple[Any, list[str], list[Any]]) -> Any:
         """A pacing admission: synchronous, after this process's records waiting to be written."""
-        return self._run_with_pending(call)
+        return self._run_with_pending(Call(*call))
 
     def _crossed(self, lines: Sequence[Line], res: Any) -> list[Crossed]:
         return [Crossed(lines[int(i)].key, float(t), int(spent), lines[int(i)].limit) for i, t, spent in res]
@@ -345,9 +585,8 @@ class RedisStore:
         shape = (tuple(thresholds), success, *((breaker.min_calls, breaker.failure_rate, breaker.window,
                                                  breaker.cooldown) if breaker is not None else ()),
                  *[(li.key, li.limit, li.expires_at) for li in lines])
-        frame = self._frames.get(shape) or self._frame(shape, lambda: self._settle_frame(lines, thresholds, success,
-                                                                                          breaker))
-        return frame, (), [repr(now), " ".join(rids), "1" if seen_closed else "0", *[li.amount for li in lines]]
+        frame = self._frame(shape, lambda: self._settle_frame(lines, thresholds, success, breaker))
+        return frame.call([repr(now), " ".join(rids), "1" if seen_closed else "0", *[li.amount for li in lines]])
 
     def _settle_frame(self, lines: Sequence[Line], thresholds: Sequence[float], success: str | None,
                       breaker: BreakerParams | None) -> Frame:
@@ -358,24 +597,19 @@ class RedisStore:
         if success is not None and breaker is not None:
             keys.append(self._b(success))
             args += [breaker.min_calls, repr(breaker.failure_rate), repr(breaker.window), repr(breaker.cooldown)]
-        return Frame(self._settle, keys, args, 3 + len(lines))
+        return Frame(self._settle, keys, args)
 
     def ping(self) -> None:
-        """A cheap check that storage answers again (the outage guard's probe)."""
-        self._call(self.client.ping)
+        """The outage guard's probe, on the path requests take: what waits to be written rides on it."""
+        self._run_with_pending(None, probe=True)
 
     def usage(self, keys: Sequence[str], now: float) -> list[tuple[int, int]]:
-        out = []
-        for key in keys:
-            fields = self._call(self.client.hgetall, self._k(key))
-            reserved = 0
-            for name, value in fields.items():
-                if name.startswith(b"r:"):
-                    amount, until = value.split()
-                    if float(until) > now:
-                        reserved += int(amount)
-            out.append((int(fields.get(b"spent", 0)), reserved))
-        return out
+        if not keys:
+            return []
+        reply = self._call(self._run, [Call(self._usage, [self._k(k) for k in keys], [repr(now)])])[0]
+        if isinstance(reply, Exception):
+            raise StorageUnavailable(type(reply).__name__)
+        return [(int(spent), int(held)) for spent, held in reply]
 
     def put_record(self, key: str, value: str, ttl: float) -> None:
         self._call(self.client.set, self._k(f"record:{key}"), value, ex=max(1, math.ceil(ttl)))
@@ -399,6 +633,38 @@ class RedisStore:
         return "open" if now < float(open_until) else "half_open"
 
 
+def _replayed(landed: Sequence[_Pending]) -> dict[str, Any]:
+    """The ``spend_replayed`` fields: settlements kept while storage was away, now landed."""
+    per_key: dict[str, int] = {}
+    for p in landed:
+        for line in p.lines:
+            per_key[line.key] = per_key.get(line.key, 0) + line.amount
+    # every call adds its cost to each of its USD budgets: the largest is the outage's spend when
+    # an app-wide budget is set (all calls touch it)
+    usd = max([amount for key, amount in per_key.items() if key.startswith("usd:")], default=0)
+    return {"settlements": len(landed), "budgets": len(per_key), "usd": round(usd / 1_000_000, 6), "lost_usd": 0.0}
+
+
+def _persistence(appendonly: Any, save: Any) -> dict[str, str] | None:
+    """``CONFIG GET`` replies as a dict; None where the server refuses CONFIG (many managed ones do)."""
+    out: dict[str, str] = {}
+    for reply in (appendonly, save):
+        if isinstance(reply, Exception) or not isinstance(reply, (list, dict)):
+            return None
+        items = list(reply.items()) if isinstance(reply, dict) else list(zip(reply[::2], reply[1::2], strict=True))
+        for name, value in items:
+            out[_text(name)] = _text(value)
+    return out
+
+
+def _persists(config: dict[str, str]) -> bool:
+    return config.get("appendonly") == "yes" or bool(config.get("save", "").strip())
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _no_done(crossed: Any, failure: str | None) -> None:
     return None
 
@@ -412,9 +678,3 @@ def flush_all() -> None:
     settlements, and the rollup increments summed since their last write."""
     for store in list(_STORES):
         store.flush()
-
-
-def redis_connection_errors() -> type[BaseException]:
-    import redis
-
-    return redis.exceptions.ConnectionError

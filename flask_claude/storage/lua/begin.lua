@@ -1,27 +1,31 @@
 -- The one storage step before a call (or before the view): admission, holds and breaker reads, all
 -- or nothing.
--- KEYS: gates..., requests..., holds..., breakers...
+-- KEYS: gates..., requests..., holds..., breakers..., the app's data-loss marker (functions.lua)
 -- ARGV: what stays the same for a plan first (storage/redis.py packs it once):
 --         ng, nr, nh, nb, alert, optional_holds ('1'/'0'), downgrade_line (1-based hold, 0: none),
 --         downgrade_at, per gate (limit, expires), per request (limit, window, the window's key expiry in
 --         whole seconds), per hold (limit, expires);
 --       then this step's own: now, member, rid, hold_until, amounts (one per hold), alt_amounts (one per
---       hold), per request limit the start of its window (now - window).
+--       hold), per request limit the start of its window (now - window); last, the marker's value this
+--       process knows and the one it proposes when there is none.
 -- Numbers go to redis.call as the strings Python sent where it can: Redis formats a Lua number
 -- argument with snprintf("%.17g"), ~5% of this script's time.
--- Returns {ok, stage, failed, retry, newly, spent, busy, held, downgraded, fraction, remaining..., reset...,
---          open_until per breaker ('' = closed)}.
+-- Returns {'lost', marker} when the app's data was lost (nothing applied), else {ok, stage, failed,
+--          retry, newly, spent, busy, held, downgraded, fraction, remaining..., reset..., open_until per
+--          breaker ('' = closed)}.
+local lost = epoch_changed(KEYS[#KEYS], ARGV[#ARGV - 1], ARGV[#ARGV])
+if lost then return {'lost', lost} end
 local ng, nr, nh, nb = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local alert, optional = ARGV[5], ARGV[6] == '1'
 local dg_line, dg_at = tonumber(ARGV[7]), tonumber(ARGV[8])
 local gate_args, request_args, hold_args = 9, 9 + 2 * ng, 9 + 2 * ng + 3 * nr
 local own = hold_args + 2 * nh
 local now = tonumber(ARGV[own])
-local member, rid, hold = ARGV[own + 1], ARGV[own + 2], ARGV[own + 3]
+local member, rid, hold_until = ARGV[own + 1], ARGV[own + 2], ARGV[own + 3]
 local amounts = own + 4  -- amounts[k] = ARGV[amounts + k - 1], alt amounts nh further
 local starts = amounts + 2 * nh  -- request limit j's window start: ARGV[starts + j - 1]
 
--- A budget read once per step: an app-wide budget is both a gate and a hold (one HGETALL for both).
+-- A budget read once per step: an app-wide budget is both a gate and a hold (read once for both).
 local states = {}
 local function state_of(key)
   local s = states[key]
@@ -100,9 +104,10 @@ for j = 1, nr do
 end
 for k = 1, nh * held do
   local key = KEYS[ng + nr + k]
-  redis.call('HSET', key, 'r:' .. rid, ARGV[amounts + alt + k - 1] .. ' ' .. hold)
+  local expires = tonumber(ARGV[hold_args + 2 * k - 1])
+  hold(key, rid, ARGV[amounts + alt + k - 1], hold_until, expires, now)
   if not states[key][3] then  -- a key still there keeps the expiry it was created with (the period's end)
-    redis.call('PEXPIRE', key, ttl_ms(tonumber(ARGV[hold_args + 2 * k - 1]), now, 86400))
+    redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
   end
 end
 local out = {1, '', -1, '0', 0, 0, 0, held, alt > 0 and 1 or 0, tostring(fraction)}

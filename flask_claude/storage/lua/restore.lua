@@ -1,0 +1,21 @@
+-- Put back the spend one process settled this period, after the app's data was lost (functions.lua,
+-- epoch_changed). Every worker restores its own share once, so together they restore the day. The
+-- alert thresholds the restored spend passes are claimed, not announced: they were sent before.
+-- KEYS: budget keys..., the app's data-loss marker
+-- ARGV: now, nt, thresholds..., per key (amount, limit, expires), the marker's value this process
+--       knows (the new one) and the one it proposes.
+-- Returns {'lost', marker} when the data was lost again, else 0.
+local lost = epoch_changed(KEYS[#KEYS], ARGV[#ARGV - 1], ARGV[#ARGV])
+if lost then return {'lost', lost} end
+local now, nt = tonumber(ARGV[1]), tonumber(ARGV[2])
+local p = 3 + nt
+for i = 1, #KEYS - 1 do
+  local amount, limit, expires = tonumber(ARGV[p]), tonumber(ARGV[p + 1]), tonumber(ARGV[p + 2])
+  p = p + 3
+  local before, spent = settle_line(KEYS[i], {}, amount, expires, now)
+  for t = 1, nt do
+    local mark = tonumber(ARGV[2 + t]) * limit
+    if before < mark and mark <= spent then claim_alert(KEYS[i], ARGV[2 + t], expires, now) end
+  end
+end
+return 0

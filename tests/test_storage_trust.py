@@ -1,0 +1,304 @@
+"""Storage that can be trusted: a closed connection is reopened, a settlement lands once, a Redis that
+lost its data is noticed and the spend put back, and a step's Redis work does not grow with the calls
+in flight. Each case runs against a real redis-server of its own (restarted, flushed, its clients
+killed), with ``RedisStore`` and the outage guard exactly as the extension builds them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from flask_claude.clock import SystemClock
+from flask_claude.storage import Begin, Line, OutageGuard, RedisStore, StorageUnavailable
+
+from .conftest import RedisServer, free_port, todays_noon_utc, wait_for
+
+NOW = todays_noon_utc()
+DAY_END = NOW + 12 * 3600
+
+
+class RestartableRedis:
+    """A redis-server that keeps its data in a dump file of its own, so it can be stopped with
+    ``SHUTDOWN SAVE`` and started again on the same port from that dump (a restart with data kept)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server)")
+        self.binary = binary
+        self.dir = tempfile.mkdtemp(prefix="fc-restart-")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client()
+        if not wait_for(lambda: _answers(client), timeout=10):
+            raise RuntimeError("redis-server did not start")
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, socket_timeout=1.0)
+
+    def restart(self) -> None:
+        """``SHUTDOWN SAVE``, then the same server again from its dump."""
+        assert self.process is not None
+        try:
+            self.client().shutdown(save=True)
+        except redis.exceptions.ConnectionError:
+            pass  # the server closes the connection as it stops
+        self.process.wait(timeout=10)
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _answers(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+@pytest.fixture
+def server() -> Iterator[RestartableRedis]:
+    s = RestartableRedis()
+    yield s
+    s.stop()
+
+
+class Events:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        with self._lock:
+            self.seen.append((event, fields))
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [name for name, _ in self.seen]
+
+
+def make_store(url: str, events: Events | None = None, **kw: Any) -> RedisStore:
+    return RedisStore(url, prefix="trust", socket_timeout=1.0, settle_delay=30, notify=events, **kw)
+
+
+def guarded(store: RedisStore, events: Events) -> OutageGuard:
+    return OutageGuard(store, clock=SystemClock(), retry_interval=2.0, notify=events, policy="open")
+
+
+def budget(key: str, limit: int, amount: int) -> Line:
+    return Line(key, limit, amount, DAY_END, name=key)
+
+
+def per_minute(key: str, limit: int) -> Line:
+    return Line(key, limit, 1, name=f"{limit}/minute", window=60.0)
+
+
+def hold(store: Any, rid: str, *lines: Line, now: float = NOW, until: float = NOW + 60) -> Any:
+    return store.begin(Begin(holds=lines, rid=rid, member=rid, hold_until=until), now)
+
+
+def admit(store: Any, member: str, limit: Line, now: float = NOW) -> bool:
+    return bool(store.begin(Begin(requests=[limit], member=member), now).ok)
+
+
+# --- a closed connection is reopened, not an outage ---------------------------------------------------
+
+
+def test_killed_connections_are_reopened_and_every_thread_keeps_its_limit(server: RestartableRedis) -> None:
+    """``CLIENT KILL TYPE normal`` drops every pooled connection: each thread's next step reconnects
+    once and counts, so the limit holds and no outage is ever entered."""
+    events = Events()
+    store = guarded(make_store(server.url, events), events)
+    limit = per_minute("req:user", 5)
+    barrier = threading.Barrier(8)
+    admitted: list[bool] = []
+
+    def worker(i: int) -> None:
+        barrier.wait()  # every thread holds a pooled connection of its own before the kill
+        admitted.append(admit(store, f"warm-{i}", per_minute(f"req:warm-{i}", 100)))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert admitted == [True] * 8
+    killed = server.client().client_kill_filter(_type="normal", skipme=False)
+    assert killed >= 2  # the pool's connections (and the one that asked)
+    results = [admit(store, f"m{i}", limit) for i in range(8)]
+    assert results == [True] * 5 + [False] * 3
+    assert "storage_unavailable" not in events.names() and store.healthy
+
+
+def test_a_restart_with_data_kept_keeps_limits_and_is_no_outage(server: RestartableRedis) -> None:
+    events = Events()
+    store = guarded(make_store(server.url, events), events)
+    limit = per_minute("req:user", 5)
+    assert [admit(store, f"a{i}", limit) for i in range(3)] == [True] * 3
+    assert hold(store, "h1", budget("usd:global:day", 1000, 400)).ok
+    store.settle_later([budget("usd:global:day", 1000, 250)], ["h1"], (), NOW + 1, lambda c, f: None)
+    store.flush()
+    server.restart()  # SHUTDOWN SAVE and back from the dump: the pooled connections are all dead now
+    assert [admit(store, f"b{i}", limit) for i in range(4)] == [True, True, False, False]
+    assert store.usage(["usd:global:day"], NOW + 2) == [(250, 0)]
+    assert "storage_unavailable" not in events.names()
+    assert "storage_data_lost" not in events.names()  # the data came back with it
+
+
+# --- a settlement lands, once ---------------------------------------------------------------------------
+
+
+def test_a_settlement_sent_twice_counts_once(redis_server: RedisServer) -> None:
+    redis_server.flush()
+    store = make_store(redis_server.url)
+    assert hold(store, "c1", budget("usd:u", 1000, 300), budget("tok:u", 10_000, 2000)).ok
+    lines = [budget("usd:u", 1000, 120), budget("tok:u", 10_000, 900)]
+    store.settle(lines, ["c1"], (), NOW + 1)
+    assert store.settle(lines, ["c1"], (), NOW + 2) == []  # a copy: a retry whose first send landed
+    assert store.usage(["usd:u", "tok:u"], NOW + 3) == [(120, 0), (900, 0)]
+    # a call whose hold lapsed (or was never taken) is still counted, once
+    store.settle([budget("usd:u", 1000, 5)], ["never-held"], (), NOW + 4)
+    store.settle([budget("usd:u", 1000, 5)], ["never-held"], (), NOW + 5)
+    assert store.usage(["usd:u"], NOW + 6) == [(125, 0)]
+
+
+def test_a_settlement_with_top_ups_releases_every_hold(redis_server: RedisServer) -> None:
+    redis_server.flush()
+    store = make_store(redis_server.url)
+    assert hold(store, "c1", budget("usd:u", 1000, 300)).ok
+    assert hold(store, "c1-top", budget("usd:u", 1000, 200)).ok
+    assert store.usage(["usd:u"], NOW) == [(0, 500)]
+    store.settle([budget("usd:u", 1000, 410)], ["c1", "c1-top"], (), NOW + 1)
+    assert store.usage(["usd:u"], NOW + 1) == [(410, 0)]
+
+
+def test_settlements_made_while_redis_is_down_land_once_it_is_back(server: RestartableRedis) -> None:
+    """Nothing is skipped or only warned about: the store keeps what it could not send, the guard's
+    probe (the path requests take) carries it, and each hold is released by its own settlement."""
+    events = Events()
+    store = guarded(make_store(server.url, events), events)
+    assert hold(store, "c1", budget("usd:global:day", 1000, 300)).ok
+    assert hold(store, "c2", budget("usd:global:day", 1000, 300)).ok
+    server.restart()  # first a restart: the pool's connections are dead, the data is kept
+    assert server.process is not None
+    server.process.terminate()
+    server.process.wait(timeout=10)
+    landed: list[Any] = []
+    store.settle_later([budget("usd:global:day", 1000, 110)], ["c1"], (), NOW + 1, lambda c, f: landed.append(f))
+    store.settle_later([budget("usd:global:day", 1000, 90)], ["c2"], (), NOW + 1, lambda c, f: landed.append(f))
+    store.flush()  # fails: Redis is away
+    with pytest.raises(StorageUnavailable):
+        hold(store, "c3", budget("usd:global:day", 1000, 10))
+    assert landed == [] and not store.healthy
+    server.start()  # back from the dump written by the restart above: the holds are still there
+    assert wait_for(lambda: _probe_once(store), timeout=10)
+    assert landed == [None, None]
+    assert store.usage(["usd:global:day"], NOW + 2) == [(200, 0)]  # no orphan hold left
+    assert events.names().count("storage_unavailable") == 1
+
+
+def _probe_once(store: OutageGuard) -> bool:
+    """A request arriving while storage is down starts the probe; this stands for one."""
+    try:
+        hold(store, "probe-trigger", budget("usd:other", 10**9, 0))
+    except StorageUnavailable:
+        return False
+    return True
+
+
+# --- data lost: noticed, spend put back, no alert twice ----------------------------------------------------
+
+
+def test_a_flushed_redis_gets_every_workers_spend_back_and_no_alert_twice(redis_server: RedisServer) -> None:
+    redis_server.flush()
+    events_a, events_b = Events(), Events()
+    a, b = make_store(redis_server.url, events_a), make_store(redis_server.url, events_b)
+    day = budget("usd:global:day", 1000, 0)
+    for store, rid, amount in ((a, "a1", 300), (b, "b1", 250), (a, "a2", 200)):
+        assert hold(store, rid, budget(day.key, 1000, amount)).ok
+        crossed = store.settle([budget(day.key, 1000, amount)], [rid], (0.5, 0.8), NOW + 1)
+        if rid == "b1":
+            assert [c.threshold for c in crossed] == [0.5]  # 550 of 1000: announced once, here
+    assert hold(a, "a3", budget(day.key, 1000, 100)).ok  # in flight when the data goes
+    redis_server.client.flushall()
+    # each worker's next step notices, puts its own share back first, then counts
+    assert hold(b, "b2", budget(day.key, 1000, 10)).ok
+    assert b.usage([day.key], NOW + 2) == [(250, 10)]  # b's share; a has not stepped since
+    assert hold(a, "a4", budget(day.key, 1000, 200)).ok
+    assert a.usage([day.key], NOW + 2) == [(750, 210)]  # both shares: the day's 750 (a3's hold went)
+    assert not hold(b, "b3", budget(day.key, 1000, 100)).ok  # 750 + 210 + 100 > 1000
+    crossed = a.settle([budget(day.key, 1000, 40)], ["a3"], (0.5, 0.8), NOW + 3)  # 790: no 0.5 again
+    assert crossed == []
+    crossed = a.settle([budget(day.key, 1000, 60)], ["a4"], (0.5, 0.8), NOW + 3)  # 850: 0.8, a first
+    assert [c.threshold for c in crossed] == [0.8]
+    b.settle([budget(day.key, 1000, 5)], ["b2"], (0.5, 0.8), NOW + 3)
+    assert events_a.names().count("storage_data_lost") == 1 and events_b.names().count("storage_data_lost") == 1
+    assert a.usage([day.key], NOW + 4) == [(855, 0)]
+    # a second loss is noticed again, and each share (now larger) put back again
+    redis_server.client.flushall()
+    assert hold(a, "a5", budget(day.key, 1000, 1)).ok and hold(b, "b5", budget(day.key, 1000, 1)).ok
+    assert a.usage([day.key], NOW + 5) == [(855, 2)]
+
+
+def test_no_data_loss_is_seen_without_one(redis_server: RedisServer) -> None:
+    redis_server.flush()
+    events = Events()
+    store = make_store(redis_server.url, events)
+    for i in range(3):
+        assert hold(store, f"c{i}", budget("usd:u", 1000, 10)).ok
+        store.settle([budget("usd:u", 1000, 5)], [f"c{i}"], (), NOW + 1)
+    assert "storage_data_lost" not in events.names()
+    assert events.names().count("storage_not_persistent") == 1  # the test server keeps nothing on disk
+
+
+# --- a step's Redis work does not grow with the calls in flight -------------------------------------------
+
+
+def _commands(client: redis.Redis) -> int:
+    """Commands Redis ran (scripts' own calls included), EVALSHA and the stats query itself excluded."""
+    stats = client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k not in ("cmdstat_evalsha", "cmdstat_info"))
+
+
+def test_a_steps_redis_work_is_the_same_with_one_or_a_thousand_calls_in_flight(redis_server: RedisServer) -> None:
+    redis_server.flush()
+    store = make_store(redis_server.url)
+    client = redis_server.client
+
+    def step_cost(rid: str, now: float) -> tuple[int, int]:
+        client.config_resetstat()
+        assert hold(store, rid, budget("usd:global:day", 10**12, 10), now=now, until=now + 90).ok
+        begin = _commands(client)
+        client.config_resetstat()
+        store.settle([budget("usd:global:day", 10**12, 3)], [rid], (), now)
+        return begin, _commands(client)
+
+    hold(store, "warm", budget("usd:global:day", 10**12, 10))  # the first contact and script loads
+    store.settle([budget("usd:global:day", 10**12, 1)], ["warm"], (), NOW)
+    one = step_cost("alone", NOW + 1)
+    for i in range(1000):
+        assert hold(store, f"f{i}", budget("usd:global:day", 10**12, 10), now=NOW + 2, until=NOW + 600).ok
+    many = step_cost("among-1000", NOW + 3)
+    assert many == one
+    # lapsed holds are dropped a batch at a time, each once: the budget is whole again
+    assert store.usage(["usd:global:day"], NOW + 700) == [(7, 0)]
