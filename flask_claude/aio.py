@@ -14,7 +14,7 @@ Two things are particular to async code:
   ``asyncio.run``, asgiref and ASGI servers all call). Under Quart or an ASGI server the loop lives
   as long as the process, and so does its client.
 * **Storage stays synchronous.** A reservation or settlement is one storage round trip (memory, or
-  one Redis script of ~0.1-0.3 ms on loopback: ``bench/overhead.py`` measures it), short enough to
+  one Redis script: ``bench/overhead.py`` measures it), short enough to
   run on the loop; what must not block the loop is waiting, so a busy budget is waited for with
   ``await`` (``Budgets.begin(wait=False)`` refuses at once and this module retries).
 """

@@ -126,6 +126,11 @@ class OpsAlerts:
                 sent.append(self._announce(check))
         return sent
 
+    def page(self, alert: str, value: float | None) -> dict[str, Any]:
+        """An event that is its own episode (``storage_data_lost``): announced as firing, once, by the
+        worker that noticed it first (the store decides which); nothing resolves it but an operator."""
+        return self._announce(Check(alert=alert, firing=True, value=value, threshold=0.0, calls=0.0))
+
     def _announce(self, check: Check) -> dict[str, Any]:
         fields: dict[str, Any] = {"alert": check.alert, "state": "firing" if check.firing else "resolved",
                                   "value": check.value, "threshold": check.threshold,

@@ -28,7 +28,8 @@ from .pricing import PRICES_INFO, PriceTable
 from .report import GROUPINGS, build_report, parse_since, render_text
 from .simulator import Simulator, run_server
 from .state import state_for
-from .status import collect_status, render_status
+from .status import collect_status, render_status, safe_uri
+from .storage import StorageUnavailable
 
 if TYPE_CHECKING:
     from .extension import ClaudeState
@@ -144,6 +145,48 @@ def status_command(as_json: bool) -> None:
     click.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else render_status(result))
     if not result["storage"]["ok"]:
         click.get_current_context().exit(1)
+
+
+# --- check ----------------------------------------------------------------------------------------
+
+
+@claude_cli.command("check")
+@click.option("--strict", is_flag=True, help="Exit 2 on a warning too (a Redis that keeps nothing on disk).")
+def check_command(strict: bool) -> None:
+    """Is the shared storage fit for strict budgets? It answers, and it keeps its data.
+
+    Exits 1 when the storage cannot be reached; with --strict, 2 when it keeps nothing on disk (a
+    restart then loses every budget and limit).
+    """
+    state = state_for(required=False)
+    if state is None:
+        raise click.UsageError("flask-claude is not initialised on this app: call Claude(app) or "
+                               "claude.init_app(app) in the app factory.")
+    uri = state.settings.storage_uri
+    click.echo(f"storage: {safe_uri(uri)}")
+    if uri.startswith("memory://"):
+        click.echo("  memory:// is one process: with several workers every limit and budget is that many times "
+                   "larger. Use Redis (CLAUDE_STORAGE_URI=redis://...) when the app runs on many workers or hosts.")
+        return
+    store = getattr(state.store, "inner", state.store)
+    try:
+        found = store.check()
+    except StorageUnavailable as exc:
+        click.echo(f"  reachable: no ({exc})")
+        click.get_current_context().exit(1)
+    click.echo("  reachable: yes")
+    click.echo(f"  data-loss marker: {found['marker']}")
+    config = found["persistence"]
+    if config is None:
+        click.echo("  persistence: unknown (the server refuses CONFIG GET; managed Redis services often do). "
+                   "Strict budgets need a Redis that keeps its data: check its AOF or snapshot settings.")
+    elif found["persists"]:
+        click.echo(f"  persistence: appendonly={config.get('appendonly')} save={config.get('save')!r}")
+    else:
+        click.echo("  WARNING: this Redis keeps nothing on disk (appendonly=no, save=''): a restart loses every "
+                   "budget, limit and alert claim. Set appendonly yes and appendfsync everysec.")
+        if strict:
+            click.get_current_context().exit(2)
 
 
 # --- prices ---------------------------------------------------------------------------------------

@@ -188,8 +188,8 @@ def hash_text(text: str, *, salt: str = "") -> str:
 _PLAIN = frozenset({int, float, bool, type(None)})
 # Built once: json.dumps with options builds an encoder per call. Compact, like orjson's lines.
 _encode = json.JSONEncoder(default=str, ensure_ascii=False, separators=(",", ":")).encode
-# orjson encodes a call's line in ~2.5 us where the standard encoder takes ~10 (measured on the
-# request path, bench/profile_overhead.py). Types it has its own form for (dataclasses, datetimes,
+# orjson encodes a call's line several times faster than the standard encoder (bench/log_line.py,
+# bench/RESULTS.md). Types it has its own form for (dataclasses, datetimes,
 # subclasses) are passed to ``str`` as the standard encoder's ``default`` would.
 _ORJSON_OPTIONS = (orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE | orjson.OPT_PASSTHROUGH_DATACLASS
                    | orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_SUBCLASS)

@@ -122,8 +122,11 @@ class ClaudeState:
         self.ops_alerts = OpsAlerts(self)
 
     def _storage_event(self, event: str, fields: dict[str, Any]) -> None:
+        first = fields.pop("noticed_first", False)
         level = "ERROR" if event in ("storage_unavailable", "storage_data_lost") else "WARNING"
         self.events.emit(event, fields, level=level)
+        if event == "storage_data_lost" and first:  # one page per loss, from the worker that found it
+            self.ops_alerts.page("storage_data_lost", fields.get("restored_usd"))
 
 
 class Claude:

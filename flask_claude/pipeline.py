@@ -110,7 +110,7 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
         headers = response.headers
         if _RATE_NAMES.isdisjoint(headers.keys(lower=True)):
             for name, value in scope.rate_headers.items():
-                headers.add(name, value)  # ``update`` searches and validates each name: 8 us more per request
+                headers.add(name, value)  # ``update`` searches and validates each name
         else:
             headers.update(scope.rate_headers)
     return response

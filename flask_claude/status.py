@@ -65,7 +65,7 @@ def _features(app: Flask) -> dict[str, dict[str, Any]]:
     return features
 
 
-def _safe_uri(uri: str) -> str:
+def safe_uri(uri: str) -> str:
     """The storage URI without its credentials: status output ends up in tickets and chat. The whole
     user part goes, up to the last ``@`` before the path (a password may hold ``@`` and ``:``), and
     so does a ``password=`` in the query."""
@@ -94,7 +94,7 @@ def collect_status(state: ClaudeState, app: Flask, *, series: bool = False) -> d
     settings = state.settings
     now = state.clock.time()
     uri = settings.storage_uri
-    storage: dict[str, Any] = {"uri": _safe_uri(uri), "shared": not uri.startswith("memory://"), "ok": True,
+    storage: dict[str, Any] = {"uri": safe_uri(uri), "shared": not uri.startswith("memory://"), "ok": True,
                                "error": None, "failure_policy": settings.storage_failure}
 
     global_on = _flag(state, settings.global_flag)

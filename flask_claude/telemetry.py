@@ -230,7 +230,7 @@ def start_call(*, operation: str, chain: Sequence[str], max_tokens: int | None, 
 
 def _configured() -> bool:
     """Whether the app set a tracer or meter provider: until it does, the API's proxies record
-    nothing, and a span and three histogram records per call would be ~10 us for nothing.
+    nothing, and a span and three histogram records per call would cost time for nothing.
 
     The API's own getters read ``os.environ`` on every call while no provider is set (an exception
     raised and caught inside each lookup), so the globals they fill are looked at first; the

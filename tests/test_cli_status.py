@@ -13,7 +13,7 @@ from flask.views import MethodView
 
 from flask_claude import Claude, ai_feature
 from flask_claude.flags import StaticFlags
-from flask_claude.status import _safe_uri
+from flask_claude.status import safe_uri
 
 from .conftest import free_port
 
@@ -155,9 +155,26 @@ def test_memory_storage_says_it_is_per_process() -> None:
 
 
 def test_storage_uri_password_is_not_printed() -> None:
-    assert _safe_uri("redis://:s3cret@cache:6379/0") == "redis://***@cache:6379/0"
-    assert _safe_uri("redis+sentinel://user:pw@h1:26379,h2:26379/main") == "redis+sentinel://***@h1:26379,h2:26379/main"
-    assert _safe_uri("redis://cache:6379") == "redis://cache:6379"
+    assert safe_uri("redis://:s3cret@cache:6379/0") == "redis://***@cache:6379/0"
+    assert safe_uri("redis+sentinel://user:pw@h1:26379,h2:26379/main") == "redis+sentinel://***@h1:26379,h2:26379/main"
+    assert safe_uri("redis://cache:6379") == "redis://cache:6379"
     # a password holding "@" (and ":") is masked whole, and so is one in the query
-    assert _safe_uri("redis://app:p@ss:w@rd@cache:6379/0") == "redis://***@cache:6379/0"
-    assert _safe_uri("unix:///run/redis.sock?db=1&password=hunter2") == "unix:///run/redis.sock?db=1&password=***"
+    assert safe_uri("redis://app:p@ss:w@rd@cache:6379/0") == "redis://***@cache:6379/0"
+    assert safe_uri("unix:///run/redis.sock?db=1&password=hunter2") == "unix:///run/redis.sock?db=1&password=***"
+
+
+def test_check_warns_about_a_redis_that_keeps_nothing_and_fails_on_one_that_is_away(redis_url: str) -> None:
+    app = status_app(redis_url)
+    result = app.test_cli_runner().invoke(args=["claude", "check"])
+    assert result.exit_code == 0 and "reachable: yes" in result.output
+    assert "keeps nothing on disk" in result.output  # the test server runs with --save "" --appendonly no
+    assert app.test_cli_runner().invoke(args=["claude", "check", "--strict"]).exit_code == 2
+    away = status_app(f"redis://:pass@word@127.0.0.1:{free_port()}/0", CLAUDE_STORAGE_SOCKET_TIMEOUT=0.2)
+    result = away.test_cli_runner().invoke(args=["claude", "check"])
+    assert result.exit_code == 1 and "reachable: no" in result.output
+    assert "pass" not in result.output and "word" not in result.output and "Traceback" not in result.output
+
+
+def test_check_on_memory_says_it_is_one_process() -> None:
+    result = status_app("memory://").test_cli_runner().invoke(args=["claude", "check"])
+    assert result.exit_code == 0 and "one process" in result.output

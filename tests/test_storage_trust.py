@@ -301,3 +301,63 @@ def test_a_steps_redis_work_is_the_same_with_one_or_a_thousand_calls_in_flight(r
     assert many == one
     # lapsed holds are dropped a batch at a time, each once: the budget is whole again
     assert store.usage(["usd:global:day"], NOW + 700) == [(7, 0)]
+
+
+def test_one_worker_alone_notices_every_loss_and_is_the_one_to_page(redis_server: RedisServer) -> None:
+    """The worker that finds the marker gone pages (``noticed_first``); the others only log. A loss of
+    the marker this very worker set is noticed too."""
+    redis_server.flush()
+    events_a, events_b = Events(), Events()
+    a, b = make_store(redis_server.url, events_a), make_store(redis_server.url, events_b)
+    for store, rid in ((a, "a1"), (b, "b1")):
+        assert hold(store, rid, budget("usd:global:day", 1000, 100)).ok
+        store.settle([budget("usd:global:day", 1000, 100)], [rid], (), NOW + 1)
+    for _ in range(2):  # twice: the second time the marker that goes is the one ``a`` set
+        redis_server.client.flushall()
+        assert hold(a, f"a-{_}", budget("usd:global:day", 1000, 1)).ok
+        assert hold(b, f"b-{_}", budget("usd:global:day", 1000, 1)).ok
+    lost_a = [f for name, f in events_a.seen if name == "storage_data_lost"]
+    lost_b = [f for name, f in events_b.seen if name == "storage_data_lost"]
+    assert [f["noticed_first"] for f in lost_a] == [True, True]
+    assert [f["noticed_first"] for f in lost_b] == [False, False]
+    assert a.usage(["usd:global:day"], NOW + 2) == [(200, 2)]
+
+
+def test_a_data_loss_pages_once_and_the_apps_budget_is_whole_again(redis_url: str, claude_log: Any) -> None:
+    """Two apps on one Redis stand for two workers: a FLUSHALL is one ``ops_alert`` (the worker that
+    noticed first), a ``storage_data_lost`` line per worker, and the day's spend is back."""
+    from flask import Flask
+
+    from flask_claude import Claude, ai_feature, budgeted
+
+    def worker() -> tuple[Flask, Claude]:
+        app = Flask("trust_worker")
+        app.config.update(CLAUDE_SIMULATE=True, CLAUDE_STORAGE_URI=redis_url, CLAUDE_DAILY_BUDGET_USD=5,
+                          CLAUDE_LOG_PATH="/dev/null", CLAUDE_MODELS=["claude-sonnet-4-6"])
+        claude = Claude(app)
+
+        @app.post("/ask")
+        @ai_feature("ask", max_tokens=64, max_input_chars=200)
+        @budgeted(requests="100/minute")
+        def ask() -> dict[str, Any]:
+            msg = claude.messages.create(messages=[{"role": "user", "content": "Say hello."}])
+            return {"text": msg.content[0].text}
+
+        return app, claude
+
+    (one, _), (two, _) = worker(), worker()
+    for app in (one, two, one):
+        assert app.test_client().post("/ask").status_code == 200
+    for app in (one, two):
+        app.extensions["claude"].store.flush()
+    spent_before = {i["budget"]: i["spent_usd"] for i in one.extensions["claude"].budgets.usage_report()}
+    assert spent_before["global daily budget"] > 0
+    redis.Redis.from_url(redis_url).flushall()
+    for app in (one, two):
+        assert app.test_client().post("/ask").status_code == 200
+        app.extensions["claude"].store.flush()
+    pages = [e for e in claude_log.events("ops_alert") if e["alert"] == "storage_data_lost"]
+    assert len(pages) == 1 and pages[0]["state"] == "firing"
+    assert len(claude_log.events("storage_data_lost")) == 2
+    spent = {i["budget"]: i["spent_usd"] for i in one.extensions["claude"].budgets.usage_report()}
+    assert spent["global daily budget"] == pytest.approx(claude_log.spend_usd(), abs=1e-5 * 5)

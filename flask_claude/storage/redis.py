@@ -275,7 +275,7 @@ class RedisStore:
                 replies[0] = self._execute(commands[:1])[0]
             if isinstance(replies[0], Exception):
                 raise replies[0]
-            self._epoch = bytes(replies[0])
+            self._adopt(bytes(replies[0]))
         self.persistence = _persistence(replies[1], replies[2])
         if self.persistence is not None and not _persists(self.persistence) and self._notify is not None:
             self._notify("storage_not_persistent", {"appendonly": self.persistence.get("appendonly"),
@@ -306,13 +306,20 @@ class RedisStore:
                 if lost is None:
                     break
                 marker = lost
-            self._epoch = marker
+            first = marker == self._proposal.encode()  # this process found the marker gone and set it
+            self._adopt(marker)
         if self._notify is not None:
             usd = [s for s in spent if s.line.key.startswith("usd:")]
             self._notify("storage_data_lost", {
                 "restored_budgets": len(spent),
                 "restored_usd": round(max([s.amount for s in usd], default=0) / 1_000_000, 6),
-                "untracked_settlements": untracked})
+                "untracked_settlements": untracked, "noticed_first": first})
+
+    def _adopt(self, marker: bytes) -> None:
+        """Know ``marker``; propose a new value from now on, so that this process notices a loss
+        even when the marker that went was the one it proposed."""
+        self._epoch = marker
+        self._proposal = os.urandom(8).hex()
 
     def _restore_call(self, batch: Sequence[_Spent], now: float) -> Call:
         thresholds = batch[0].thresholds if batch else ()
@@ -598,6 +605,17 @@ class RedisStore:
             keys.append(self._b(success))
             args += [breaker.min_calls, repr(breaker.failure_rate), repr(breaker.window), repr(breaker.cooldown)]
         return Frame(self._settle, keys, args)
+
+    def check(self) -> dict[str, Any]:
+        """What ``flask claude check`` reports: whether Redis answers, whether it keeps its data, and
+        the data-loss marker this process found there."""
+        self._call(self._run_with_pending, None, probe=True)
+        if self._epoch is None:
+            self._call(self._first_contact)
+        config = self.persistence
+        return {"reachable": True, "persistence": config,
+                "persists": None if config is None else _persists(config),
+                "marker": None if self._epoch is None else self._epoch.decode()}
 
     def ping(self) -> None:
         """The outage guard's probe, on the path requests take: what waits to be written rides on it."""
