@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -38,20 +39,34 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server process of our own on a free loopback port (no persistence), stopped by ``stop``."""
+    """A redis-server process of our own (no persistence), stopped by ``stop``: on a free loopback port,
+    or with ``unix=True`` on a unix socket only (``--port 0 --unixsocket <tmp>/redis.sock
+    --unixsocketperm 700``, in a directory of its own that ``stop`` removes). ``url`` is the URI both
+    flask-claude and Flask-Limiter take (``redis+unix://``: limits, which builds both clients, does
+    not know a bare ``unix://``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, unix: bool = False) -> None:
         import redis
 
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.socket_dir: str | None = None
+        if unix:
+            self.socket_dir = tempfile.mkdtemp(prefix="bench-redis-")
+            self.socket = os.path.join(self.socket_dir, "redis.sock")
+            self.port = 0
+            self.url = f"redis+unix://{self.socket}?db=0"
+            listen = ["--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700"]
+            self.client = redis.Redis(unix_socket_path=self.socket, socket_timeout=1.0)
+        else:
+            self.port = free_port()
+            self.url = f"redis://127.0.0.1:{self.port}/0"
+            listen = ["--port", str(self.port), "--bind", "127.0.0.1"]
+            self.client = redis.Redis(port=self.port, socket_timeout=1.0)
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [binary, *listen, "--save", "", "--appendonly", "no"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = redis.Redis(port=self.port, socket_timeout=1.0)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -85,6 +100,8 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=5)
+        if self.socket_dir is not None:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 def evalsha_usec(client: Any) -> int:
@@ -164,7 +181,7 @@ def machine_description(redis_version: str | None = None) -> str:
         f"code:    {code_description()}",
         f"machine: {cores} cores (nproc), {_cpu_model()}, {platform.system()} {platform.release()}",
         f"python:  {sys.version.split()[0]} ({platform.python_implementation()})",
-        f"redis:   {redis_version} (own redis-server on 127.0.0.1, no persistence)",
+        f"redis:   {redis_version} (own redis-server, loopback TCP or a unix socket, no persistence)",
         f"packages: {', '.join(versions)}",
     ])
 

@@ -7,9 +7,11 @@ WSGI callable (no network), its Claude call answered by the in-process simulator
              uses: httpx validates a URL character by character, so a shorter one would be ~10 us cheaper)
   (b)        (a) + @ai_feature, @budgeted(requests, tokens, usd), @fallback_to, claude.messages.create,
              CLAUDE_STORAGE_URI=memory://, CLAUDE_DAILY_BUDGET_USD, log to a file (CLAUDE_LOG_PATH)
-  (c)        (b) on Redis
+  (c)        (b) on Redis over loopback TCP (redis://127.0.0.1)
+  (c-unix)   (b) on Redis over a unix socket (a second redis-server of our own, redis+unix://)
   (d-mem)    (a) + Flask-Limiter, one limit, memory://
-  (d-redis)  (a) + Flask-Limiter, one limit, Redis
+  (d-redis)  (a) + Flask-Limiter, one limit, Redis over loopback TCP (the same server as (c))
+  (d-unix)   (a) + Flask-Limiter, one limit, Redis over the unix socket (the same server as (c-unix))
   (e)-(g)    async, per call in one event loop: a bare AsyncAnthropic call vs claude.async_messages
              on memory:// and on Redis; then the time the two synchronous Redis steps block the loop
 
@@ -19,14 +21,18 @@ the median over rounds of (variant's round median - (a)'s round median), the fig
 other load on the machine. loguru's default stderr handler is removed first (logger.remove()), as an
 app that configures its own logging does (left in place it adds ~40 us per event: profile_overhead.py).
 
+The unix socket URI is ``redis+unix:///path?db=0`` for both: limits (which builds Flask-Limiter's
+client and flask-claude's) refuses a bare ``unix://``.
+
 Then Redis commands per request are counted two ways: server side with INFO commandstats (every
-command, including those a Lua script runs), and client side by wrapping redis-py's
-Connection.send_packed_command (one call = one write to the socket = one round trip; a pipeline
-would be one) and send_command (which command each round trip carried). The count ends with a
+command, including those a Lua script runs), and client side by wrapping redis-py's Connection
+(all of flask-claude's traffic goes through redis-py): send_packed_command (one call = one write to
+the socket = one round trip; a pipeline is one), send_command and pack_commands (which commands each
+round trip carried: a single command, or a pipeline's), read_response (replies read). The count ends with a
 ``store.flush()``, so what the counted requests left to be written behind (the last settlement,
 the rollup sums a worker writes once per CLAUDE_ROLLUP_FLUSH_INTERVAL) is counted with them.
 
-Run: /work/venv/bin/python bench/overhead.py  (about a minute on 2 cores)
+Run: .venv/bin/python bench/overhead.py  (about 2 minutes on 2 cores at the default BENCH_ROUNDS=30)
 """
 
 from __future__ import annotations
@@ -167,7 +173,8 @@ class Caller:
 # --- client-side round-trip counting -------------------------------------------------------------
 
 class RoundTrips:
-    """Wraps redis-py's Connection.send_packed_command / send_command / read_response (class level)."""
+    """Wraps redis-py's Connection.send_packed_command / send_command / pack_commands / read_response
+    (class level: every connection, TCP or unix socket, of every client in this process)."""
 
     def __init__(self, names: dict[str, str]) -> None:
         import redis.connection as rc
@@ -178,36 +185,33 @@ class RoundTrips:
         self.reads = 0
         self.commands: list[str] = []
         self._orig = (rc.AbstractConnection.send_packed_command, rc.AbstractConnection.send_command,
-                      rc.AbstractConnection.read_response)
+                      rc.AbstractConnection.pack_commands, rc.AbstractConnection.read_response)
+
+    def _name(self, args: Any) -> str:
+        name = args[0].decode() if isinstance(args[0], bytes) else str(args[0])
+        name = name.upper()
+        if name == "EVALSHA":
+            sha = args[1].decode() if isinstance(args[1], bytes) else str(args[1])
+            name = f"EVALSHA({self.names.get(sha, sha[:8])})"
+        return name
 
     def __enter__(self) -> RoundTrips:
-        spc, sc, rr = self._orig
+        spc, sc, pc, rr = self._orig
         me = self
-        # flask-claude's own scripts go over redis_wire's socket on a plain redis:// (one write per round trip)
-        from flask_claude.storage import wire as redis_wire
-
-        self._lean = redis_wire.LeanScripts._send
-        lean_send = self._lean
-
-        def lean(scripts: Any, calls: Any) -> Any:
-            me.sends += 1
-            me.reads += len(calls)
-            for script, _, _ in calls:
-                me.commands.append(f"EVALSHA({me.names.get(str(script.sha), str(script.sha)[:8])})")
-            return lean_send(scripts, calls)
-
-        redis_wire.LeanScripts._send = lean  # type: ignore[method-assign]
 
         def send_packed_command(conn: Any, command: Any, check_health: bool = True) -> Any:
             me.sends += 1
             return spc(conn, command, check_health)
 
         def send_command(conn: Any, *args: Any, **kwargs: Any) -> Any:
-            name = str(args[0]).upper()
-            if name == "EVALSHA":
-                name = f"EVALSHA({me.names.get(str(args[1]), str(args[1])[:8])})"
-            me.commands.append(name)
+            me.commands.append(me._name(args))
             return sc(conn, *args, **kwargs)
+
+        def pack_commands(conn: Any, commands: Any) -> Any:  # a pipeline: its commands, one write
+            commands = list(commands)
+            names = [me._name(args) for args in commands]
+            me.commands.append(names[0] if len(names) == 1 else "[" + " + ".join(names) + "]")
+            return pc(conn, commands)
 
         def read_response(conn: Any, *args: Any, **kwargs: Any) -> Any:
             me.reads += 1
@@ -215,15 +219,13 @@ class RoundTrips:
 
         self.rc.AbstractConnection.send_packed_command = send_packed_command
         self.rc.AbstractConnection.send_command = send_command
+        self.rc.AbstractConnection.pack_commands = pack_commands
         self.rc.AbstractConnection.read_response = read_response
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        from flask_claude.storage import wire as redis_wire
-
-        redis_wire.LeanScripts._send = self._lean  # type: ignore[method-assign]
         (self.rc.AbstractConnection.send_packed_command, self.rc.AbstractConnection.send_command,
-         self.rc.AbstractConnection.read_response) = self._orig
+         self.rc.AbstractConnection.pack_commands, self.rc.AbstractConnection.read_response) = self._orig
 
 
 def script_names(guarded: Flask, limited: Flask) -> dict[str, str]:
@@ -233,7 +235,8 @@ def script_names(guarded: Flask, limited: Flask) -> dict[str, str]:
     # for admission + reservation + breaker read, one "settle" for settlement + breaker success);
     # _admit/_reserve before it. Whichever this checkout has are named.
     for attr, label in (("_begin", "begin"), ("_settle", "settle"), ("_allow", "breaker_allow"),
-                        ("_record", "breaker_record"), ("_admit", "admit"), ("_reserve", "reserve")):
+                        ("_record", "breaker_record"), ("_epoch_script", "epoch"), ("_restore", "restore"),
+                        ("_usage", "usage"), ("_admit", "admit"), ("_reserve", "reserve")):
         script = getattr(store, attr, None)
         if script is not None and hasattr(script, "sha"):
             names[script.sha] = label
@@ -256,24 +259,30 @@ def main() -> None:
     log_path = os.path.join(tmp, "claude.jsonl")
     redis_server = RedisServer()
     try:
-        run(redis_server, log_path)
+        unix_server = RedisServer(unix=True)
+        try:
+            run(redis_server, unix_server, log_path)
+        finally:
+            unix_server.stop()
     finally:
         redis_server.stop()
 
 
-def run(redis_server: RedisServer, log_path: str) -> None:
+def run(redis_server: RedisServer, unix_server: RedisServer, log_path: str) -> None:
     sim = Simulator()
     apps = {
         "(a) bare SDK route": app_a(sim),
         "(b) flask-claude, memory": app_guarded("memory://", log_path, "bench_b"),
-        "(c) flask-claude, redis": app_guarded(redis_server.url, log_path, "bench_c"),
+        "(c) flask-claude, redis://": app_guarded(redis_server.url, log_path, "bench_c"),
+        "(c-unix) flask-claude, unix socket": app_guarded(unix_server.url, log_path, "bench_c_unix"),
         "(d-mem) Flask-Limiter, memory": app_d(sim, "memory://", "bench_d_mem"),
-        "(d-redis) Flask-Limiter, redis": app_d(sim, redis_server.url, "bench_d_redis"),
+        "(d-redis) Flask-Limiter, redis://": app_d(sim, redis_server.url, "bench_d_redis"),
+        "(d-unix) Flask-Limiter, unix socket": app_d(sim, unix_server.url, "bench_d_unix"),
     }
     keys = list(apps)
-    b_key, c_key, dmem_key, dredis_key = keys[1], keys[2], keys[3], keys[4]
+    b_key, c_key, cunix_key, dmem_key, dredis_key, dunix_key = keys[1:]
     callers = {k: Caller(app) for k, app in apps.items()}
-    sims = [sim, apps[b_key].extensions["claude"].simulator, apps[c_key].extensions["claude"].simulator]
+    sims = [sim, *(apps[k].extensions["claude"].simulator for k in (b_key, c_key, cunix_key))]
 
     def batch(key: str, n: int, samples: list[float] | None) -> None:
         caller = callers[key]
@@ -287,7 +296,7 @@ def run(redis_server: RedisServer, log_path: str) -> None:
             s.clear_requests()  # the simulator's request log would otherwise grow all run long
 
     quiet = wait_for_quiet()
-    meter = LoadMeter([redis_server.process.pid])
+    meter = LoadMeter([redis_server.process.pid, unix_server.process.pid])
     started = time.monotonic()
     for key in keys:
         batch(key, WARMUP, None)
@@ -318,23 +327,25 @@ def run(redis_server: RedisServer, log_path: str) -> None:
                        "ratio (med)", "statuses"]))
     print(f"\n(b) adds {paired[b_key]:.0f} us over (a) (paired); (d-mem) adds {paired[dmem_key]:.0f} us: "
           f"(b) costs {paired[b_key] / paired[dmem_key]:.1f}x Flask-Limiter-on-memory's overhead. "
-          f"On Redis: (c) {paired[c_key]:.0f} us vs (d-redis) {paired[dredis_key]:.0f} us.")
+          f"On Redis over TCP: (c) {paired[c_key]:.0f} us vs (d-redis) {paired[dredis_key]:.0f} us; "
+          f"over a unix socket: (c-unix) {paired[cunix_key]:.0f} us vs (d-unix) {paired[dunix_key]:.0f} us.")
 
     # --- Redis commands per request -------------------------------------------------------------
     names = script_names(apps[c_key], apps[dredis_key])
     print(f"\n== Redis commands per request ({COUNT_N} requests each, after the timing run) ==")
-    for key in (c_key, dredis_key):
-        caller = callers[key]
-        stats_before = redis_server.commandstats()
-        usec_before = evalsha_usec(redis_server.client)
+    servers = {c_key: redis_server, dredis_key: redis_server, cunix_key: unix_server, dunix_key: unix_server}
+    for key in (c_key, dredis_key, cunix_key, dunix_key):
+        caller, server = callers[key], servers[key]
+        stats_before = server.commandstats()
+        usec_before = evalsha_usec(server.client)
         store = getattr(apps[key].extensions.get("claude"), "store", None)
         with RoundTrips(names) as trips:
             for _ in range(COUNT_N):
                 caller()
             if store is not None:  # what these requests left written behind counts with them
                 store.flush()
-        stats_after = redis_server.commandstats()
-        usec = evalsha_usec(redis_server.client) - usec_before
+        stats_after = server.commandstats()
+        usec = evalsha_usec(server.client) - usec_before
         delta = diff_stats(stats_before, stats_after)
         total = sum(delta.values())
         per_cmd = ", ".join(f"{k} {v / COUNT_N:g}" for k, v in delta.items())
@@ -343,12 +354,12 @@ def run(redis_server: RedisServer, log_path: str) -> None:
               f"(including those run inside Lua scripts): {per_cmd}")
         print(f"  server time in scripts (EVALSHA usec, their commands included): {usec / COUNT_N:.1f} us/request")
         sent = Counter(trips.commands)
-        print(f"  client side, wrapped redis-py Connection and flask-claude's redis_wire: "
+        print(f"  client side, wrapped redis-py Connection: "
               f"{trips.sends / COUNT_N:g} round trips/request (socket writes), "
               f"{trips.reads / COUNT_N:g} replies read/request")
         print("  round trips by command: " + ", ".join(f"{k} x{v / COUNT_N:g}" for k, v in sent.items()))
     # One request's sequence, in order, for the record.
-    for key in (c_key, dredis_key):
+    for key in (c_key, dredis_key, cunix_key, dunix_key):
         with RoundTrips(names) as trips:
             callers[key]()
         print(f"  one request of {key.split()[0]}: " + " -> ".join(trips.commands))
@@ -358,11 +369,15 @@ def run(redis_server: RedisServer, log_path: str) -> None:
 
     print("\n== machine ==")
     print(machine_description(redis_server.version()))
+    print(f"unix socket: {unix_server.url}")
     print(f"{quiet}; timing run: {load_report}")
     print(f"command: {sys.executable} bench/overhead.py  (BENCH_ROUNDS={ROUNDS} BENCH_BATCH={BATCH} "
           f"BENCH_WARMUP={WARMUP})")
     print(f"\nratio of added time, flask-claude / Flask-Limiter (one limit), paired medians: "
-          f"memory {paired[b_key] / paired[dmem_key]:.2f}, redis {paired[c_key] / paired[dredis_key]:.2f}")
+          f"memory {paired[b_key] / paired[dmem_key]:.2f}, redis:// {paired[c_key] / paired[dredis_key]:.2f}, "
+          f"unix {paired[cunix_key] / paired[dunix_key]:.2f}  (added us, ours/theirs: memory "
+          f"{paired[b_key]:.0f}/{paired[dmem_key]:.0f}, redis:// {paired[c_key]:.0f}/{paired[dredis_key]:.0f}, "
+          f"unix {paired[cunix_key]:.0f}/{paired[dunix_key]:.0f})")
 
 
 # --- async: claude.async_messages vs a bare AsyncAnthropic call -------------------------------------
@@ -486,7 +501,7 @@ def rollup_cost(memory_app: Flask, redis_app: Flask) -> None:
         for i in range(n):
             for rollup, out in ((None, plain), (fields, rolled)) if i % 2 else ((fields, rolled), (None, plain)):
                 t0 = perf()
-                store.settle(lines, f"r{i}", (0.5, 0.8, 1.0), now, success=MODEL, breaker=params, rollup=rollup)
+                store.settle(lines, [f"r{i}"], (0.5, 0.8, 1.0), now, success=MODEL, breaker=params, rollup=rollup)
                 out.append((perf() - t0) / 1000.0)
         built: list[float] = []
         for _ in range(n):

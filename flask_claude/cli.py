@@ -168,7 +168,7 @@ def check_command(strict: bool) -> None:
         click.echo("  memory:// is one process: with several workers every limit and budget is that many times "
                    "larger. Use Redis (CLAUDE_STORAGE_URI=redis://...) when the app runs on many workers or hosts.")
         return
-    store = getattr(state.store, "inner", state.store)
+    store: Any = getattr(state.store, "inner", state.store)  # the Redis store behind the outage guard
     try:
         found = store.check()
     except StorageUnavailable as exc:
