@@ -40,9 +40,11 @@ class RestartableRedis:
         self.start()
 
     def start(self) -> None:
+        self.socket = f"{self.dir}/redis.sock"
         self.process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no"],
+             "--dbfilename", "dump.rdb", "--save", "", "--appendonly", "no",
+             "--unixsocket", self.socket, "--unixsocketperm", "700"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.client()
         if not wait_for(lambda: _answers(client), timeout=10):
@@ -361,3 +363,36 @@ def test_a_data_loss_pages_once_and_the_apps_budget_is_whole_again(redis_url: st
     assert len(claude_log.events("storage_data_lost")) == 2
     spent = {i["budget"]: i["spent_usd"] for i in one.extensions["claude"].budgets.usage_report()}
     assert spent["global daily budget"] == pytest.approx(claude_log.spend_usd(), abs=1e-5 * 5)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_guarded_request_costs_one_round_trip_on_tcp_and_on_a_unix_socket(server: RestartableRedis,
+                                                                           transport: str) -> None:
+    """Every deployment shape takes the same path (raw EVALSHA in a redis-py pipeline): no
+    ``SCRIPT EXISTS`` before each script, so one read by Redis per request with an input bound."""
+    from flask import Flask
+
+    from flask_claude import Claude, ai_feature, budgeted
+
+    uri = server.url if transport == "tcp" else f"unix://{server.socket}?db=0"
+    app = Flask("trip_count")
+    app.config.update(CLAUDE_SIMULATE=True, CLAUDE_STORAGE_URI=uri, CLAUDE_DAILY_BUDGET_USD=5,
+                      CLAUDE_LOG_PATH="/dev/null", CLAUDE_MODELS=["claude-sonnet-4-6"], CLAUDE_SETTLE_DELAY=30,
+                      CLAUDE_ALERT_EVAL_INTERVAL=3600)
+    claude = Claude(app)
+
+    @app.post("/ask")
+    @ai_feature("ask", max_tokens=64, max_input_chars=200)
+    @budgeted(requests="1000/minute", usd="1/day")
+    def ask() -> dict[str, Any]:
+        msg = claude.messages.create(messages=[{"role": "user", "content": "Say hello."}])
+        return {"text": msg.content[0].text}
+
+    c = app.test_client()
+    for _ in range(3):  # the first contact, the scripts loaded
+        assert c.post("/ask").status_code == 200
+    client = server.client()
+    before = int(client.info("stats")["total_reads_processed"])
+    for _ in range(10):
+        assert c.post("/ask").status_code == 200
+    assert 10 <= int(client.info("stats")["total_reads_processed"]) - before - 1 <= 11

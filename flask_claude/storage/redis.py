@@ -154,6 +154,8 @@ class RedisStore:
         if uri.startswith(("redis+sentinel", "valkey+sentinel")):
             del connection["socket_connect_timeout"]
         connection.update(options or {})
+        if uri.startswith("unix://"):  # redis-py's spelling of a unix socket; limits names it redis+unix
+            uri = "redis+" + uri
         self._limits_storage = storage_from_string(uri, **connection)
         self.client: Any = self._limits_storage.storage  # type: ignore[union-attr]
         self.tag = f"{{fc:{prefix}}}"
