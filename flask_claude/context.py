@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import has_request_context, request
-from flask.globals import _cv_app
+from flask import g, has_app_context, has_request_context, request
 
 from .errors import InvalidRequest
 from .state import quart_globals
@@ -58,9 +57,8 @@ def clamp_max_tokens(requested: Any, cap: int) -> int:
 
 
 def current_scope() -> CallScope:
-    ctx = _cv_app.get(None)  # what has_app_context() and g read, without two proxy lookups per call
-    if ctx is not None:
-        scope = ctx.g.get("claude_scope")
+    if has_app_context():
+        scope = g.get("claude_scope")
         if scope is not None:
             return scope  # type: ignore[no-any-return]
     if has_request_context():

@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import anthropic
 import httpx2
-from flask import Response, request
-from flask.globals import _cv_app, _cv_request
+from flask import Response, current_app, g, request
 
 from .aiconfig import apply_ai_config
 from .body import from_request_body
@@ -33,13 +32,10 @@ if TYPE_CHECKING:
 
 
 def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Response:
-    # The contexts are read once here, not through the ``current_app``/``request``/``g`` proxies at
-    # every use (each is a context-variable lookup and a few calls).
-    app_ctx = _cv_app.get()
-    app = app_ctx.app
-    req_ctx = _cv_request.get(None)
-    # Outside a request, Flask's own "Working outside of request context" error, as before.
-    req = req_ctx.request if req_ctx is not None else request._get_current_object()  # type: ignore[attr-defined]
+    # The objects behind Flask's public proxies, looked up once here rather than at every use. Outside
+    # a request, Flask's own "Working outside of request context" error.
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    req = request._get_current_object()  # type: ignore[attr-defined]
     state = state_for(app)
     feature = spec.feature
     rule = req.url_rule
@@ -83,7 +79,7 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
         # view that made no call): one round trip fewer, for views without side effects.
         scope.budgets = spec.budget
         state.budgets.admit(scope, spec.budget)
-        app_ctx.g.claude_scope = scope
+        g.claude_scope = scope
         if settings.admission == "before_view":
             state.budgets.admit_before_view(scope)
 

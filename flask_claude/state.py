@@ -10,7 +10,7 @@ import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from flask.globals import _cv_app
+from flask import current_app, has_app_context
 
 if TYPE_CHECKING:
     from .extension import ClaudeState
@@ -33,9 +33,8 @@ def is_quart_app(app: Any) -> bool:
 
 def current_app_or_none() -> Any:
     """The app of the current context: Flask's, or Quart's when the code runs in a Quart app."""
-    ctx = _cv_app.get(None)  # has_app_context() and current_app read it, each through a proxy
-    if ctx is not None:
-        return ctx.app
+    if has_app_context():
+        return current_app._get_current_object()  # type: ignore[attr-defined]
     quart = quart_globals()
     if quart is not None:
         return quart.current_app._get_current_object()
