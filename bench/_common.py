@@ -42,8 +42,9 @@ class RedisServer:
     """A redis-server process of our own (no persistence), stopped by ``stop``: on a free loopback port,
     or with ``unix=True`` on a unix socket only (``--port 0 --unixsocket <tmp>/redis.sock
     --unixsocketperm 700``, in a directory of its own that ``stop`` removes). ``url`` is the URI both
-    flask-claude and Flask-Limiter take (``redis+unix://``: limits, which builds both clients, does
-    not know a bare ``unix://``)."""
+    flask-claude and Flask-Limiter take (``redis+unix://`` for a socket: limits, which builds
+    Flask-Limiter's client, does not know a bare ``unix://``); ``unix_url`` is redis-py's spelling
+    (``unix://``), which flask-claude takes since 7e465d7."""
 
     def __init__(self, *, unix: bool = False) -> None:
         import redis
@@ -57,6 +58,7 @@ class RedisServer:
             self.socket = os.path.join(self.socket_dir, "redis.sock")
             self.port = 0
             self.url = f"redis+unix://{self.socket}?db=0"
+            self.unix_url = f"unix://{self.socket}?db=0"
             listen = ["--port", "0", "--unixsocket", self.socket, "--unixsocketperm", "700"]
             self.client = redis.Redis(unix_socket_path=self.socket, socket_timeout=1.0)
         else:

@@ -21,8 +21,9 @@ the median over rounds of (variant's round median - (a)'s round median), the fig
 other load on the machine. loguru's default stderr handler is removed first (logger.remove()), as an
 app that configures its own logging does (left in place it adds ~40 us per event: profile_overhead.py).
 
-The unix socket URI is ``redis+unix:///path?db=0`` for both: limits (which builds Flask-Limiter's
-client and flask-claude's) refuses a bare ``unix://``.
+The unix socket URI is ``unix:///path?db=0`` for flask-claude (redis-py's spelling, taken since
+7e465d7; an older checkout gets ``redis+unix://``) and ``redis+unix:///path?db=0`` for Flask-Limiter
+(limits, which builds its client, refuses a bare ``unix://``).
 
 Then Redis commands per request are counted two ways: server side with INFO commandstats (every
 command, including those a Lua script runs), and client side by wrapping redis-py's Connection
@@ -209,8 +210,14 @@ class RoundTrips:
 
         def pack_commands(conn: Any, commands: Any) -> Any:  # a pipeline: its commands, one write
             commands = list(commands)
-            names = [me._name(args) for args in commands]
-            me.commands.append(names[0] if len(names) == 1 else "[" + " + ".join(names) + "]")
+            runs: list[list[Any]] = []  # consecutive equal commands as one "NAME xN"
+            for name in (me._name(args) for args in commands):
+                if runs and runs[-1][0] == name:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([name, 1])
+            names = [name if n == 1 else f"{name} x{n}" for name, n in runs]
+            me.commands.append(names[0] if len(commands) == 1 else "[" + " + ".join(names) + "]")
             return pc(conn, commands)
 
         def read_response(conn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -268,13 +275,25 @@ def main() -> None:
         redis_server.stop()
 
 
+def _unix_app(unix_server: RedisServer, log_path: str) -> Flask:
+    """The guarded route on the unix socket, as ``unix://`` (the spelling flask-claude documents); a
+    checkout older than 7e465d7 takes only limits' ``redis+unix://``."""
+    from limits.errors import ConfigurationError
+
+    try:
+        return app_guarded(unix_server.unix_url, log_path, "bench_c_unix")
+    except ConfigurationError:
+        print(f"(c-unix): this flask-claude refuses {unix_server.unix_url}; measured on {unix_server.url}")
+        return app_guarded(unix_server.url, log_path, "bench_c_unix")
+
+
 def run(redis_server: RedisServer, unix_server: RedisServer, log_path: str) -> None:
     sim = Simulator()
     apps = {
         "(a) bare SDK route": app_a(sim),
         "(b) flask-claude, memory": app_guarded("memory://", log_path, "bench_b"),
         "(c) flask-claude, redis://": app_guarded(redis_server.url, log_path, "bench_c"),
-        "(c-unix) flask-claude, unix socket": app_guarded(unix_server.url, log_path, "bench_c_unix"),
+        "(c-unix) flask-claude, unix socket": _unix_app(unix_server, log_path),
         "(d-mem) Flask-Limiter, memory": app_d(sim, "memory://", "bench_d_mem"),
         "(d-redis) Flask-Limiter, redis://": app_d(sim, redis_server.url, "bench_d_redis"),
         "(d-unix) Flask-Limiter, unix socket": app_d(sim, unix_server.url, "bench_d_unix"),
@@ -369,7 +388,7 @@ def run(redis_server: RedisServer, unix_server: RedisServer, log_path: str) -> N
 
     print("\n== machine ==")
     print(machine_description(redis_server.version()))
-    print(f"unix socket: {unix_server.url}")
+    print(f"unix socket: flask-claude {apps[cunix_key].config['CLAUDE_STORAGE_URI']}, Flask-Limiter {unix_server.url}")
     print(f"{quiet}; timing run: {load_report}")
     print(f"command: {sys.executable} bench/overhead.py  (BENCH_ROUNDS={ROUNDS} BENCH_BATCH={BATCH} "
           f"BENCH_WARMUP={WARMUP})")
