@@ -19,6 +19,7 @@ from .errors import (
     UpstreamUnavailable,
 )
 from .extension import Claude
+from .flags import EnvFlags, FlagProvider, LaunchDarklyFlags, StaticFlags, UserContext
 from .hygiene import prune_history, user_content
 from .signals import budget_alert, circuit_opened, claude_called, feature_degraded, model_fallback, ops_alert
 
@@ -28,16 +29,21 @@ __all__ = [
     "Claude",
     "ClaudeGuardError",
     "ConfigError",
+    "EnvFlags",
     "FeatureAIConfig",
     "FeatureDisabled",
+    "FlagProvider",
     "InputTooLarge",
     "InvalidOutput",
     "InvalidRequest",
+    "LaunchDarklyFlags",
     "LimitExceeded",
     "RateLimitedUpstream",
+    "StaticFlags",
     "TruncatedResponse",
     "UnknownModel",
     "UpstreamUnavailable",
+    "UserContext",
     "ai_feature",
     "budget_alert",
     "budgeted",

@@ -26,10 +26,11 @@ import random
 import ssl
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anthropic
 import httpx2
+from anthropic.types import Message, MessageTokensCount
 
 from .calls import SEND_ERRORS, Call, ChainRun, create_kwargs
 from .clock import asleep
@@ -128,6 +129,12 @@ class AsyncGuardedMessages:
 
     # --- public API -------------------------------------------------------------------------
 
+    @overload
+    async def create(self, *, stream: Literal[True], **params: Any) -> AsyncGuardedMessageStream: ...
+
+    @overload
+    async def create(self, *, stream: Literal[False] = ..., **params: Any) -> Message: ...
+
     async def create(self, **params: Any) -> Any:
         """``AsyncAnthropic().messages.create(...)`` guarded; ``stream=True`` gives a guarded async stream."""
         core = self._core
@@ -152,15 +159,16 @@ class AsyncGuardedMessages:
         """``async with claude.async_messages.stream(...) as stream``: the request happens on enter."""
         return AsyncGuardedStreamManager(self, params)
 
-    async def count_tokens(self, **params: Any) -> Any:
+    async def count_tokens(self, **params: Any) -> MessageTokensCount:
         """Free upstream, so no budget or cost: only retries and the deadline."""
         core = self._core
         model = params.get("model") or self._state.settings.models[0]
         call = Call.bare(self._state, current_scope(), model)
         try:
             client = await self.clients.get()
-            return await self._run_chain(call, lambda m, timeout: client.messages.count_tokens(
+            counted: MessageTokensCount = await self._run_chain(call, lambda m, timeout: client.messages.count_tokens(
                 **{**params, "model": m, "timeout": timeout}))
+            return counted
         except BaseException as exc:
             raise core.as_guard_error(call, exc) from None
 

@@ -7,9 +7,10 @@ attempt, the retry wait and the wait for a busy budget.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import httpx2
+from anthropic.types import Message, MessageTokensCount
 
 from .batches import GuardedBatches
 from .calls import Call, create_kwargs
@@ -32,6 +33,12 @@ class GuardedMessages:
 
     # --- public API -------------------------------------------------------------------------
 
+    @overload
+    def create(self, *, stream: Literal[True], **params: Any) -> GuardedMessageStream: ...
+
+    @overload
+    def create(self, *, stream: Literal[False] = ..., **params: Any) -> Message: ...
+
     def create(self, **params: Any) -> Any:
         """``client.messages.create(...)`` guarded; ``stream=True`` returns a guarded raw stream."""
         streaming = bool(params.get("stream"))
@@ -51,13 +58,15 @@ class GuardedMessages:
         """``client.messages.stream(...)`` guarded: use it as ``with claude.messages.stream(...) as s``."""
         return GuardedStreamManager(self._runner, params)
 
-    def count_tokens(self, **params: Any) -> Any:
+    def count_tokens(self, **params: Any) -> MessageTokensCount:
         """Free upstream, so no budget or cost: only retries, fallback-free, within the deadline."""
         model = params.get("model") or self._state.settings.models[0]
         call = Call.bare(self._state, current_scope(), model)
         try:
-            return self._runner.run_chain(call, lambda m, timeout: self._state.client.messages.count_tokens(
-                **{**params, "model": m, "timeout": timeout}))
+            counted: MessageTokensCount = self._runner.run_chain(
+                call, lambda m, timeout: self._state.client.messages.count_tokens(
+                    **{**params, "model": m, "timeout": timeout}))
+            return counted
         except BaseException as exc:
             raise self._runner.as_guard_error(call, exc) from None
 
