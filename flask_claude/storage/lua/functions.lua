@@ -3,12 +3,13 @@
 -- and breaker_record.lua.
 --
 -- Budgets: a hash per budget key K: "spent", "held" (the sum of its live holds), "exhausted" (the
--- limit it was found spent at) and one "r:<rid>" field per hold: its amount while it is live, "-"
--- once settled. The settled mark makes a settlement count once however often it is sent (a retry
--- after a lost reply, a replay after an outage). K|t is a sorted set of those rids scored by when
--- they lapse (a hold: its hold_until; a settled mark: SETTLED_MEMORY_S after settling), so a step
--- finds what lapsed without reading what is live: its Redis time does not grow with the calls in
--- flight. Each hold is dropped once, so the work is O(1) per step, amortised.
+-- limit it was found spent at), "lapse" (no entry of K|t lapses before it; absent while K|t is empty)
+-- and one "r:<rid>" field per hold: its amount while it is live, "-" once settled. The settled mark
+-- makes a settlement count once however often it is sent (a retry after a lost reply, a replay
+-- after an outage). K|t is a sorted set of those rids scored by when they lapse (a hold: its
+-- hold_until; a settled mark: SETTLED_MEMORY_S after settling). A step reads spent, held and lapse
+-- in one HMGET and looks into K|t only once something may have lapsed, so its Redis time does not
+-- grow with the calls in flight; each entry is dropped once (O(1) per step, amortised).
 -- Breakers: a hash per model: "open_until", "probe_since", and "c:<bucket>" / "f:<bucket>" call
 -- and failure counts.
 -- Lapsed entries are dropped LAPSE_BATCH at a time, at most LAPSE_ROUNDS batches a step (the rest by
@@ -36,11 +37,12 @@ local function epoch_changed(key, known, proposed)
   return e
 end
 
+-- Drop what lapsed from K|t and its hold amounts from "held"; then "lapse" is the earliest entry left.
 local function drop_lapsed(key, now)
   local timeline = key .. '|t'
   for _ = 1, LAPSE_ROUNDS do
     local due = redis.call('ZRANGEBYSCORE', timeline, '-inf', now, 'LIMIT', 0, LAPSE_BATCH)
-    if #due == 0 then return end
+    if #due == 0 then break end
     local freed, fields = 0, {}
     for i = 1, #due do
       local f = 'r:' .. due[i]
@@ -51,58 +53,69 @@ local function drop_lapsed(key, now)
     redis.call('HDEL', key, unpack(fields))
     redis.call('ZREM', timeline, unpack(due))
     if freed > 0 then redis.call('HINCRBY', key, 'held', -freed) end
-    if #due < LAPSE_BATCH then return end
+    if #due < LAPSE_BATCH then break end
   end
+  local first = redis.call('ZRANGE', timeline, 0, 0, 'WITHSCORES')
+  if #first == 0 then redis.call('HDEL', key, 'lapse') else redis.call('HSET', key, 'lapse', first[2]) end
 end
 
 -- A budget's spent, its live holds' sum, whether the key is there (it then has its expiry: every
--- write that creates a budget key sets one) and the limit it was found spent at.
+-- write that creates a budget key sets one), the limit it was found spent at, and "lapse".
 local function budget_state(key, now)
-  drop_lapsed(key, now)
-  local s = redis.call('HMGET', key, 'spent', 'held', 'exhausted')
-  return tonumber(s[1] or '0'), tonumber(s[2] or '0'), redis.call('EXISTS', key) == 1, tonumber(s[3] or '-1')
+  local s = redis.call('HMGET', key, 'spent', 'held', 'exhausted', 'lapse')
+  local lapse = s[4]
+  if lapse and tonumber(lapse) <= now then
+    drop_lapsed(key, now)
+    s = redis.call('HMGET', key, 'spent', 'held', 'exhausted', 'lapse')
+    lapse = s[4]
+  end
+  return tonumber(s[1] or '0'), tonumber(s[2] or '0'), (s[1] or s[2] or s[3]) ~= false,
+         tonumber(s[3] or '-1'), lapse and tonumber(lapse) or false
 end
 
--- An entry on K|t; a new timeline gets K's expiry (the period's end and a day).
-local function timeline_add(key, score, rid, expires, now)
+-- A new entry on K|t; ``lapse`` is K's as budget_state read it (false: K|t is empty or missing, so
+-- this entry makes it, and it gets K's expiry: the period's end and a day).
+local function timeline_add(key, score, rid, lapse, expires, now)
   local timeline = key .. '|t'
   redis.call('ZADD', timeline, score, rid)
-  if redis.call('ZCARD', timeline) == 1 then
+  if not lapse then
     redis.call('PEXPIRE', timeline, ttl_ms(expires, now, 86400))
+    redis.call('HSET', key, 'lapse', score)
+  elseif tonumber(score) < lapse then
+    redis.call('HSET', key, 'lapse', score)
   end
 end
 
-local function hold(key, rid, amount, lapses_at, expires, now)
+local function hold(key, rid, amount, lapses_at, lapse, expires, now)
   redis.call('HSET', key, 'r:' .. rid, amount)
   redis.call('HINCRBY', key, 'held', amount)
-  timeline_add(key, lapses_at, rid, expires, now)
-end
-
--- Whether the call whose hold is ``rid`` was settled on this budget already.
-local function settled_before(key, rid)
-  return rid ~= nil and redis.call('HGET', key, 'r:' .. rid) == '-'
+  timeline_add(key, lapses_at, rid, lapse, expires, now)
 end
 
 -- Replace the holds ``rids`` (the call's own first, then its top-ups) by ``amount`` spent, and mark
--- the call settled: returns the spent before and after.
-local function settle_line(key, rids, amount, expires, now)
+-- the call settled: returns the spent before and after. ``first_value`` is the call's own hold
+-- field as the caller read it (its amount, or false when it lapsed or was never taken).
+local function settle_line(key, rids, first_value, amount, expires, now)
   local first = rids[1]
-  drop_lapsed(key, now)
-  local freed = 0
-  for i = 1, #rids do
+  local freed = first_value and tonumber(first_value) or 0
+  for i = 2, #rids do  -- top-ups: rare
     local v = redis.call('HGET', key, 'r:' .. rids[i])
     if v and v ~= '-' then freed = freed + tonumber(v) end
-    if i > 1 then
-      redis.call('HDEL', key, 'r:' .. rids[i])
-      redis.call('ZREM', key .. '|t', rids[i])
-    end
+    redis.call('HDEL', key, 'r:' .. rids[i])
+    redis.call('ZREM', key .. '|t', rids[i])
   end
+  if #rids > 1 and redis.call('EXISTS', key .. '|t') == 0 then redis.call('HDEL', key, 'lapse') end
   if freed > 0 then redis.call('HINCRBY', key, 'held', -freed) end
   local spent = redis.call('HINCRBY', key, 'spent', amount)
   if first then
     redis.call('HSET', key, 'r:' .. first, '-')
-    local lapses = tonumber(redis.call('ZSCORE', key .. '|t', first) or '0')
-    timeline_add(key, math.max(lapses, now + SETTLED_MEMORY_S), first, expires, now)
+    local remember = now + SETTLED_MEMORY_S
+    if first_value then  -- its hold's entry is on K|t: kept at least SETTLED_MEMORY_S more (GT: never shortened)
+      redis.call('ZADD', key .. '|t', 'GT', remember, first)
+    else
+      local lapse = redis.call('HGET', key, 'lapse')
+      timeline_add(key, remember, first, lapse and tonumber(lapse) or false, expires, now)
+    end
   end
   local before = spent - amount
   if before == 0 and redis.call('PTTL', key) < 0 then  -- a new key: give it the period's expiry
