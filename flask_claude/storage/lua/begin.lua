@@ -105,7 +105,7 @@ end
 for k = 1, nh * held do
   local key = KEYS[ng + nr + k]
   local expires = tonumber(ARGV[hold_args + 2 * k - 1])
-  hold(key, rid, ARGV[amounts + alt + k - 1], hold_until, states[key][5], expires, now)
+  hold(key, rid, ARGV[amounts + alt + k - 1], states[key][2], hold_until, states[key][5], expires, now)
   if not states[key][3] then  -- a key still there keeps the expiry it was created with (the period's end)
     redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
   end

@@ -86,17 +86,19 @@ local function timeline_add(key, score, rid, lapse, expires, now)
   end
 end
 
-local function hold(key, rid, amount, lapses_at, lapse, expires, now)
-  redis.call('HSET', key, 'r:' .. rid, amount)
-  redis.call('HINCRBY', key, 'held', amount)
+-- ``held`` is the sum budget_state read: the script runs alone, so one HSET writes both fields.
+local function hold(key, rid, amount, held, lapses_at, lapse, expires, now)
+  redis.call('HSET', key, 'r:' .. rid, amount, 'held', held + tonumber(amount))
   timeline_add(key, lapses_at, rid, lapse, expires, now)
 end
 
 -- Replace the holds ``rids`` (the call's own first, then its top-ups) by ``amount`` spent, and mark
--- the call settled: returns the spent before and after. ``first_value`` is the call's own hold
--- field as the caller read it (its amount, or false when it lapsed or was never taken).
-local function settle_line(key, rids, first_value, amount, expires, now)
-  local first = rids[1]
+-- the call settled. ``state`` is the line's {spent, held, the call's own hold field} as the caller
+-- read it in one HMGET (the field: its amount, or false when it lapsed or was never taken).
+-- Returns the spent before and after.
+local function settle_line(key, rids, state, amount, expires, now)
+  local first, first_value = rids[1], state[3]
+  local spent, held = tonumber(state[1] or '0'), tonumber(state[2] or '0')
   local freed = first_value and tonumber(first_value) or 0
   for i = 2, #rids do  -- top-ups: rare
     local v = redis.call('HGET', key, 'r:' .. rids[i])
@@ -105,10 +107,11 @@ local function settle_line(key, rids, first_value, amount, expires, now)
     redis.call('ZREM', key .. '|t', rids[i])
   end
   if #rids > 1 and redis.call('EXISTS', key .. '|t') == 0 then redis.call('HDEL', key, 'lapse') end
-  if freed > 0 then redis.call('HINCRBY', key, 'held', -freed) end
-  local spent = redis.call('HINCRBY', key, 'spent', amount)
+  local before = spent
+  spent = spent + amount
+  -- the script runs alone: spent, held and the settled mark in one write
   if first then
-    redis.call('HSET', key, 'r:' .. first, '-')
+    redis.call('HSET', key, 'spent', spent, 'held', held - freed, 'r:' .. first, '-')
     local remember = now + SETTLED_MEMORY_S
     if first_value then  -- its hold's entry is on K|t: kept at least SETTLED_MEMORY_S more (GT: never shortened)
       redis.call('ZADD', key .. '|t', 'GT', remember, first)
@@ -116,8 +119,9 @@ local function settle_line(key, rids, first_value, amount, expires, now)
       local lapse = redis.call('HGET', key, 'lapse')
       timeline_add(key, remember, first, lapse and tonumber(lapse) or false, expires, now)
     end
+  else
+    redis.call('HSET', key, 'spent', spent, 'held', held - freed)
   end
-  local before = spent - amount
   if before == 0 and redis.call('PTTL', key) < 0 then  -- a new key: give it the period's expiry
     redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
   end

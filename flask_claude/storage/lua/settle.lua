@@ -21,15 +21,16 @@ local own = lines + 2 * nl + 1 + (record and 4 or 0)
 local now = tonumber(ARGV[own])
 local rids = {}
 for rid in string.gmatch(ARGV[own + 1], '%S+') do table.insert(rids, rid) end
-local held = {}  -- each line's hold field of the call: its amount, false, or '-' when settled already
+-- each line's {spent, held, the call's hold field: its amount, false, or '-' when settled already}
+local states = {}
 for i = 1, nl do
-  held[i] = rids[1] ~= nil and redis.call('HGET', KEYS[i], 'r:' .. rids[1])
-  if held[i] == '-' then return {'dup'} end  -- a copy of a settlement that landed: apply nothing
+  states[i] = redis.call('HMGET', KEYS[i], 'spent', 'held', 'r:' .. (rids[1] or ''))
+  if states[i][3] == '-' then return {'dup'} end  -- a copy of a settlement that landed: apply nothing
 end
 local crossed = {}
 for i = 1, nl do
   local limit, expires = tonumber(ARGV[lines + 2 * i - 1]), tonumber(ARGV[lines + 2 * i])
-  local before, spent = settle_line(KEYS[i], rids, held[i], tonumber(ARGV[own + 2 + i]), expires, now)
+  local before, spent = settle_line(KEYS[i], rids, states[i], tonumber(ARGV[own + 2 + i]), expires, now)
   for t = 1, nt do
     local mark = tonumber(ARGV[1 + t]) * limit
     if before < mark and mark <= spent and claim_alert(KEYS[i], ARGV[1 + t], expires, now) then
