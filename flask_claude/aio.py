@@ -108,7 +108,7 @@ def _client_factory(state: ClaudeState) -> Callable[[], anthropic.AsyncAnthropic
         else:
             if not tls:  # loading the CA store takes milliseconds: once per app, not per loop
                 tls.append(httpx2.create_ssl_context())
-            inner = httpx2.AsyncHTTPTransport(verify=tls[0])
+            inner = httpx2.AsyncHTTPTransport(verify=tls[0], limits=anthropic.DEFAULT_CONNECTION_LIMITS)
         return anthropic.AsyncAnthropic(
             **state.sdk_options, max_retries=0,
             http_client=anthropic.DefaultAsyncHttpxClient(transport=AsyncDeadlineTransport(inner)))

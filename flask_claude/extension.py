@@ -49,6 +49,13 @@ SIMULATOR_BASE_URL = "http://simulator.flask-claude.invalid"
 _OBJECT_OVERRIDES = ("simulator", "http_transport", "clock")
 
 
+def _network_transport() -> httpx2.HTTPTransport:
+    """The SDK's own connection limits (1,000 connections), not httpx's default of 100: a Claude
+    call lasts seconds, so one process easily has more than 100 in flight (a gthread or gevent
+    worker), and the 101st would wait for a connection, not for Claude."""
+    return httpx2.HTTPTransport(limits=anthropic.DEFAULT_CONNECTION_LIMITS)
+
+
 class ClaudeState:
     """One app's settings and live objects: the SDK client, breaker, price table, event log."""
 
@@ -68,7 +75,7 @@ class ClaudeState:
             api_key: str = "sk-simulator-no-real-key"
             base_url: str | None = settings.base_url or SIMULATOR_BASE_URL
             if settings.base_url:  # a loopback simulator server (`flask claude simulate`)
-                inner = http_transport or httpx2.HTTPTransport()
+                inner = http_transport or _network_transport()
         else:
             if not settings.api_key:
                 raise ConfigError(
@@ -76,7 +83,7 @@ class ClaudeState:
                     "variable), or set CLAUDE_SIMULATE=True to run on the offline simulator in "
                     "development and tests.")
             self.simulator = None
-            inner = http_transport or httpx2.HTTPTransport()
+            inner = http_transport or _network_transport()
             api_key, base_url = settings.api_key, settings.base_url  # type: ignore[assignment]
         # What the async client (``aio.py``) builds one SDK client per event loop from: the same key and
         # URL, and a transport that is loop-free (the in-process simulator's) or None for a network pool.

@@ -109,6 +109,31 @@ def user_msg(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
 
+# --- tiers: what a test needs besides Python, as markers ---------------------------------------------------
+#
+# ``pytest`` alone runs the fast tier (no service: memory storage, the in-process simulator);
+# ``scripts/test`` (CI) runs every tier: ``-m ""``. A test is marked by the fixtures it uses, by its
+# parameter ("redis", "cluster"), or explicitly when it starts a server of its own.
+
+SERVICE_FIXTURES = {"redis_server": "redis", "redis_url": "redis", "redis_cluster": "cluster",
+                    "gunicorn": "multiprocess"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        needs = {marker for fixture, marker in SERVICE_FIXTURES.items()
+                 if fixture in getattr(item, "fixturenames", ())}
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            needs |= {value for value in callspec.params.values() if value in ("redis", "cluster")}
+        if "cluster" in needs or "multiprocess" in needs:
+            needs.add("redis")
+        if item.path.name == "test_browser.py":
+            needs.add("browser")
+        for marker in sorted(needs):
+            item.add_marker(marker)
+
+
 # --- a real redis-server per test session (CI installs one; a missing one fails, never skips) -------------
 
 def free_port() -> int:
@@ -152,8 +177,10 @@ class RedisServer:
 
     def flush(self) -> None:
         from flask_claude.storage import flush_all
+        from flask_claude.storage.redis import close_all
 
         flush_all()  # settlements an earlier test's app wrote behind land now, not in the next test's data
+        close_all()  # and the earlier tests' stores do not take the flush for a data loss to repair
         self.client.flushall()
 
     def stop(self) -> None:

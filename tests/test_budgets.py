@@ -214,6 +214,7 @@ def test_leaked_reservation_of_a_dead_worker_is_released(storage_uri: str, sim: 
     assert app.test_client().post("/ask").status_code == 200
 
 
+@pytest.mark.redis  # starts a redis-server of its own
 @pytest.mark.parametrize("policy", ["open", "closed"])
 def test_redis_outage_follows_the_policy_without_500_or_hang(policy: str, sim: Simulator,
                                                             claude_log: CallLog) -> None:
@@ -390,6 +391,7 @@ def test_one_oversized_request_does_not_switch_the_budget_off(storage_uri: str, 
     assert not [a for a in claude_log.events("budget_alert") if a["threshold"] == 1.0]
 
 
+@pytest.mark.redis  # starts a redis-server of its own
 def test_redis_errors_other_than_connection_follow_the_policy(sim: Simulator) -> None:
     server = RedisServer()
     try:
@@ -538,6 +540,7 @@ def test_memory_store_stays_bounded_by_the_live_entries(sim: Simulator, clock: F
     assert store.size() < 10
 
 
+@pytest.mark.redis  # starts a redis-server of its own
 def test_a_hung_redis_costs_one_timeout_per_episode_and_its_spend_is_replayed(sim: Simulator,
                                                                              claude_log: CallLog) -> None:
     """SIGSTOP: after the first request the guard stops asking Redis; SIGCONT: the spend comes back."""

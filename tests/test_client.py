@@ -458,3 +458,51 @@ def test_a_chain_ending_on_a_server_error_has_no_retry_after(make_app, sim: Simu
 
     response = app.test_client().post("/plain")
     assert response.status_code == 503 and "Retry-After" not in response.headers
+
+
+def test_one_process_keeps_more_than_a_hundred_calls_in_flight() -> None:
+    """httpx's default pool holds 100 connections: a 101st call would wait for a connection, not for
+    Claude. The client is built with the SDK's limits (1,000), so 150 slow calls are all in flight."""
+    import threading
+
+    from flask import Flask
+
+    from flask_claude import Claude
+    from flask_claude.simulator import Simulator
+
+    from .conftest import serving
+
+    sim = Simulator()
+    sim.latency(1.0)
+    lock, gauge = threading.Lock(), {"now": 0, "most": 0}
+
+    def counting(environ: Any, start_response: Any) -> Any:
+        with lock:
+            gauge["now"] += 1
+            gauge["most"] = max(gauge["most"], gauge["now"])
+        try:
+            return list(sim(environ, start_response))
+        finally:
+            with lock:
+                gauge["now"] -= 1
+
+    with serving(counting) as url:  # type: ignore[arg-type]
+        app = Flask("many_in_flight")
+        app.config.update(CLAUDE_SIMULATE=True, CLAUDE_BASE_URL=url, CLAUDE_LOG_PATH="/dev/null",
+                          CLAUDE_MAX_RETRIES=0, CLAUDE_MODELS=["claude-sonnet-4-6"])
+        claude = Claude(app)
+
+        @app.post("/ask")
+        def ask() -> dict[str, Any]:
+            claude.messages.create(max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+            return {}
+
+        statuses: list[int] = []
+        threads = [threading.Thread(target=lambda: statuses.append(app.test_client().post("/ask").status_code))
+                   for _ in range(150)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert statuses == [200] * 150
+    assert gauge["most"] > 100, gauge

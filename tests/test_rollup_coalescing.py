@@ -230,6 +230,7 @@ def test_a_jumping_clock_cannot_grow_the_accumulation_past_a_bound(
     assert written >= 3 * MAX_MINUTES - (MAX_MINUTES + 1)  # without any flush: the sums went out when due
 
 
+@pytest.mark.redis  # starts a redis-server of its own
 def test_rollups_waiting_when_redis_goes_away_are_dropped_and_requests_still_pass(
         sim: Simulator, now_clock: FakeClock, log_path: Path) -> None:
     server = RedisServer()

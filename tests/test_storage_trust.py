@@ -20,6 +20,8 @@ from flask_claude.storage import Begin, Line, OutageGuard, RedisStore, StorageUn
 
 from .conftest import RedisServer, free_port, todays_noon_utc, wait_for
 
+pytestmark = pytest.mark.redis  # every case runs a redis-server
+
 NOW = todays_noon_utc()
 DAY_END = NOW + 12 * 3600
 
@@ -396,3 +398,37 @@ def test_a_guarded_request_costs_one_round_trip_on_tcp_and_on_a_unix_socket(serv
     for _ in range(10):
         assert c.post("/ask").status_code == 200
     assert 10 <= int(client.info("stats")["total_reads_processed"]) - before - 1 <= 11
+
+
+def test_a_step_run_twice_counts_once(redis_server: RedisServer) -> None:
+    """The client sends a step again on a fresh connection when the first one closed, possibly after
+    Redis ran it (the reply was lost): the second run finds its own request and holds."""
+    redis_server.flush()
+    store = make_store(redis_server.url)
+    step = Begin(requests=[per_minute("req:u", 2)], holds=[budget("usd:u", 1000, 300)], member="m1", rid="c1",
+                 hold_until=NOW + 60)
+    first, again = store.begin(step, NOW), store.begin(step, NOW)
+    assert first.ok and again.ok and first.remaining == again.remaining == (1,)
+    assert store.usage(["usd:u"], NOW) == [(0, 300)]  # held once
+    assert admit(store, "m2", per_minute("req:u", 2))  # the window counted the request once: room for one more
+    assert not admit(store, "m3", per_minute("req:u", 2))
+    # a refused step counts nowhere: not in the window it passed before the budget refused it
+    refused = store.begin(Begin(requests=[per_minute("req:v", 5)], holds=[budget("usd:u", 1000, 800)],
+                                member="m4", rid="c4", hold_until=NOW + 60), NOW)
+    assert not refused.ok and refused.stage == "hold"
+    assert store.begin(Begin(requests=[per_minute("req:v", 5)], member="m5"), NOW).remaining == (4,)
+
+
+def test_an_idle_worker_puts_its_share_back_without_a_request(redis_server: RedisServer) -> None:
+    """A worker that gets no request after a loss still restores its share (it watches the marker
+    while it has spend to put back), so the busy worker does not spend against half a budget."""
+    redis_server.flush()
+    events_idle = Events()
+    busy, idle = make_store(redis_server.url), make_store(redis_server.url, events_idle)
+    for store, rid in ((busy, "b1"), (idle, "i1")):
+        assert hold(store, rid, budget("usd:global:day", 1000, 400)).ok
+        store.settle([budget("usd:global:day", 1000, 400)], [rid], (), NOW + 1)
+    redis_server.client.flushall()
+    assert hold(busy, "b2", budget("usd:global:day", 1000, 1)).ok  # the busy worker restores its 400
+    assert wait_for(lambda: busy.usage(["usd:global:day"], NOW + 2) == [(800, 1)], timeout=10)
+    assert events_idle.names().count("storage_data_lost") == 1

@@ -94,6 +94,10 @@ class RedisCluster:
     def flush(self) -> None:
         import redis
 
+        from flask_claude.storage.redis import close_all
+
+        close_all()  # the earlier tests' stores must not take this flush for a data loss
+
         for port in self.ports:
             redis.Redis(port=port, socket_timeout=0.5).flushall()
 

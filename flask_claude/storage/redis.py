@@ -52,6 +52,10 @@ FLUSHER_IDLE_S = 5.0  # a flusher thread with nothing to send for this long ends
 MAX_FRAMES = 30_000  # plans' packed keys and fixed arguments kept (three a subject: see budget.py)
 MAX_LEDGER = 10_000  # budget keys whose settled spend this period a process remembers for a restore
 RESTORE_BATCH = 64  # budget keys put back per script call after a data loss
+# A failed connection is retried at once, then after these waits (seconds): a restarted Redis
+# refuses connections for a moment, and a step that waits it out skips no limit.
+RESTART_WAITS = (0.0, 0.1, 0.25)
+WATCH_S = 1.0  # how often a process with spend to put back looks for a data loss when idle
 
 Notify = Callable[[str, dict[str, Any]], None]
 
@@ -142,14 +146,14 @@ class RedisStore:
                  options: dict[str, Any] | None = None, notify: Notify | None = None) -> None:
         import redis
         from limits.storage import storage_from_string
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
 
         connection: dict[str, Any] = {
             "socket_timeout": socket_timeout, "socket_connect_timeout": socket_timeout,
-            # Once, at once, and only when the connection failed: a closed socket is reopened, a
-            # timed-out command (which Redis may still run) is not sent twice.
-            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+            # Only when the connection failed, never after a timeout (Redis may still run what timed
+            # out): a closed socket is reopened at once; a server that refuses (it is restarting) is
+            # asked twice more within RESTART_WAITS. Every script is safe to run twice: a step finds
+            # its own request and holds, a settlement or a restore its own id.
+            "retry": _reconnect_retry(),
         }
         if uri.startswith(("redis+sentinel", "valkey+sentinel")):
             del connection["socket_connect_timeout"]
@@ -194,6 +198,8 @@ class RedisStore:
         self._ledger = _Ledger()
         self._ledger_lock = threading.Lock()
         self._now = 0.0  # the latest time a step was given (the app's clock): a restore runs on it
+        self._watcher: tuple[int, threading.Thread] | None = None
+        self._closed = False
         self.persistence: dict[str, str] | None = None  # what the server said at first contact
         _STORES.add(self)
         self.rollups = RedisRollups(self)
@@ -289,8 +295,8 @@ class RedisStore:
         """The app's data is gone (the marker changed): put back this process's share of the period's
         spend, once per change, before any of its steps counts on the new data."""
         with self._epoch_lock:
-            if self._epoch == marker:
-                return  # another thread of this process did it
+            if self._epoch == marker or self._closed:
+                return  # another thread of this process did it (or the store is closed)
             now = self._now
             with self._ledger_lock:
                 spent = self._ledger.live(now)
@@ -299,7 +305,8 @@ class RedisStore:
                 lost = None
                 for start in range(0, len(spent), RESTORE_BATCH):
                     batch = spent[start:start + RESTORE_BATCH]
-                    reply = self._run([self._restore_call(batch, now)], known=marker)[0]
+                    restore_id = f"{self._proposal}:{marker.decode()}:{start}"
+                    reply = self._run([self._restore_call(batch, now, restore_id)], known=marker)[0]
                     if isinstance(reply, Exception):
                         raise reply
                     if _is(reply, b"lost"):  # lost again meanwhile: start over on the newest data
@@ -323,9 +330,44 @@ class RedisStore:
         self._epoch = marker
         self._proposal = os.urandom(8).hex()
 
-    def _restore_call(self, batch: Sequence[_Spent], now: float) -> Call:
+    def _remember(self, lines: Sequence[Line], thresholds: Sequence[float], now: float) -> None:
+        """A settlement landed: its spend goes into the ledger, and this process (a forked worker
+        starts its own) watches for a data loss while the ledger has spend to put back."""
+        with self._ledger_lock:
+            self._ledger.add(lines, thresholds, now)
+        watcher, pid = self._watcher, process.pid()
+        if watcher is None or watcher[0] != pid or not watcher[1].is_alive():
+            with self._ledger_lock:
+                if self._watcher is None or self._watcher[0] != pid or not self._watcher[1].is_alive():
+                    thread = threading.Thread(target=_watch, args=(weakref.ref(self),),
+                                              name="flask-claude-data-watch", daemon=True)
+                    thread.start()
+                    self._watcher = (pid, thread)
+
+    def _watch_once(self) -> bool:
+        """One look at the marker; False when there is nothing left to watch for (the ledger has no
+        live spend, or the store was closed)."""
+        with self._ledger_lock:
+            if self._closed or not self._ledger.live(self._now):
+                if self._watcher is not None and self._watcher[1] is threading.current_thread():
+                    self._watcher = None
+                return False
+        try:
+            reply = self._run([Call(self._epoch_script, [self._epoch_key], [self._proposal])])[0]
+            if not isinstance(reply, Exception) and self._epoch is not None and bytes(reply) != self._epoch:
+                self._recover(bytes(reply))
+        except self._errors:
+            pass  # storage away: the outage guard and the next step deal with it
+        return True
+
+    def close(self) -> None:
+        """Stop watching (an app torn down, a test's store): a closed store never restores spend."""
+        with self._ledger_lock:
+            self._closed = True
+
+    def _restore_call(self, batch: Sequence[_Spent], now: float, restore_id: str) -> Call:
         thresholds = batch[0].thresholds if batch else ()
-        args: list[Any] = [repr(now), len(thresholds), *(repr(t) for t in thresholds)]
+        args: list[Any] = [restore_id, repr(now), len(thresholds), *(repr(t) for t in thresholds)]
         for entry in batch:
             args += [entry.amount, entry.line.limit, repr(entry.line.expires_at)]
         return Call(self._restore, [self._k(e.line.key) for e in batch], args, epoch=True)
@@ -395,8 +437,7 @@ class RedisStore:
                 self._owe([p])  # an error reply: the script did not run
                 continue
             landed.append(p)
-            with self._ledger_lock:
-                self._ledger.add(p.lines, p.thresholds, now)
+            self._remember(p.lines, p.thresholds, now)
             p.done([] if _is(reply, b"dup") else self._crossed(p.lines, reply), None)
         if replayed and landed and self._notify is not None:
             self._notify("spend_replayed", _replayed(landed))
@@ -554,8 +595,7 @@ class RedisStore:
         reply = self._call(self._run_marked, [call])[0]
         if isinstance(reply, Exception) or _is(reply, b"lost"):
             raise StorageUnavailable(type(reply).__name__)
-        with self._ledger_lock:
-            self._ledger.add(lines, thresholds, now)
+        self._remember(lines, thresholds, now)
         return [] if _is(reply, b"dup") else self._crossed(lines, reply)
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,
@@ -665,6 +705,20 @@ def _replayed(landed: Sequence[_Pending]) -> dict[str, Any]:
     return {"settlements": len(landed), "budgets": len(per_key), "usd": round(usd / 1_000_000, 6), "lost_usd": 0.0}
 
 
+def _reconnect_retry() -> Any:
+    """redis-py's ``Retry`` with ``RESTART_WAITS`` between attempts, on connection errors only
+    (redis-py is an optional extra: imported here, not at the module's top)."""
+    import redis
+    from redis.backoff import AbstractBackoff
+    from redis.retry import Retry
+
+    class RestartBackoff(AbstractBackoff):
+        def compute(self, failures: int) -> float:
+            return RESTART_WAITS[min(failures, len(RESTART_WAITS)) - 1]
+
+    return Retry(RestartBackoff(), len(RESTART_WAITS), supported_errors=(redis.exceptions.ConnectionError,))
+
+
 def _persistence(appendonly: Any, save: Any) -> dict[str, str] | None:
     """``CONFIG GET`` replies as a dict; None where the server refuses CONFIG (many managed ones do)."""
     out: dict[str, str] = {}
@@ -683,6 +737,26 @@ def _persists(config: dict[str, str]) -> bool:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _watch(ref: weakref.ReferenceType[RedisStore]) -> None:
+    """Why: a worker notices a data loss at its next step, and one that gets no request would never
+    put its share back while the others spend against a budget missing it. So while a store has
+    spend to put back, its process reads the marker every ``WATCH_S`` seconds (one round trip),
+    idle or not. The thread holds the store weakly: a store nobody uses any more is not kept alive."""
+    while True:
+        time.sleep(WATCH_S)
+        store = ref()
+        if store is None or not store._watch_once():
+            return
+        del store
+
+
+def close_all() -> None:
+    """Close every store of this process (``RedisStore.close``): for tests that empty Redis between
+    cases, where the earlier cases' stores must not take that for a data loss."""
+    for store in list(_STORES):
+        store.close()
 
 
 def _no_done(crossed: Any, failure: str | None) -> None:

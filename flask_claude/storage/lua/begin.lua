@@ -30,8 +30,8 @@ local states = {}
 local function state_of(key)
   local s = states[key]
   if s == nil then
-    local spent, reserved, present, exhausted, lapse = budget_state(key, now)
-    s = {spent, reserved, present, exhausted, lapse}
+    local spent, reserved, present, exhausted, lapse, mine = budget_state(key, now, rid)
+    s = {spent, reserved, present, exhausted, lapse, mine}
     states[key] = s
   end
   return s
@@ -52,19 +52,28 @@ for i = 1, ng do
     return {0, 'gate', i - 1, tostring(math.max(0, expires - now)), 0, 0, 0}
   end
 end
-local remaining, resets = {}, {}
+-- A step can run twice: the client sends it again on a fresh connection when the first one closed,
+-- which may be after Redis ran it (the reply was lost). So this request is added to each window
+-- with NX (a second run finds it there and is not counted again), and its holds are found by rid.
+local remaining, resets, added = {}, {}, {}
+local function take_back()  -- refused after the windows: this request counts in none of them
+  for j = 1, #added do redis.call('ZREM', added[j], member) end
+end
 for j = 1, nr do
   local key = KEYS[ng + j]
   local limit, window = tonumber(ARGV[request_args + 3 * j - 3]), tonumber(ARGV[request_args + 3 * j - 2])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[starts + j - 1])
-  local count = redis.call('ZCARD', key)
-  if count + 1 > limit then
+  local new = redis.call('ZADD', key, 'NX', ARGV[own], member) == 1
+  if new then table.insert(added, key) end
+  local count = redis.call('ZCARD', key)  -- this request included
+  if new and count > limit then
+    take_back()
     local oldest = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
     return {0, 'request', j - 1, tostring(math.max(0, tonumber(oldest[2]) + window - now)), 0, 0, 0}
   end
-  remaining[j] = limit - count - 1
-  resets[j] = window  -- until a slot frees: the oldest hit's end, or this one's when it is the first
-  if count > 0 then
+  remaining[j] = math.max(0, limit - count)
+  resets[j] = window  -- until a slot frees: the oldest hit's end, or this one's when it is the only one
+  if count > 1 then
     local oldest = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
     resets[j] = math.max(0, tonumber(oldest[2]) + window - now)
   end
@@ -83,8 +92,9 @@ for k = 1, nh do
   local amount = tonumber(ARGV[amounts + alt + k - 1])
   local s = state_of(key)
   local spent, reserved = s[1], s[2]
-  if spent + reserved + amount > limit then
+  if not s[6] and spent + reserved + amount > limit then  -- (s[6]: held by this step's first run)
     if optional then held = 0; break end
+    take_back()
     if spent + amount <= limit then
       return {0, 'hold', k - 1, '1', 0, spent, 1}
     end
@@ -98,14 +108,14 @@ for k = 1, nh do
   end
 end
 for j = 1, nr do
-  local key = KEYS[ng + j]
-  redis.call('ZADD', key, ARGV[own], member)
-  redis.call('EXPIRE', key, ARGV[request_args + 3 * j - 1])
+  redis.call('EXPIRE', KEYS[ng + j], ARGV[request_args + 3 * j - 1])
 end
 for k = 1, nh * held do
   local key = KEYS[ng + nr + k]
   local expires = tonumber(ARGV[hold_args + 2 * k - 1])
-  hold(key, rid, ARGV[amounts + alt + k - 1], states[key][2], hold_until, states[key][5], expires, now)
+  if not states[key][6] then
+    hold(key, rid, ARGV[amounts + alt + k - 1], states[key][2], hold_until, states[key][5], expires, now)
+  end
   if not states[key][3] then  -- a key still there keeps the expiry it was created with (the period's end)
     redis.call('PEXPIRE', key, ttl_ms(expires, now, 86400))
   end

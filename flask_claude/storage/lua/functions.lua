@@ -61,17 +61,19 @@ local function drop_lapsed(key, now)
 end
 
 -- A budget's spent, its live holds' sum, whether the key is there (it then has its expiry: every
--- write that creates a budget key sets one), the limit it was found spent at, and "lapse".
-local function budget_state(key, now)
-  local s = redis.call('HMGET', key, 'spent', 'held', 'exhausted', 'lapse')
+-- write that creates a budget key sets one), the limit it was found spent at, "lapse", and (with a
+-- ``rid``) that hold's field: a step sent again after a reply that never came finds its own hold.
+local function budget_state(key, now, rid)
+  local fields = {'spent', 'held', 'exhausted', 'lapse', 'r:' .. (rid or '')}
+  local s = redis.call('HMGET', key, unpack(fields))
   local lapse = s[4]
   if lapse and tonumber(lapse) <= now then
     drop_lapsed(key, now)
-    s = redis.call('HMGET', key, 'spent', 'held', 'exhausted', 'lapse')
+    s = redis.call('HMGET', key, unpack(fields))
     lapse = s[4]
   end
   return tonumber(s[1] or '0'), tonumber(s[2] or '0'), (s[1] or s[2] or s[3]) ~= false,
-         tonumber(s[3] or '-1'), lapse and tonumber(lapse) or false
+         tonumber(s[3] or '-1'), lapse and tonumber(lapse) or false, rid ~= nil and rid ~= '' and s[5]
 end
 
 -- A new entry on K|t; ``lapse`` is K's as budget_state read it (false: K|t is empty or missing, so
