@@ -238,14 +238,20 @@ class Gunicorn:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
+        terminate(self.process)
         self._stderr.close()
+
+
+def terminate(process: subprocess.Popen[Any] | None, timeout: float = 15) -> None:
+    """Stop a process we started: SIGTERM, then SIGKILL if it has not ended within ``timeout``."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
 
 
 def table(rows: list[list[Any]], header: list[str]) -> str:

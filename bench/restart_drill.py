@@ -130,7 +130,7 @@ def main() -> None:
     from pathlib import Path
 
     import redis
-    from _common import Gunicorn, free_port, machine_description, percentile, table
+    from _common import Gunicorn, free_port, machine_description, percentile, table, terminate
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
@@ -201,13 +201,7 @@ def main() -> None:
             return {"shutdown_s": down, "start_s": up, "total_s": time.monotonic() - t0}
 
         def stop(self) -> None:
-            if self.process is not None and self.process.poll() is None:
-                self.process.terminate()
-                try:
-                    self.process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    self.process.kill()
-                    self.process.wait(timeout=5)
+            terminate(self.process, timeout=10)
             self.log.close()
 
     def post(base: str, path: str, user: str) -> tuple[float, float, int, str | None]:
