@@ -178,6 +178,13 @@ class GuardedMessageStream(StreamAccount):
                 yield event
         except (anthropic.APIError, httpx2.HTTPError) as exc:
             raise self._broken(exc) from None
+        except BaseException:
+            # The consumer stopped early (the generator closed: a ``break``, a response generator
+            # Flask closed when the client went away) or something was thrown into it: bill what
+            # arrived now, whether or not ``close()`` is reached, as the async stream does.
+            if not self._finished:
+                self._settle(abandoned=True)
+            raise
         self._ended()
 
     def _text_stream(self) -> Iterator[str]:
@@ -202,13 +209,13 @@ class GuardedMessageStream(StreamAccount):
     def close(self) -> None:
         """Release the connection; a stream closed before its end is billed for what arrived."""
         try:
+            if not self._finished:
+                self._settle(abandoned=True)  # first, as the async stream: an interrupt while closing skips no bill
+        finally:
             if self._manager is not None:
                 self._manager.__exit__(None, None, None)
             else:
                 self._inner.close()
-        finally:
-            if not self._finished:
-                self._settle(abandoned=True)
 
     def __enter__(self) -> GuardedMessageStream:
         return self

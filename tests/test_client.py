@@ -506,3 +506,19 @@ def test_one_process_keeps_more_than_a_hundred_calls_in_flight() -> None:
             t.join(30)
     assert statuses == [200] * 150
     assert gauge["most"] > 100, gauge
+
+
+def test_a_stream_abandoned_mid_iteration_is_billed_without_close(make_app, claude_log: CallLog) -> None:
+    """The consumer breaks out of the loop and drops the stream without ``close()``: what arrived is
+    billed when the iteration ends, as on the async stream (test_async.py), not lost."""
+    app = make_app()
+    with app.app_context():
+        stream = app.extensions["claude"].messages.create(
+            model="claude-sonnet-4-6", max_tokens=300, messages=user_msg("Tell me a long story."), stream=True)
+        for event in stream:
+            if getattr(event, "type", None) == "content_block_delta":
+                break  # the generator is closed here; the stream is never closed
+        [line] = claude_log.events("claude_api_call")
+        assert line["stop_reason"] == "client_disconnected" and line["output_tokens"] >= 1 and line["cost_usd"] > 0
+        stream.close()  # closing later bills nothing twice
+    assert len(claude_log.events("claude_api_call")) == 1
