@@ -114,7 +114,7 @@ def ai_feature(name: str, *, flag: str | None = None, max_tokens: int | None = N
     """Mark a view as the AI feature ``name``: kill switch, attribution, caps and output checks.
 
     Every option is checked here, at import time, so a typo fails the deploy and not a request.
-    README "The decorators" has the same table with examples.
+    docs/guide.md ("The decorators") has the same table with examples.
 
     :param name: the feature's name: the ``feature`` field of every log line, metric and budget key.
     :param flag: the feature's on/off flag (default ``ai-<name>``); off degrades with ``feature_disabled``.

@@ -1,4 +1,4 @@
-"""The request pipeline of a decorated view, top to bottom (README: "How degradation works").
+"""The request pipeline of a decorated view, top to bottom (docs/guide.md: "How degradation works").
 
 docs/ARCHITECTURE.md walks through it, the modules each step calls and where to add things.
 

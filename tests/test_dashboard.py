@@ -176,7 +176,7 @@ def test_the_dashboard_in_chromium(page: Any, served: tuple[str, Flask], sim: Si
     page.wait_for_function("document.getElementById('updated').textContent.startsWith('updated')", timeout=10_000)
     assert page.locator("#latency-chart circle").count() > 10
     page.set_viewport_size({"width": 1280, "height": 1100})
-    # UPDATE_SCREENSHOTS=1 refreshes the README's picture; otherwise it goes to the test's temporary directory.
+    # UPDATE_SCREENSHOTS=1 refreshes docs/operations.md's picture; otherwise it goes to the test's temporary directory.
     target = ROOT / "docs" / "dashboard.png" if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path / "dashboard.png"
     page.screenshot(path=str(target), full_page=True)
     assert target.stat().st_size > 10_000

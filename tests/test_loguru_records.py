@@ -41,7 +41,7 @@ def test_a_users_serialized_sink_sees_the_fields_flat_in_extra(make_app, tmp_pat
 
 
 def test_the_readmes_routing_filter_and_formatter(make_app, tmp_path: Path) -> None:
-    """The README's set-up: events to their own serialized file, out of the app's log, a formatter."""
+    """docs/operations.md's set-up: events to their own serialized file, out of the app's log, a formatter."""
     app = make_app()
 
     def is_claude(record: Any) -> bool:

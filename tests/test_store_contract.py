@@ -3,7 +3,7 @@
 Each case drives the ``Store`` protocol directly (storage/records.py), with times the test chooses,
 so the semantics the budgets, limits, alerts and breakers rely on are pinned for every backend. The
 cluster is started here on loopback (``--cluster-enabled yes``, ``redis-cli --cluster create``), as
-the README promises ``redis+cluster://``; every key of one app shares a hash tag, so each script
+docs/operations.md promises ``redis+cluster://``; every key of one app shares a hash tag, so each script
 runs on one node.
 """
 
