@@ -20,6 +20,7 @@ Everything is read from the environment at ``create_app()`` time, never at impor
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -30,8 +31,9 @@ from typing import Any
 from flask import Flask
 from werkzeug.middleware.proxy_fix import ProxyFix
 
+from flask_claude import ConfigError
 from flask_claude.flags import LaunchDarklyFlags
-from flask_claude.settings import SETTING_KEYS
+from flask_claude.settings import GROUPS, SETTING_KEYS
 
 from .views import CLASSIFY_SYSTEM, bp, claude
 
@@ -82,8 +84,16 @@ def config_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         "CLAUDE_DASHBOARD": True,
         "EXAMPLE_FLAGS_FILE": environ.get("EXAMPLE_FLAGS_FILE", str(DEFAULT_FLAGS_FILE)),
     }
-    # Any CLAUDE_* setting in the environment wins (CLAUDE_BASE_URL, CLAUDE_MAX_RETRIES, ...).
-    config.update({key: value for key, value in environ.items() if key in SETTING_KEYS})
+    # Any CLAUDE_* setting in the environment wins (CLAUDE_BASE_URL, CLAUDE_MAX_RETRIES, ...); a grouped
+    # one is JSON: CLAUDE_OPS_ALERTS='{"window": 60}'.
+    for key, value in environ.items():
+        if key in GROUPS:
+            try:
+                config[key] = json.loads(value)
+            except ValueError:
+                raise ConfigError(f"{key} must be a JSON object, e.g. {key}='{{\"window\": 60}}'") from None
+        elif key in SETTING_KEYS:
+            config[key] = value
     return config
 
 

@@ -2,7 +2,7 @@
 
 Why on the request path and not in a thread: a background thread started before gunicorn forks
 is lost in the workers, and one per worker would need its own lifecycle. Instead, a request that
-finds this process's last evaluation older than ``CLAUDE_ALERT_EVAL_INTERVAL`` seconds (5) reads
+finds this process's last evaluation older than ``CLAUDE_OPS_ALERTS["eval_interval"]`` seconds (5) reads
 the window's buckets and the shared alert states in one round trip and decides. Every worker
 reads the same rollups, so they agree on the condition; the episode's state is one field of a
 shared hash, set with ``HSETNX`` and cleared with ``HDEL``, so exactly one worker announces
@@ -28,7 +28,7 @@ ALERTS = ("error_rate", "latency_p95", "cost_spike")
 
 
 # A firing alert resolves only once its value is back under this share of the threshold (or traffic
-# falls under CLAUDE_ALERT_MIN_CALLS). Why: each worker's rollups land up to a flush interval late, so
+# falls under CLAUDE_OPS_ALERTS["min_calls"]). Why: each worker's rollups land up to a flush interval late, so
 # a value near the threshold can dip under it and come back when another worker's counts arrive; an
 # alert that resolved at the first dip would page again a second later.
 RESOLVE_AT = 0.8

@@ -228,7 +228,7 @@ class Claude:
 
 
 def _evaluate_ops_alerts(response: Any) -> Any:
-    """After each request: the ops alerts, at most every ``CLAUDE_ALERT_EVAL_INTERVAL`` s per process."""
+    """After each request: the ops alerts, at most every ``CLAUDE_OPS_ALERTS["eval_interval"]`` s per process."""
     state = state_for(required=False)
     if state is not None:
         state.ops_alerts.maybe_evaluate()

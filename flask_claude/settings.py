@@ -250,13 +250,14 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.alert_window is not None and self.alert_window > self.rollup_retention:
-            raise ConfigError(f"CLAUDE_ALERT_WINDOW ({self.alert_window:g} s) must not exceed "
+            raise ConfigError(f"CLAUDE_OPS_ALERTS['window'] ({self.alert_window:g} s) must not exceed "
                               f"CLAUDE_ROLLUP_RETENTION ({self.rollup_retention:g} s), which it is read from")
         if self.rollup_flush_interval > 60:  # past a minute, the alerts' shortest window would miss counts
             raise ConfigError(f"CLAUDE_ROLLUP_FLUSH_INTERVAL must be at most 60 s (the shortest alert window), "
                               f"got {self.rollup_flush_interval:g}")
         if self.breaker_failure_rate > 1:
-            raise ConfigError(f"CLAUDE_BREAKER_FAILURE_RATE must be a fraction <= 1, got {self.breaker_failure_rate}")
+            raise ConfigError("CLAUDE_BREAKER['failure_rate'] must be a fraction <= 1, "
+                              f"got {self.breaker_failure_rate}")
         if not isinstance(self.flags, str) and not all(
             callable(getattr(self.flags, name, None)) for name in ("enabled", "value")
         ):
@@ -266,12 +267,40 @@ class Settings:
             raise ConfigError(f"CLAUDE_FLAGS must be 'launchdarkly', 'env' or 'static', got {self.flags!r}")
 
 
-SETTING_KEYS = tuple(f"CLAUDE_{f.name.upper()}" for f in fields(Settings))
+#: Tuning knobs kept together under one key each, ``CLAUDE_BREAKER = {"min_calls": 5, ...}``: a user
+#: holds two keys in their head instead of eleven. Each member is a ``Settings`` field; its old flat
+#: key (``CLAUDE_BREAKER_MIN_CALLS``) still works for one release, with a DeprecationWarning.
+GROUPS: dict[str, dict[str, str]] = {
+    "CLAUDE_BREAKER": {"min_calls": "breaker_min_calls", "failure_rate": "breaker_failure_rate",
+                       "window": "breaker_window", "cooldown": "breaker_cooldown"},
+    "CLAUDE_OPS_ALERTS": {"window": "alert_window", "error_rate": "alert_error_rate",
+                          "min_calls": "alert_min_calls", "latency_p95": "alert_latency_p95",
+                          "cost_spike": "alert_cost_spike", "cost_spike_min_usd": "alert_cost_spike_min_usd",
+                          "eval_interval": "alert_eval_interval"},
+}
+_GROUP_OF = {name: (group, member) for group, members in GROUPS.items() for member, name in members.items()}
+
+#: Every key a user sets: the groups, and each field not in a group as ``CLAUDE_<NAME>``.
+SETTING_KEYS = tuple([*(f"CLAUDE_{f.name.upper()}" for f in fields(Settings) if f.name not in _GROUP_OF), *GROUPS])
 
 #: Settings that no longer do anything: accepted with a DeprecationWarning for one release.
 DEPRECATED = {
     "CLAUDE_STORAGE_SPIN": "has no effect any more: Redis is reached through redis-py, and nothing busy-waits",
 }
+#: Flat keys now members of a group: still read, with a DeprecationWarning, for one release.
+MOVED = {f"CLAUDE_{name.upper()}": (group, member) for name, (group, member) in _GROUP_OF.items()}
+
+
+def _group(key: str, value: Any) -> dict[str, Any]:
+    """A group's dict: only its own members, each checked with its field's rule afterwards."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key} must be a dict of {', '.join(GROUPS[key])}, got {type(value).__name__}")
+    unknown = sorted(str(m) for m in value if m not in GROUPS[key])
+    if unknown:
+        raise ConfigError(f"{key} has unknown member(s) {', '.join(unknown)}; known: {', '.join(GROUPS[key])}")
+    return dict(value)
 
 
 def load_settings(config: Mapping[str, Any], overrides: Mapping[str, Any] | None = None,
@@ -290,18 +319,30 @@ def load_settings(config: Mapping[str, Any], overrides: Mapping[str, Any] | None
         if key in config or name in overrides:
             warnings.warn(f"{key} {why}; remove it", DeprecationWarning, stacklevel=3)
             overrides.pop(name, None)
+    grouped = {group: _group(group, overrides.pop(group.removeprefix("CLAUDE_").lower(), None)
+                             if group.removeprefix("CLAUDE_").lower() in overrides else config.get(group))
+               for group in GROUPS}
+    for key, (group, member) in MOVED.items():
+        name = key.removeprefix("CLAUDE_").lower()
+        if key in config or name in overrides:
+            warnings.warn(f"{key} is deprecated: set {group} = {{{member!r}: ...}} instead", DeprecationWarning,
+                          stacklevel=3)
     unknown_override = sorted(set(overrides) - set(by_name))
     if unknown_override:
         raise ConfigError(f"Unknown Claude() argument(s): {', '.join(unknown_override)}")
-    unknown = sorted(k for k in config if k.startswith("CLAUDE_") and k not in SETTING_KEYS and k not in DEPRECATED)
+    unknown = sorted(k for k in config if k.startswith("CLAUDE_") and k not in SETTING_KEYS and k not in DEPRECATED
+                     and k not in MOVED)
     if unknown:
         raise ConfigError(f"Unknown setting(s): {', '.join(unknown)}. Known settings: {', '.join(SETTING_KEYS)}")
 
     values: dict[str, Any] = {}
     for name, f in by_name.items():
         key = f"CLAUDE_{name.upper()}"
+        group, member = _GROUP_OF.get(name, ("", ""))
         if name in overrides:
             raw = overrides[name]
+        elif group and member in grouped[group]:
+            key, raw = f"{group}[{member!r}]", grouped[group][member]
         elif key in config:
             raw = config[key]
         elif f.metadata["env"] and environ.get(f.metadata["env"]):

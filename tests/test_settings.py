@@ -35,7 +35,9 @@ def init(**config: object) -> Flask:
     ("CLAUDE_BUDGET_ALERTS", [0.5, 2]),
     ("CLAUDE_BUDGET_TIMEZONE", "Mars/Olympus"),
     ("CLAUDE_FLAGS", "yaml"),
-    ("CLAUDE_BREAKER_FAILURE_RATE", 1.5),
+    ("CLAUDE_BREAKER", {"failure_rate": 1.5}),
+    ("CLAUDE_BREAKER", {"failure_rte": 0.5}),  # a member that does not exist
+    ("CLAUDE_OPS_ALERTS", {"window": 30}),
     ("CLAUDE_ROLLUP_FLUSH_INTERVAL", -1),
     ("CLAUDE_ROLLUP_FLUSH_INTERVAL", 61),
     ("CLAUDE_ROLLUP_FLUSH_INTERVAL", "soon"),
@@ -158,3 +160,19 @@ def test_storage_options_reach_the_redis_client(redis_url: str) -> None:
                CLAUDE_STORAGE_OPTIONS={"health_check_interval": 7, "max_connections": 321})
     pool = app.extensions["claude"].store.inner.client.connection_pool
     assert pool.connection_kwargs["health_check_interval"] == 7 and pool.max_connections == 321
+
+
+def test_grouped_settings_and_their_old_flat_names() -> None:
+    app = init(CLAUDE_SIMULATE=True, CLAUDE_BREAKER={"min_calls": 3, "cooldown": 5},
+               CLAUDE_OPS_ALERTS={"error_rate": 0.02, "window": None})
+    settings = app.extensions["claude"].settings
+    assert (settings.breaker_min_calls, settings.breaker_cooldown, settings.breaker_window) == (3, 5.0, 30.0)
+    assert settings.alert_error_rate == 0.02 and settings.alert_window is None
+    with pytest.warns(DeprecationWarning, match=r"CLAUDE_BREAKER_MIN_CALLS is deprecated: set CLAUDE_BREAKER"):
+        old = init(CLAUDE_SIMULATE=True, CLAUDE_BREAKER_MIN_CALLS=7, CLAUDE_ALERT_ERROR_RATE=0.1)
+    assert old.extensions["claude"].settings.breaker_min_calls == 7
+    assert old.extensions["claude"].settings.alert_error_rate == 0.1
+    app = Flask("grouped_override")
+    app.config.update(CLAUDE_SIMULATE=True)
+    Claude(app, breaker={"failure_rate": 0.9})
+    assert app.extensions["claude"].settings.breaker_failure_rate == 0.9
