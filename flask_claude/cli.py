@@ -176,6 +176,10 @@ def check_command(strict: bool) -> None:
         click.get_current_context().exit(1)
     click.echo("  reachable: yes")
     click.echo(f"  data-loss marker: {found['marker']}")
+    eviction = found.get("eviction")
+    if eviction and eviction.startswith("allkeys"):
+        click.echo(f"  WARNING: maxmemory-policy {eviction} may evict budget keys under memory pressure (a budget "
+                   "then forgets its spend). Use noeviction or a volatile-* policy.")
     config = found["persistence"]
     if config is None:
         click.echo("  persistence: unknown (the server refuses CONFIG GET; managed Redis services often do). "

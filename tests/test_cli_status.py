@@ -169,6 +169,14 @@ def test_check_warns_about_a_redis_that_keeps_nothing_and_fails_on_one_that_is_a
     assert result.exit_code == 0 and "reachable: yes" in result.output
     assert "keeps nothing on disk" in result.output  # the test server runs with --save "" --appendonly no
     assert app.test_cli_runner().invoke(args=["claude", "check", "--strict"]).exit_code == 2
+    import redis
+
+    admin = redis.Redis.from_url(redis_url)
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        assert "may evict budget keys" in app.test_cli_runner().invoke(args=["claude", "check"]).output
+    finally:
+        admin.config_set("maxmemory-policy", "noeviction")
     away = status_app(f"redis://:pass@word@127.0.0.1:{free_port()}/0", CLAUDE_STORAGE_SOCKET_TIMEOUT=0.2)
     result = away.test_cli_runner().invoke(args=["claude", "check"])
     assert result.exit_code == 1 and "reachable: no" in result.output

@@ -101,7 +101,7 @@ class Events:
 
 
 def make_store(url: str, events: Events | None = None, **kw: Any) -> RedisStore:
-    return RedisStore(url, prefix="trust", socket_timeout=1.0, settle_delay=30, notify=events, **kw)
+    return RedisStore(url, prefix="trust", socket_timeout=1.0, notify=events, **{"settle_delay": 30, **kw})
 
 
 def guarded(store: RedisStore, events: Events) -> OutageGuard:
@@ -432,3 +432,57 @@ def test_an_idle_worker_puts_its_share_back_without_a_request(redis_server: Redi
     assert hold(busy, "b2", budget("usd:global:day", 1000, 1)).ok  # the busy worker restores its 400
     assert wait_for(lambda: busy.usage(["usd:global:day"], NOW + 2) == [(800, 1)], timeout=10)
     assert events_idle.names().count("storage_data_lost") == 1
+
+
+def test_a_copy_of_a_late_settlement_still_counts_once(redis_server: RedisServer) -> None:
+    """A settlement that lands after its hold's time (replayed after an outage) keeps its mark for
+    15 minutes, so a copy of it (its reply was lost) that comes after another step counts nothing."""
+    redis_server.flush()
+    worker, other = make_store(redis_server.url), make_store(redis_server.url)
+    assert hold(worker, "c1", budget("usd:u", 1000, 300), until=NOW + 60).ok
+    worker.settle([budget("usd:u", 1000, 120)], ["c1"], (), NOW + 100)  # after the hold lapsed
+    assert hold(other, "o1", budget("usd:u", 1000, 1), now=NOW + 101, until=NOW + 200).ok  # drops what lapsed
+    assert worker.settle([budget("usd:u", 1000, 120)], ["c1"], (), NOW + 102) == []
+    assert other.usage(["usd:u"], NOW + 103) == [(120, 1)]
+
+
+def test_an_idle_workers_settlements_land_when_redis_is_back_without_a_request(server: RestartableRedis) -> None:
+    """Nothing else comes (no request, so no probe): the flusher keeps trying, backing off."""
+    store = make_store(server.url, settle_delay=0.01)
+    assert hold(store, "c1", budget("usd:global:day", 1000, 300)).ok
+    assert server.process is not None
+    server.process.terminate()
+    server.process.wait(timeout=10)
+    landed: list[Any] = []
+    store.settle_later([budget("usd:global:day", 1000, 110)], ["c1"], (), NOW + 1, lambda c, f: landed.append(f))
+    assert not wait_for(lambda: bool(landed), timeout=0.5)  # Redis is away: kept, not dropped
+    server.start()
+    assert wait_for(lambda: landed == [None], timeout=15)
+    assert make_store(server.url).usage(["usd:global:day"], NOW + 2) == [(110, 0)]
+
+
+def test_a_forked_worker_restores_its_own_share_and_not_its_parents(redis_server: RedisServer) -> None:
+    """A store used before a fork (gunicorn --preload and a warm-up call): the child starts with no
+    ledger, nothing waiting and a proposal of its own, so after a loss parent and child each put back
+    exactly what they settled."""
+    import os
+
+    redis_server.flush()
+    store = make_store(redis_server.url)
+    assert hold(store, "p1", budget("usd:global:day", 1000, 100)).ok
+    store.settle([budget("usd:global:day", 1000, 100)], ["p1"], (), NOW + 1)
+    pid = os.fork()
+    if pid == 0:  # the child: settle its own 10, then restore only that after the loss
+        code = 1
+        try:
+            assert hold(store, "k1", budget("usd:global:day", 1000, 10)).ok
+            store.settle([budget("usd:global:day", 1000, 10)], ["k1"], (), NOW + 1)
+            redis.Redis.from_url(redis_server.url).flushall()
+            assert hold(store, "k2", budget("usd:global:day", 1000, 1)).ok  # restores 10, not 110
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert hold(store, "p2", budget("usd:global:day", 1000, 1)).ok  # the parent restores its 100
+    assert store.usage(["usd:global:day"], NOW + 2) == [(110, 2)]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import random
 import threading
 import time
 import weakref
@@ -56,6 +57,7 @@ RESTORE_BATCH = 64  # budget keys put back per script call after a data loss
 # refuses connections for a moment, and a step that waits it out skips no limit.
 RESTART_WAITS = (0.0, 0.1, 0.25)
 WATCH_S = 1.0  # how often a process with spend to put back looks for a data loss when idle
+OWED_RETRY_MAX_S = 5.0  # the longest a flusher waits between sends of settlements storage did not take
 
 Notify = Callable[[str, dict[str, Any]], None]
 
@@ -315,6 +317,8 @@ class RedisStore:
                 if lost is None:
                     break
                 marker = lost
+            else:  # lost again and again while restoring: adopt nothing, count on nothing
+                raise StorageUnavailable("the app's data kept vanishing while this process restored its spend")
             first = marker == self._proposal.encode()  # this process found the marker gone and set it
             self._adopt(marker)
         if self._notify is not None:
@@ -360,6 +364,21 @@ class RedisStore:
             pass  # storage away: the outage guard and the next step deal with it
         return True
 
+    def _forked(self) -> None:
+        """In a forked child: what the parent owns stays the parent's. Its settlements waiting are
+        its own to send (sent by both, they would count twice), its ledger is its spend (restored by
+        both, it would count twice), and its proposal names its restores (shared, one child's restore
+        would make the others' no-ops)."""
+        self._pending_lock = threading.Lock()
+        self._landed = threading.Condition(self._pending_lock)
+        self._pending, self._in_flight, self._flushing, self._owing = [], 0, 0, False
+        self._flush_wakeup = threading.Event()
+        self._flusher = self._watcher = None
+        self._epoch_lock = threading.Lock()
+        self._ledger_lock = threading.Lock()
+        self._ledger = _Ledger()
+        self._proposal = os.urandom(8).hex()
+
     def close(self) -> None:
         """Stop watching (an app torn down, a test's store): a closed store never restores spend."""
         with self._ledger_lock:
@@ -383,6 +402,8 @@ class RedisStore:
             again = self._run([calls[i] for i in lost])
             for i, reply in zip(lost, again, strict=True):
                 replies[i] = reply
+        if any(_is(r, b"lost") for r in replies):
+            raise StorageUnavailable("the app's data kept vanishing")
         return replies
 
     # --- settlements written behind ---------------------------------------------------------------
@@ -486,18 +507,25 @@ class RedisStore:
         """A flusher thread per process (a forked worker starts its own) for quiet moments; it ends
         after a quiet spell and the next settlement starts it again. Not while a send failed: what
         waits then rides on the next round trip that works (a request's, or the outage probe)."""
-        if self._owing:
-            return
         pid = process.pid()
         flusher = self._flusher
+        if self._owing:  # the flusher retries on its own, backing off: only make sure it runs
+            if flusher is None or flusher[0] != pid or not flusher[1].is_alive():
+                with self._pending_lock:
+                    self._start_flusher(pid)
+            return
         if flusher is not None and flusher[0] == pid and self._flush_wakeup.is_set():
             return  # this process's flusher has a wake-up waiting already (it clears _flusher when it ends)
         with self._pending_lock:
-            if self._flusher is None or self._flusher[0] != pid or not self._flusher[1].is_alive():
-                thread = threading.Thread(target=self._flush_loop, name="flask-claude-settle", daemon=True)
-                thread.start()  # first: a thread that could not start is never taken for a live flusher
-                self._flusher = (pid, thread)
+            self._start_flusher(pid)
             self._flush_wakeup.set()
+
+    def _start_flusher(self, pid: int) -> None:
+        """(Under ``_pending_lock``.) A flusher for this process, unless one runs."""
+        if self._flusher is None or self._flusher[0] != pid or not self._flusher[1].is_alive():
+            thread = threading.Thread(target=self._flush_loop, name="flask-claude-settle", daemon=True)
+            thread.start()  # first: a thread that could not start is never taken for a live flusher
+            self._flusher = (pid, thread)
 
     def _flush_loop(self) -> None:
         try:
@@ -520,8 +548,13 @@ class RedisStore:
             self._flush_wakeup.clear()
             time.sleep(self._settle_delay)  # a request that comes meanwhile takes them along for free
             self._send_waiting()
-            if self._owing:
-                return  # storage is away: the next round trip that works carries them
+            backoff = self._settle_delay
+            while self._owing and self._pending:
+                # Storage is away and settlements wait: a request's round trip or the outage probe may
+                # carry them, but an idle worker has neither, so try again here, backing off.
+                backoff = min(OWED_RETRY_MAX_S, backoff * 2)
+                time.sleep(backoff * (0.5 + random.random()))
+                self._send_waiting()
 
     def _queue(self, pending: _Pending) -> None:
         with self._pending_lock:
@@ -655,8 +688,13 @@ class RedisStore:
         if self._epoch is None:
             self._call(self._first_contact)
         config = self.persistence
+        try:  # an eviction policy that may drop any key drops budgets (and the marker) under memory pressure
+            policy = _persistence(self._call(self._execute, [("CONFIG", "GET", "maxmemory-policy")])[0], [])
+        except StorageUnavailable:
+            policy = None
         return {"reachable": True, "persistence": config,
                 "persists": None if config is None else _persists(config),
+                "eviction": None if policy is None else policy.get("maxmemory-policy"),
                 "marker": None if self._epoch is None else self._epoch.decode()}
 
     def ping(self) -> None:
@@ -750,6 +788,15 @@ def _watch(ref: weakref.ReferenceType[RedisStore]) -> None:
         if store is None or not store._watch_once():
             return
         del store
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_STORES):
+        store._forked()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def close_all() -> None:

@@ -7,8 +7,7 @@
 -- and one "r:<rid>" field per hold: its amount while it is live, "-" once settled. The settled mark
 -- makes a settlement count once however often it is sent (a retry after a lost reply, a replay
 -- after an outage). K|t is a sorted set of those rids scored by when they lapse (a hold: its
--- hold_until, which its settled mark keeps; the mark of a call whose hold had lapsed or was never
--- taken: SETTLED_MEMORY_S after settling). A step reads spent, held and lapse
+-- hold_until; a settled mark: SETTLED_MEMORY_S after settling, or its hold's lapse if later). A step reads spent, held and lapse
 -- in one HMGET and looks into K|t only once something may have lapsed, so its Redis time does not
 -- grow with the calls in flight; each entry is dropped once (O(1) per step, amortised).
 -- Breakers: a hash per model: "open_until", "probe_since", and "c:<bucket>" / "f:<bucket>" call
@@ -16,7 +15,7 @@
 -- Lapsed entries are dropped LAPSE_BATCH at a time, at most LAPSE_ROUNDS batches a step (the rest by
 -- the next steps; until then the budget only looks fuller, never emptier).
 local LAPSE_BATCH, LAPSE_ROUNDS = 256, 8
-local SETTLED_MEMORY_S = 900  -- how long the id of a settlement without a live hold is remembered
+local SETTLED_MEMORY_S = 900  -- how long a settled call's id is remembered at least
 
 -- Expiries are relative (the time left on the app's clock), never EXPIREAT: an absolute time from
 -- the app host's clock deletes keys at once when that clock is behind Redis's (or a test's is).
@@ -115,9 +114,11 @@ local function settle_line(key, rids, state, amount, expires, now)
   -- the script runs alone: spent, held and the settled mark in one write
   if first then
     redis.call('HSET', key, 'spent', spent, 'held', held - freed, 'r:' .. first, '-')
-    -- The mark stays as long as the hold would have (its entry on K|t lapses then), or, for a call
-    -- whose hold lapsed or was never taken, SETTLED_MEMORY_S.
-    if not first_value then
+    -- The mark stays SETTLED_MEMORY_S at least, and never less than its hold would have: a copy
+    -- of a settlement whose reply was lost may come back after an outage, long after the hold.
+    if first_value then  -- its hold's entry is on K|t: GT only ever lengthens it (Redis 6.2+)
+      redis.call('ZADD', key .. '|t', 'GT', now + SETTLED_MEMORY_S, first)
+    else
       local lapse = redis.call('HGET', key, 'lapse')
       timeline_add(key, now + SETTLED_MEMORY_S, first, lapse and tonumber(lapse) or false, expires, now)
     end
