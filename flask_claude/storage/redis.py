@@ -175,7 +175,7 @@ class RedisStore:
         register = self.client.register_script
         self._begin = register(lua("functions", "begin"))
         self._settle = register(lua("functions", "settle"))
-        self._restore = register(lua("functions", "restore"))
+        self._restore_script = register(lua("functions", "restore"))
         self._usage = register(lua("functions", "usage"))
         self._epoch_script = register(lua("epoch"))
         self._allow = register(lua("breaker_allow"))
@@ -202,6 +202,7 @@ class RedisStore:
         self._now = 0.0  # the latest time a step was given (the app's clock): a restore runs on it
         self._watcher: tuple[int, threading.Thread] | None = None
         self._closed = False
+        self._restoring = False  # a thread is putting the ledger back (see ``_remember``)
         self.persistence: dict[str, str] | None = None  # what the server said at first contact
         _STORES.add(self)
         self.rollups = RedisRollups(self)
@@ -303,24 +304,12 @@ class RedisStore:
             with self._ledger_lock:
                 spent = self._ledger.live(now)
                 untracked = self._ledger.untracked
-            for _attempt in range(3):
-                lost = None
-                for start in range(0, len(spent), RESTORE_BATCH):
-                    batch = spent[start:start + RESTORE_BATCH]
-                    restore_id = f"{self._proposal}:{marker.decode()}:{start}"
-                    reply = self._run([self._restore_call(batch, now, restore_id)], known=marker)[0]
-                    if isinstance(reply, Exception):
-                        raise reply
-                    if _is(reply, b"lost"):  # lost again meanwhile: start over on the newest data
-                        lost = bytes(reply[1])
-                        break
-                if lost is None:
-                    break
-                marker = lost
-            else:  # lost again and again while restoring: adopt nothing, count on nothing
-                raise StorageUnavailable("the app's data kept vanishing while this process restored its spend")
-            first = marker == self._proposal.encode()  # this process found the marker gone and set it
-            self._adopt(marker)
+                self._restoring = True  # a settlement landing meanwhile is not in ``spent``: sent again
+            try:
+                first = self._restore(marker, spent, now)
+            finally:
+                with self._ledger_lock:
+                    self._restoring = False
         if self._notify is not None:
             usd = [s for s in spent if s.line.key.startswith("usd:")]
             self._notify("storage_data_lost", {
@@ -328,16 +317,44 @@ class RedisStore:
                 "restored_usd": round(max([s.amount for s in usd], default=0) / 1_000_000, 6),
                 "untracked_settlements": untracked, "noticed_first": first})
 
+    def _restore(self, marker: bytes, spent: list[_Spent], now: float) -> bool:
+        """(Under ``_epoch_lock``.) Put ``spent`` back on the data ``marker`` names, then adopt it;
+        True when this process found the marker gone (it set ``marker``)."""
+        for _attempt in range(3):
+            lost = None
+            for start in range(0, len(spent), RESTORE_BATCH):
+                batch = spent[start:start + RESTORE_BATCH]
+                restore_id = f"{self._proposal}:{marker.decode()}"  # with each key: once per budget
+                reply = self._run([self._restore_call(batch, now, restore_id)], known=marker)[0]
+                if isinstance(reply, Exception):
+                    raise reply
+                if _is(reply, b"lost"):  # lost again meanwhile: start over on the newest data
+                    lost = bytes(reply[1])
+                    break
+            if lost is None:
+                break
+            marker = lost
+        else:  # lost again and again while restoring: adopt nothing, count on nothing
+            raise StorageUnavailable("the app's data kept vanishing while this process restored its spend")
+        first = marker == self._proposal.encode()  # this process found the marker gone and set it
+        self._adopt(marker)
+        return first
+
     def _adopt(self, marker: bytes) -> None:
         """Know ``marker``; propose a new value from now on, so that this process notices a loss
         even when the marker that went was the one it proposed."""
         self._epoch = marker
         self._proposal = os.urandom(8).hex()
 
-    def _remember(self, lines: Sequence[Line], thresholds: Sequence[float], now: float) -> None:
+    def _remember(self, lines: Sequence[Line], thresholds: Sequence[float], now: float,
+                  sent_on: bytes | None) -> bool:
         """A settlement landed: its spend goes into the ledger, and this process (a forked worker
-        starts its own) watches for a data loss while the ledger has spend to put back."""
+        starts its own) watches for a data loss while the ledger has spend to put back. False when it
+        landed on data that is gone now, or that another thread is restoring from its ledger (taken
+        without this settlement): the caller sends it again."""
         with self._ledger_lock:
+            if sent_on is not None and (sent_on != self._epoch or self._restoring):
+                return False
             self._ledger.add(lines, thresholds, now)
         watcher, pid = self._watcher, process.pid()
         if watcher is None or watcher[0] != pid or not watcher[1].is_alive():
@@ -347,6 +364,7 @@ class RedisStore:
                                               name="flask-claude-data-watch", daemon=True)
                     thread.start()
                     self._watcher = (pid, thread)
+        return True
 
     def _watch_once(self) -> bool:
         """One look at the marker; False when there is nothing left to watch for (the ledger has no
@@ -377,6 +395,7 @@ class RedisStore:
         self._epoch_lock = threading.Lock()
         self._ledger_lock = threading.Lock()
         self._ledger = _Ledger()
+        self._restoring = False
         self._proposal = os.urandom(8).hex()
 
     def close(self) -> None:
@@ -389,22 +408,28 @@ class RedisStore:
         args: list[Any] = [restore_id, repr(now), len(thresholds), *(repr(t) for t in thresholds)]
         for entry in batch:
             args += [entry.amount, entry.line.limit, repr(entry.line.expires_at)]
-        return Call(self._restore, [self._k(e.line.key) for e in batch], args, epoch=True)
+        return Call(self._restore_script, [self._k(e.line.key) for e in batch], args, epoch=True)
 
-    def _run_marked(self, calls: list[Call]) -> list[Any]:
-        """``_run``, and when the data was lost: recover, then run the refused calls again."""
-        replies = self._run(calls)
+    def _run_marked(self, calls: list[Call]) -> tuple[list[Any], list[bytes | None]]:
+        """``_run``, and when the data was lost: recover, then run the refused calls again. Also
+        returns the marker each call was sent with: one that landed on data lost since must land again."""
+        if self._epoch is None and any(c.epoch for c in calls):
+            self._first_contact()
+        known = self._epoch
+        replies = self._run(calls, known=known)
+        used: list[bytes | None] = [known if c.epoch else None for c in calls]
         for _attempt in range(3):
             lost = [i for i, r in enumerate(replies) if _is(r, b"lost")]
             if not lost:
                 break
             self._recover(bytes(replies[lost[0]][1]))
-            again = self._run([calls[i] for i in lost])
+            known = self._epoch
+            again = self._run([calls[i] for i in lost], known=known)
             for i, reply in zip(lost, again, strict=True):
-                replies[i] = reply
+                replies[i], used[i] = reply, known
         if any(_is(r, b"lost") for r in replies):
             raise StorageUnavailable("the app's data kept vanishing")
-        return replies
+        return replies, used
 
     # --- settlements written behind ---------------------------------------------------------------
 
@@ -441,7 +466,7 @@ class RedisStore:
                 self._call(self._execute, [("PING",)])
             return None
         try:
-            replies = self._run_marked(calls)
+            replies, used = self._run_marked(calls)
         except self._errors as exc:
             self._owe(pending)  # kept: each is applied at most once when it is sent again
             raise StorageUnavailable(type(exc).__name__) from exc
@@ -451,14 +476,16 @@ class RedisStore:
         replayed, self._owing = self._owing, False
         now = self._now
         landed: list[_Pending] = []
-        for p, reply in zip(pending, replies, strict=False):
+        for p, reply, sent_on in zip(pending, replies, used, strict=False):
             if p.record:
                 continue  # a pacing record: best effort, nobody waits for it
             if isinstance(reply, Exception) or _is(reply, b"lost"):
                 self._owe([p])  # an error reply: the script did not run
                 continue
+            if not self._remember(p.lines, p.thresholds, now, sent_on):
+                self._owe([p])  # it landed on data lost since (another thread restores): land it again
+                continue
             landed.append(p)
-            self._remember(p.lines, p.thresholds, now)
             p.done([] if _is(reply, b"dup") else self._crossed(p.lines, reply), None)
         if replayed and landed and self._notify is not None:
             self._notify("spend_replayed", _replayed(landed))
@@ -625,10 +652,15 @@ class RedisStore:
             self.rollups.add(rollup, now)
             self._flush_soon()
         call = self._settle_call(lines, rids, thresholds, now, success, breaker, seen_closed)
-        reply = self._call(self._run_marked, [call])[0]
-        if isinstance(reply, Exception) or _is(reply, b"lost"):
-            raise StorageUnavailable(type(reply).__name__)
-        self._remember(lines, thresholds, now)
+        for _attempt in range(3):
+            replies, used = self._call(self._run_marked, [call])
+            reply = replies[0]
+            if isinstance(reply, Exception):
+                raise StorageUnavailable(type(reply).__name__)
+            if self._remember(lines, thresholds, now, used[0]):
+                break
+        else:
+            raise StorageUnavailable("the app's data kept vanishing")
         return [] if _is(reply, b"dup") else self._crossed(lines, reply)
 
     def settle_later(self, lines: Sequence[Line], rids: Sequence[str], thresholds: Sequence[float], now: float,

@@ -39,7 +39,10 @@ end
 local held_keys = {}
 for k = 1, nh do held_keys[KEYS[ng + nr + k]] = true end
 
-for i = 1, ng do
+-- A second run of this step (see below) already passed the gates: another worker's spend since must
+-- not refuse the request its first run admitted.
+local rerun = nh > 0 and rid ~= '' and state_of(KEYS[ng + nr + 1])[6]
+for i = 1, ng * (rerun and 0 or 1) do
   local limit, expires = tonumber(ARGV[gate_args + 2 * i - 2]), tonumber(ARGV[gate_args + 2 * i - 1])
   local spent, exhausted
   if held_keys[KEYS[i]] then
