@@ -312,7 +312,7 @@ class Budgets(BeforeView):
                          hold_until=now + hold_seconds, exhausted_alert=self._exhausted_alert,
                          breakers=breakers, optional_holds=optional, downgrade_line=lower[0],
                          downgrade_at=lower[1], alt_amounts=lower[2])
-            result = self._guarded(lambda step=step, now=now: self.store.begin(step, now))
+            result: Outcome | None = self._guarded(lambda step=step, now=now: self.store.begin(step, now))
             if result is None:  # storage down, policy "open": serve without limits
                 scope.admission = None
                 return None

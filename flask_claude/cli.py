@@ -24,7 +24,8 @@ from flask.cli import AppGroup
 from .batches import is_batch_request
 from .clock import utc_now
 from .errors import ClaudeGuardError, UnknownModel
-from .pricing import PRICES_INFO, PriceTable
+from .price_data import PRICES_INFO
+from .pricing import PriceTable
 from .report import GROUPINGS, build_report, parse_since, render_text
 from .simulator import Simulator, run_server
 from .state import state_for

@@ -84,7 +84,7 @@ class ClaudeState:
                     "development and tests.")
             self.simulator = None
             inner = http_transport or _network_transport()
-            api_key, base_url = settings.api_key, settings.base_url  # type: ignore[assignment]
+            api_key, base_url = settings.api_key, settings.base_url
         # What the async client (``aio.py``) builds one SDK client per event loop from: the same key and
         # URL, and a transport that is loop-free (the in-process simulator's) or None for a network pool.
         self.sdk_options: dict[str, Any] = {"api_key": api_key, "base_url": base_url}

@@ -352,7 +352,7 @@ class LaunchDarklyFlags:
         if self._owned:
             self._client = None
             if client is not None and pid == self._getpid():
-                client.close()
+                client.close()  # type: ignore[no-untyped-call]  # the LaunchDarkly SDK is untyped
 
 
 def make_provider(setting: Any, *, sdk_key: str | None, start_wait: float,

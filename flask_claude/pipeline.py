@@ -85,7 +85,7 @@ def run(spec: ViewSpec, view: Callable[..., Any], args: tuple[Any, ...], kwargs:
 
         # 4. the view, its Claude calls guarded under this scope (an ``async def`` view too)
         try:
-            response = app.make_response((app.ensure_sync(view) if spec.is_async else view)(*args, **kwargs))
+            response: Response = app.make_response((app.ensure_sync(view) if spec.is_async else view)(*args, **kwargs))
             if scope.admission is not None:
                 state.budgets.finish_admission(scope)
         finally:

@@ -126,7 +126,7 @@ class RetryPolicy:
         rand = (rng or random).random()
         if failure.retry_after is not None:
             return min(self.retry_after_cap, failure.retry_after * (1 + 0.2 * rand))
-        return min(self.max_delay, self.base_delay * 2**retry_number) * rand
+        return min(self.max_delay, self.base_delay * 2.0**retry_number) * rand
 
 
 @dataclass

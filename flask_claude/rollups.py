@@ -49,8 +49,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .storage import MICRO, StorageUnavailable
-from .storage.rollups import DAY, GRACE_S, HOUR, MINUTE, MemoryRollups, RedisRollups, Snapshot  # noqa: F401
+from .storage import MICRO as MICRO  # re-exported: the units the readers of rollups use
+from .storage import StorageUnavailable
+from .storage.rollups import DAY as DAY
+from .storage.rollups import GRACE_S, MemoryRollups, RedisRollups, Snapshot  # noqa: F401
+from .storage.rollups import HOUR as HOUR
+from .storage.rollups import MINUTE as MINUTE
 
 # OpenTelemetry GenAI semantic conventions: gen_ai.client.operation.duration / gen_ai.client.token.usage.
 LATENCY_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48,

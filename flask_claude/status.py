@@ -16,8 +16,8 @@ from zoneinfo import ZoneInfo
 
 from flask import Flask
 
-from .budget import period_bounds
 from .decorators import _SPEC_ATTR
+from .periods import period_bounds
 from .storage import StorageUnavailable
 from .summary import ops_summary
 

@@ -109,7 +109,9 @@ class Report:
         return self.feature_degraded + self.limit_exceeded
 
     def to_dict(self) -> dict[str, Any]:
-        iso = (lambda d: d.isoformat() if d is not None else None)  # noqa: E731
+        def iso(moment: Any) -> str | None:
+            return moment.isoformat() if moment is not None else None
+
         return {
             "source": self.source,
             "by": self.by,

@@ -106,7 +106,8 @@ def _block_tokens(block: Any) -> int:
 
 def _cache_control(block: Any) -> dict[str, Any] | None:
     if isinstance(block, dict) and isinstance(block.get("cache_control"), dict):
-        return block["cache_control"]
+        control: dict[str, Any] = block["cache_control"]
+        return control
     return None
 
 

@@ -114,7 +114,7 @@ class OutageGuard:
     def _jittered(self) -> float:
         """Soon after a failure (a restart is back in a moment), then backing off to the interval;
         jittered, so workers that lost Redis together do not all probe it at the same instant."""
-        wait = min(self._interval, FIRST_PROBE_S * 2 ** self._failures)
+        wait = min(self._interval, FIRST_PROBE_S * 2.0 ** self._failures)
         return wait * (0.5 + random.random())
 
     # --- the Store protocol, each step through the breaker -------------------------------------
