@@ -30,10 +30,12 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .. import process
+from .connection import config_of, persists, reconnect_retry
+from .ledger import Ledger, Spent
 from .pacing import RedisPacing
 from .records import (
     Begin,
@@ -51,11 +53,7 @@ MAX_PENDING = 256  # settlements waiting at most before one is sent at once (not
 MAX_OWED = 10_000  # settlements kept while storage is away; past this they are handed back as not sent
 FLUSHER_IDLE_S = 5.0  # a flusher thread with nothing to send for this long ends
 MAX_FRAMES = 30_000  # plans' packed keys and fixed arguments kept (three a subject: see budget.py)
-MAX_LEDGER = 10_000  # budget keys whose settled spend this period a process remembers for a restore
 RESTORE_BATCH = 64  # budget keys put back per script call after a data loss
-# A failed connection is retried at once, then after these waits (seconds): a restarted Redis
-# refuses connections for a moment, and a step that waits it out skips no limit.
-RESTART_WAITS = (0.0, 0.1, 0.25)
 WATCH_S = 1.0  # how often a process with spend to put back looks for a data loss when idle
 OWED_RETRY_MAX_S = 5.0  # the longest a flusher waits between sends of settlements storage did not take
 
@@ -95,39 +93,6 @@ class _Pending:
     record: bool = False  # a pacing record riding the same round trip: best effort, never kept
 
 
-@dataclass(slots=True)
-class _Spent:
-    """What this process settled on one budget this period: put back if the data is lost."""
-
-    line: Line
-    thresholds: Sequence[float]
-    amount: int = 0
-
-
-@dataclass
-class _Ledger:
-    entries: dict[str, _Spent] = field(default_factory=dict)
-    untracked: int = 0  # settlements on budgets past MAX_LEDGER (per-user ones only)
-
-    def add(self, lines: Sequence[Line], thresholds: Sequence[float], now: float) -> None:
-        for line in lines:
-            if line.expires_at <= now:
-                continue
-            entry = self.entries.get(line.key)
-            if entry is None or entry.line.expires_at != line.expires_at:
-                if len(self.entries) >= MAX_LEDGER:
-                    self.entries = {k: e for k, e in self.entries.items() if e.line.expires_at > now}
-                app_wide = line.key.startswith(("usd:global:", "usd:feature:"))
-                if len(self.entries) >= MAX_LEDGER and not app_wide:
-                    self.untracked += 1
-                    continue
-                entry = self.entries[line.key] = _Spent(line, thresholds)
-            entry.amount += line.amount
-
-    def live(self, now: float) -> list[_Spent]:
-        return [e for e in self.entries.values() if e.line.expires_at > now and e.amount > 0]
-
-
 def _is(reply: Any, word: bytes) -> bool:
     return isinstance(reply, list) and len(reply) >= 1 and reply[0] == word
 
@@ -155,7 +120,7 @@ class RedisStore:
             # out): a closed socket is reopened at once; a server that refuses (it is restarting) is
             # asked twice more within RESTART_WAITS. Every script is safe to run twice: a step finds
             # its own request and holds, a settlement or a restore its own id.
-            "retry": _reconnect_retry(),
+            "retry": reconnect_retry(),
         }
         if uri.startswith(("redis+sentinel", "valkey+sentinel")):
             del connection["socket_connect_timeout"]
@@ -197,7 +162,7 @@ class RedisStore:
         self._epoch: bytes | None = None
         self._proposal = os.urandom(8).hex()
         self._epoch_lock = threading.Lock()
-        self._ledger = _Ledger()
+        self._ledger = Ledger()
         self._ledger_lock = threading.Lock()
         self._now = 0.0  # the latest time a step was given (the app's clock): a restore runs on it
         self._watcher: tuple[int, threading.Thread] | None = None
@@ -251,8 +216,6 @@ class RedisStore:
 
     def _run(self, calls: Sequence[Call], *, known: bytes | None = None) -> list[Any]:
         """Run scripts in one round trip; a script Redis lost (a restart) is loaded and run again."""
-        if self._epoch is None and any(c.epoch for c in calls):
-            self._first_contact()
         known = known if known is not None else self._epoch
         commands = [self._evalsha(c, known) for c in calls]
         self._stepped = time.monotonic()
@@ -289,8 +252,8 @@ class RedisStore:
             if isinstance(replies[0], Exception):
                 raise replies[0]
             self._adopt(bytes(replies[0]))
-        self.persistence = _persistence(replies[1], replies[2])
-        if self.persistence is not None and not _persists(self.persistence) and self._notify is not None:
+        self.persistence = config_of(replies[1], replies[2])
+        if self.persistence is not None and not persists(self.persistence) and self._notify is not None:
             self._notify("storage_not_persistent", {"appendonly": self.persistence.get("appendonly"),
                                                     "save": self.persistence.get("save")})
 
@@ -319,7 +282,7 @@ class RedisStore:
                 "restored_usd": round(max([s.amount for s in usd], default=0) / 1_000_000, 6),
                 "untracked_settlements": untracked, "noticed_first": first})
 
-    def _restore(self, marker: bytes, spent: list[_Spent], now: float) -> bool:
+    def _restore(self, marker: bytes, spent: list[Spent], now: float) -> bool:
         """(Under ``_epoch_lock``.) Put ``spent`` back on the data ``marker`` names, then adopt it;
         True when this process found the marker gone (it set ``marker``)."""
         for _attempt in range(3):
@@ -398,7 +361,7 @@ class RedisStore:
         self._flusher = self._watcher = None
         self._epoch_lock = threading.Lock()
         self._ledger_lock = threading.Lock()
-        self._ledger = _Ledger()
+        self._ledger = Ledger()
         self._restoring = False
         self._proposal = os.urandom(8).hex()
 
@@ -408,7 +371,7 @@ class RedisStore:
         with self._ledger_lock:
             self._closed = True
 
-    def _restore_call(self, batch: Sequence[_Spent], now: float, restore_id: str) -> Call:
+    def _restore_call(self, batch: Sequence[Spent], now: float, restore_id: str) -> Call:
         thresholds = batch[0].thresholds if batch else ()
         args: list[Any] = [restore_id, repr(now), len(thresholds), *(repr(t) for t in thresholds)]
         for entry in batch:
@@ -726,11 +689,11 @@ class RedisStore:
             self._call(self._first_contact)
         config = self.persistence
         try:  # an eviction policy that may drop any key drops budgets (and the marker) under memory pressure
-            policy = _persistence(self._call(self._execute, [("CONFIG", "GET", "maxmemory-policy")])[0], [])
+            policy = config_of(self._call(self._execute, [("CONFIG", "GET", "maxmemory-policy")])[0])
         except StorageUnavailable:
             policy = None
         return {"reachable": True, "persistence": config,
-                "persists": None if config is None else _persists(config),
+                "persists": None if config is None else persists(config),
                 "eviction": None if policy is None else policy.get("maxmemory-policy"),
                 "marker": None if self._epoch is None else self._epoch.decode()}
 
@@ -778,40 +741,6 @@ def _replayed(landed: Sequence[_Pending]) -> dict[str, Any]:
     # an app-wide budget is set (all calls touch it)
     usd = max([amount for key, amount in per_key.items() if key.startswith("usd:")], default=0)
     return {"settlements": len(landed), "budgets": len(per_key), "usd": round(usd / 1_000_000, 6), "lost_usd": 0.0}
-
-
-def _reconnect_retry() -> Any:
-    """redis-py's ``Retry`` with ``RESTART_WAITS`` between attempts, on connection errors only
-    (redis-py is an optional extra: imported here, not at the module's top)."""
-    import redis
-    from redis.backoff import AbstractBackoff
-    from redis.retry import Retry
-
-    class RestartBackoff(AbstractBackoff):
-        def compute(self, failures: int) -> float:
-            return RESTART_WAITS[min(failures, len(RESTART_WAITS)) - 1]
-
-    return Retry(RestartBackoff(), len(RESTART_WAITS), supported_errors=(redis.exceptions.ConnectionError,))
-
-
-def _persistence(appendonly: Any, save: Any) -> dict[str, str] | None:
-    """``CONFIG GET`` replies as a dict; None where the server refuses CONFIG (many managed ones do)."""
-    out: dict[str, str] = {}
-    for reply in (appendonly, save):
-        if isinstance(reply, Exception) or not isinstance(reply, (list, dict)):
-            return None
-        items = list(reply.items()) if isinstance(reply, dict) else list(zip(reply[::2], reply[1::2], strict=True))
-        for name, value in items:
-            out[_text(name)] = _text(value)
-    return out
-
-
-def _persists(config: dict[str, str]) -> bool:
-    return config.get("appendonly") == "yes" or bool(config.get("save", "").strip())
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _watch(ref: weakref.ReferenceType[RedisStore]) -> None:
