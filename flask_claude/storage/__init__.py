@@ -18,8 +18,9 @@ rollups, summed per worker and written at most once per ``CLAUDE_ROLLUP_FLUSH_IN
 - ``records.py``: what a step takes and returns, and the ``Store`` protocol a backend implements;
 - ``memory.py``: one process; ``redis.py``: every worker and host (redis-py), each step one script
   in ``lua/``; ``connection.py``: the client's retries and what the server says of its persistence;
-  ``ledger.py``: this process's spend per budget, put back after a data loss; ``guard.py``: the breaker for storage itself; ``rollups.py`` and ``pacing.py``: where
-  the monitoring rollups and the pacing state live. docs/ARCHITECTURE.md has the whole map.
+  ``ledger.py``: this process's spend per budget, put back after a data loss; ``guard.py``: the
+  breaker for storage itself; ``rollups.py`` and ``pacing.py``: where the monitoring rollups and the
+  pacing state live. docs/ARCHITECTURE.md has the whole map.
 
 Units are integers (tokens, micro-dollars), so concurrent increments never round. Keys of one app
 share the Redis hash tag ``{fc:<prefix>}``: a multi-key script must stay in one cluster slot.
